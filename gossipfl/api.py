@@ -1,0 +1,82 @@
+"""HTTP routes, thin: parse, call the node, respond. One error shape: ``{"error": "..."}``."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from . import wire
+from .gossip import Busy
+
+if TYPE_CHECKING:
+    from .node import Node
+
+log = logging.getLogger("gossipfl.api")
+NODE_KEY: web.AppKey[Node] = web.AppKey("node")
+
+
+def error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: object) -> web.StreamResponse:
+    """Every HTTP error leaves as JSON; unexpected exceptions become a logged 500 (never for bad input)."""
+    try:
+        return await handler(request)  # type: ignore[operator]
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        return error(e.status, e.reason if e.text is None or e.text.startswith(str(e.status)) else e.text)
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error(500, "internal error")
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    if request.content_length is not None and request.content_length > limit:
+        raise web.HTTPRequestEntityTooLarge(
+            max_size=limit,
+            actual_size=request.content_length,
+            text=f"body of {request.content_length} bytes exceeds {limit}",
+        )
+    body = bytearray()
+    async for chunk in request.content.iter_chunked(1 << 16):
+        body += chunk
+        if len(body) > limit:
+            raise web.HTTPRequestEntityTooLarge(
+                max_size=limit, actual_size=len(body), text=f"body exceeds {limit} bytes"
+            )
+    return bytes(body)
+
+
+async def get_status(request: web.Request) -> web.Response:
+    return web.json_response(request.app[NODE_KEY].status())
+
+
+async def get_model(request: web.Request) -> web.Response:
+    node = request.app[NODE_KEY]
+    return web.Response(body=await node.model_payload(), content_type=wire.CONTENT_TYPE)
+
+
+async def post_gossip(request: web.Request) -> web.Response:
+    gossiper = request.app[NODE_KEY].gossiper
+    body = await read_body(request, gossiper.max_body)
+    try:
+        reply = await gossiper.respond(body)
+    except Busy:
+        return error(409, "busy: already in an exchange")
+    except wire.WireError as e:
+        return error(400, str(e))
+    return web.Response(body=reply, content_type=wire.CONTENT_TYPE)
+
+
+def build_app(node: Node) -> web.Application:
+    app = web.Application(middlewares=[json_errors], client_max_size=node.gossiper.max_body)
+    app[NODE_KEY] = node
+    app.router.add_get("/v1/status", get_status)
+    app.router.add_get("/v1/model", get_model)
+    app.router.add_post("/v1/gossip", post_gossip)
+    return app

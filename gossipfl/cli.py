@@ -1,0 +1,150 @@
+"""Command line: ``gossipfl node``, ``gossipfl testbed``, ``gossipfl peers``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from .config import ConfigError, NodeConfig, load_config, option_fields
+
+
+def _add_node_options(p: argparse.ArgumentParser) -> None:
+    """One flag per NodeConfig field; defaults are suppressed so only given flags reach load_config."""
+    p.add_argument("--config", metavar="FILE", help="TOML file with node options (env: GOSSIPFL_CONFIG)")
+    for f in option_fields():
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata.get('help', '')} (env GOSSIPFL_{f.name.upper()}; default {f.default!r})"
+        if str(f.type) == "bool":
+            p.add_argument(flag, action="store_const", const=True, default=argparse.SUPPRESS, help=help_text)
+        else:
+            p.add_argument(flag, default=argparse.SUPPRESS, metavar=f.name.upper(), help=help_text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gossipfl", description="Peer-to-peer, serverless learning.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    node = sub.add_parser("node", help="run one node until SIGINT/SIGTERM")
+    _add_node_options(node)
+
+    tb = sub.add_parser("testbed", help="launch N nodes on 127.0.0.1 (mDNS on loopback) and watch them")
+    tb.add_argument("--nodes", type=int, default=8)
+    tb.add_argument("--duration", type=float, default=60.0, help="seconds, counted once all nodes are up")
+    tb.add_argument("--out", default="results/testbed", help="folder for results.json and node logs")
+    tb.add_argument("--no-train", action="store_true", help="pure averaging")
+    tb.add_argument("--gossip-interval", type=float, default=1.0)
+    tb.add_argument("--sample-interval", type=float, default=1.0, help="seconds between measurements")
+    tb.add_argument("--task", default="digits")
+    tb.add_argument("--seed", type=int, default=0, help="node i gets seed SEED+i")
+    tb.add_argument("--quiet", action="store_true", help="no live table")
+    tb.add_argument(
+        "node_args", nargs=argparse.REMAINDER, help="after '--': extra options passed to every node, e.g. -- --lr 0.002"
+    )
+
+    peers = sub.add_parser("peers", help="list the gossipfl nodes visible over mDNS")
+    peers.add_argument("--mdns-interface", default="", help="IPv4 address(es), comma-separated (default: all)")
+    peers.add_argument("--timeout", type=float, default=3.0, help="seconds to listen")
+    peers.add_argument("--json", action="store_true")
+    return parser
+
+
+async def _run_node(config: NodeConfig) -> int:
+    from .node import Node
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    node = Node(config)
+    try:
+        await node.start()
+    except OSError as e:
+        print(f"gossipfl: error: cannot listen on {config.host}:{config.port}: {e.strerror or e}", file=sys.stderr)
+        await node.stop()
+        return 2
+    await stop.wait()
+    node.log.info("signal received, stopping")
+    await node.stop()
+    return 0
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    cli: dict[str, Any] = {f.name: getattr(args, f.name) for f in option_fields() if hasattr(args, f.name)}
+    config = load_config(cli, config_file=args.config)
+    from .learning.registry import get_task
+    from .logs import setup_logging
+
+    try:
+        get_task(config.task)  # fail early, before anything starts
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    setup_logging(config.log_format, config.log_level)
+    import torch
+
+    torch.set_num_threads(config.torch_threads)
+    return asyncio.run(_run_node(config))
+
+
+def cmd_testbed(args: argparse.Namespace) -> int:
+    from .logs import setup_logging
+    from .testbed import TestbedOptions, run_testbed
+
+    setup_logging("text", "info")
+    extra = list(args.node_args)
+    if extra and extra[0] == "--":
+        extra = extra[1:]
+    if args.nodes < 1:
+        raise ConfigError("--nodes must be >= 1")
+    if args.duration <= 0:
+        raise ConfigError("--duration must be > 0")
+    opts = TestbedOptions(
+        nodes=args.nodes,
+        duration=args.duration,
+        out=args.out,
+        no_train=args.no_train,
+        gossip_interval=args.gossip_interval,
+        sample_interval=args.sample_interval,
+        task=args.task,
+        seed=args.seed,
+        live=not args.quiet,
+        extra_node_args=tuple(extra),
+    )
+    return asyncio.run(run_testbed(opts))
+
+
+def cmd_peers(args: argparse.Namespace) -> int:
+    import json
+
+    from .discovery import browse
+
+    interfaces = [i.strip() for i in args.mdns_interface.split(",") if i.strip()]
+    found = asyncio.run(browse(interfaces, args.timeout))
+    if args.json:
+        print(json.dumps(found, indent=2))
+    elif not found:
+        print(f"no gossipfl nodes found in {args.timeout:g} s")
+    else:
+        print(f"{'id':<24} {'url':<28} {'task':<12} proto")
+        for p in found:
+            print(f"{p['id']:<24} {p['url']:<28} {p['task'] or '-':<12} {p['proto'] or '-'}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    commands = {"node": cmd_node, "testbed": cmd_testbed, "peers": cmd_peers}
+    try:
+        return commands[args.command](args)
+    except ConfigError as e:
+        print(f"gossipfl: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

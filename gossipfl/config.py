@@ -1,0 +1,204 @@
+"""One typed configuration object for a node.
+
+Precedence, highest first: command line > ``GOSSIPFL_<OPTION>`` environment > TOML file (``--config``)
+> defaults.  This module is the only place that reads the environment or a config file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "GOSSIPFL_"
+DISCOVERY_BACKENDS = ("mdns", "static")
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or wrong; the message names it."""
+
+
+def _opt(help_text: str, **extra: Any) -> dict[str, Any]:
+    return {"help": help_text, **extra}
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    port: int = field(default=8470, metadata=_opt("HTTP port (0 picks a free one)"))
+    host: str = field(default="0.0.0.0", metadata=_opt("address the HTTP server binds"))
+    id: str | None = field(default=None, metadata=_opt("node id, also the mDNS instance name (default HOST-PORT)"))
+    task: str = field(default="digits", metadata=_opt("learning task"))
+    partition: str = field(default="0/1", metadata=_opt("this node's shard K of N of the training data, 0-based"))
+    mdns_interface: tuple[str, ...] = field(
+        default=(), metadata=_opt("IPv4 address(es) of the interfaces mDNS uses, comma-separated (default: all)")
+    )
+    seeds: tuple[str, ...] = field(default=(), metadata=_opt("static peers host:port, comma-separated"))
+    discovery: tuple[str, ...] = field(
+        default=("mdns",), metadata=_opt("discovery backends, comma-separated: mdns, static (implied by --seeds)")
+    )
+    gossip_interval: float = field(default=1.0, metadata=_opt("seconds between exchanges (+-20%% jitter)"))
+    no_train: bool = field(default=False, metadata=_opt("do not train: pure averaging"))
+    seed: int = field(default=0, metadata=_opt("seed of this node's model init and training randomness"))
+    data_seed: int = field(default=2026, metadata=_opt("cluster-wide seed of the train/test split and partition"))
+    lr: float = field(default=1e-3, metadata=_opt("learning rate (Adam)"))
+    batch_size: int = field(default=32, metadata=_opt("minibatch size"))
+    train_interval: float = field(default=0.1, metadata=_opt("seconds between local training rounds"))
+    steps_per_round: int = field(default=2, metadata=_opt("minibatch steps per training round"))
+    eval_interval: float = field(default=2.0, metadata=_opt("seconds between evaluations on the test split"))
+    torch_threads: int = field(default=1, metadata=_opt("torch intra-op threads of a node process"))
+    log_format: str = field(default="text", metadata=_opt("text or json"))
+    log_level: str = field(default="info", metadata=_opt("debug, info, warning or error"))
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    @property
+    def shard(self) -> tuple[int, int]:
+        return parse_partition(self.partition)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def parse_partition(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not m:
+        raise ConfigError(f"partition {text!r}: expected K/N, e.g. 0/8")
+    k, n = int(m.group(1)), int(m.group(2))
+    if n < 1 or not 0 <= k < n:
+        raise ConfigError(f"partition {text!r}: needs 0 <= K < N")
+    return k, n
+
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    host, sep, port_s = text.strip().rpartition(":")
+    if not sep or not host or not port_s.isdigit() or not 0 < int(port_s) < 65536:
+        raise ConfigError(f"seed {text!r}: expected host:port with a port from 1 to 65535")
+    return host.strip("[]"), int(port_s)
+
+
+def validate(c: NodeConfig) -> None:
+    if not 0 <= c.port < 65536:
+        raise ConfigError(f"port {c.port}: must be 0..65535")
+    if c.id is not None and not _ID_RE.match(c.id):
+        raise ConfigError(f"id {c.id!r}: 1-63 characters from letters, digits, '.', '_', '-'")
+    parse_partition(c.partition)
+    for ip in c.mdns_interface:
+        try:
+            ipaddress.IPv4Address(ip)
+        except ValueError:
+            raise ConfigError(f"mdns-interface {ip!r}: expected an IPv4 address") from None
+    for s in c.seeds:
+        parse_hostport(s)
+    unknown = sorted(set(c.discovery) - set(DISCOVERY_BACKENDS))
+    if unknown:
+        raise ConfigError(f"discovery {','.join(unknown)}: unknown backend (known: {', '.join(DISCOVERY_BACKENDS)})")
+    for name in ("gossip_interval", "train_interval", "eval_interval", "lr"):
+        if not getattr(c, name) > 0:
+            raise ConfigError(f"{name.replace('_', '-')} must be > 0")
+    for name in ("batch_size", "steps_per_round", "torch_threads"):
+        if getattr(c, name) < 1:
+            raise ConfigError(f"{name.replace('_', '-')} must be >= 1")
+    if c.log_format not in ("text", "json"):
+        raise ConfigError(f"log-format {c.log_format!r}: expected text or json")
+    if c.log_level not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"log-level {c.log_level!r}: expected debug, info, warning or error")
+
+
+def _field_kind(f: dataclasses.Field) -> str:
+    t = str(f.type)
+    if t == "bool":
+        return "bool"
+    if t == "int":
+        return "int"
+    if t == "float":
+        return "float"
+    if t.startswith("tuple"):
+        return "list"
+    return "str"
+
+
+def option_fields() -> list[dataclasses.Field]:
+    return list(fields(NodeConfig))
+
+
+def _coerce(f: dataclasses.Field, value: Any, origin: str) -> Any:
+    """Turn a value from env (always str), TOML (native) or CLI into the field's type."""
+    kind = _field_kind(f)
+    label = f"{origin} {f.name.replace('_', '-')}"
+    try:
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            s = str(value).strip().lower()
+            if s in ("1", "true", "yes", "on"):
+                return True
+            if s in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(value)
+        if kind == "int":
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return int(value)
+        if kind == "float":
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return float(value)
+        if kind == "list":
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return tuple(str(i).strip() for i in items if str(i).strip())
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{label}: cannot read {value!r} as {kind}") from None
+
+
+def from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in option_fields():
+        key = ENV_PREFIX + f.name.upper()
+        if key in env:
+            out[f.name] = _coerce(f, env[key], f"environment {key}:")
+    return out
+
+
+def from_toml(path: Path) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"config {path}: {e.strerror or e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config {path}: invalid TOML: {e}") from None
+    data = data.get("node", data)  # allow either top-level keys or a [node] table
+    by_name = {f.name: f for f in option_fields()}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name not in by_name:
+            raise ConfigError(f"config {path}: unknown option {key!r}")
+        out[name] = _coerce(by_name[name], value, f"config {path}:")
+    return out
+
+
+def load_config(
+    cli: Mapping[str, Any],
+    env: Mapping[str, str] | None = None,
+    config_file: str | Path | None = None,
+) -> NodeConfig:
+    """Merge the layers. ``cli`` holds only the options given on the command line."""
+    env = os.environ if env is None else env
+    if config_file is None:
+        config_file = env.get(ENV_PREFIX + "CONFIG")
+    merged: dict[str, Any] = {}
+    if config_file:
+        merged.update(from_toml(Path(config_file)))
+    merged.update(from_env(env))
+    by_name = {f.name: f for f in option_fields()}
+    merged.update({k: _coerce(by_name[k], v, "option") for k, v in cli.items()})
+    return NodeConfig(**merged)

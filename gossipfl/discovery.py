@@ -1,0 +1,204 @@
+"""Discovery backends feeding the PeerTable: mDNS (zeroconf) and static seeds."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+from collections.abc import Callable, Iterable, Sequence
+
+import aiohttp
+from zeroconf import IPVersion, ServiceStateChange, get_all_addresses
+from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
+
+from .config import parse_hostport
+from .peers import PeerTable
+
+SERVICE_TYPE = "_gossipfl._tcp.local."
+PROTO = "1"
+TXT_VERSION = "1"
+RESOLVE_TIMEOUT_MS = 3000
+
+
+def make_zeroconf(interfaces: Sequence[str] = ()) -> AsyncZeroconf:
+    """An IPv4 AsyncZeroconf on the given interface addresses, or on all of them when empty."""
+    from zeroconf import InterfaceChoice
+
+    chosen = list(interfaces) if interfaces else InterfaceChoice.All
+    return AsyncZeroconf(interfaces=chosen, ip_version=IPVersion.V4Only)
+
+
+def advertised_addresses(host: str, interfaces: Sequence[str]) -> list[str]:
+    """Addresses to put in our mDNS record. Loopback only when we are confined to it, so that a peer on
+    another host never dials 127.0.0.1 and reaches itself."""
+    if interfaces:
+        return list(interfaces)
+    if host not in ("0.0.0.0", ""):
+        return [host]
+    addrs = [a for a in get_all_addresses() if not ipaddress.IPv4Address(a).is_loopback]
+    return addrs or ["127.0.0.1"]
+
+
+def service_name(node_id: str) -> str:
+    return f"{node_id}.{SERVICE_TYPE}"
+
+
+def _txt(properties: dict[bytes, bytes | None], key: str) -> str | None:
+    value = properties.get(key.encode())
+    return value.decode("utf-8", "replace") if value is not None else None
+
+
+class MdnsDiscovery:
+    """Registers this node (instance name = node id) and browses for the others."""
+
+    def __init__(
+        self,
+        zc: AsyncZeroconf,
+        *,
+        node_id: str,
+        port: int,
+        addresses: Iterable[str],
+        task: str,
+        peers: PeerTable,
+        log: logging.LoggerAdapter,
+    ) -> None:
+        self.zc = zc
+        self.node_id = node_id
+        self.task = task
+        self.peers = peers
+        self.log = log
+        self.info = AsyncServiceInfo(
+            SERVICE_TYPE,
+            service_name(node_id),
+            addresses=[socket.inet_aton(a) for a in addresses],
+            port=port,
+            properties={"txtvers": TXT_VERSION, "id": node_id, "proto": PROTO, "task": task},
+            server=f"{node_id}.local.",
+        )
+        self._browser: AsyncServiceBrowser | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._registered = False
+
+    async def start(self) -> None:
+        await self.zc.async_register_service(self.info)
+        self._registered = True
+        self._browser = AsyncServiceBrowser(self.zc.zeroconf, SERVICE_TYPE, handlers=[self._on_change])
+
+    async def stop(self) -> None:
+        if self._browser is not None:
+            await self._browser.async_cancel()
+            self._browser = None
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._registered:
+            self._registered = False
+            await self.zc.async_unregister_service(self.info)  # sends goodbye packets
+
+    def _on_change(self, zeroconf: object, service_type: str, name: str, state_change: ServiceStateChange) -> None:
+        if name == self.info.name:
+            return
+        if state_change is ServiceStateChange.Removed:
+            peer_id = name.removesuffix("." + SERVICE_TYPE)
+            if self.peers.remove(peer_id):
+                self.log.info("peer removed (mDNS goodbye): %s", peer_id)
+            return
+        task = asyncio.get_running_loop().create_task(self._resolve(name))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _resolve(self, name: str) -> None:
+        info = AsyncServiceInfo(SERVICE_TYPE, name)
+        if not await info.async_request(self.zc.zeroconf, RESOLVE_TIMEOUT_MS):
+            self.log.debug("could not resolve %s", name)
+            return
+        props = info.properties or {}
+        peer_id = _txt(props, "id") or name.removesuffix("." + SERVICE_TYPE)
+        proto, task = _txt(props, "proto"), _txt(props, "task")
+        addrs = info.parsed_addresses(IPVersion.V4Only)
+        if peer_id == self.node_id or not addrs or info.port is None:
+            return
+        if proto != PROTO or task != self.task:
+            self.log.info(
+                "ignoring %s: proto=%s task=%s (ours: proto=%s task=%s)", peer_id, proto, task, PROTO, self.task
+            )
+            return
+        url = f"http://{addrs[0]}:{info.port}"
+        if self.peers.upsert(peer_id, url, task, "mdns"):
+            self.log.info("peer found (mDNS): %s at %s", peer_id, url)
+
+
+async def browse(interfaces: Sequence[str], timeout: float) -> list[dict]:
+    """Listen for ``timeout`` seconds and return the gossipfl services seen (for ``gossipfl peers``)."""
+    azc = make_zeroconf(interfaces)
+    names: set[str] = set()
+
+    def on_change(zeroconf: object, service_type: str, name: str, state_change: ServiceStateChange) -> None:
+        if state_change is not ServiceStateChange.Removed:
+            names.add(name)
+
+    browser = AsyncServiceBrowser(azc.zeroconf, SERVICE_TYPE, handlers=[on_change])
+    try:
+        await asyncio.sleep(timeout)
+        infos = [AsyncServiceInfo(SERVICE_TYPE, n) for n in sorted(names)]
+        await asyncio.gather(*(i.async_request(azc.zeroconf, RESOLVE_TIMEOUT_MS) for i in infos))
+    finally:
+        await browser.async_cancel()
+        await azc.async_close()
+    found = []
+    for info in infos:
+        props = info.properties or {}
+        addrs = info.parsed_addresses(IPVersion.V4Only)
+        found.append(
+            {
+                "id": _txt(props, "id") or info.name.removesuffix("." + SERVICE_TYPE),
+                "url": f"http://{addrs[0]}:{info.port}" if addrs and info.port else None,
+                "task": _txt(props, "task"),
+                "proto": _txt(props, "proto"),
+            }
+        )
+    return found
+
+
+class SeedDiscovery:
+    """Static peers: learn each seed's id and task from its /v1/status, retrying until it answers."""
+
+    def __init__(
+        self,
+        seeds: Iterable[str],
+        *,
+        task: str,
+        peers: PeerTable,
+        session_factory: Callable[[], aiohttp.ClientSession],
+        log: logging.LoggerAdapter,
+        retry_interval: float = 5.0,
+    ) -> None:
+        self.urls = [f"http://{h}:{p}" for h, p in map(parse_hostport, seeds)]
+        self.task = task
+        self.peers = peers
+        self.session_factory = session_factory
+        self.log = log
+        self.retry_interval = retry_interval
+
+    async def run(self) -> None:
+        pending = list(self.urls)
+        while pending:
+            pending = [u for u in pending if not await self._probe(u)]
+            if pending:
+                await asyncio.sleep(self.retry_interval)
+
+    async def _probe(self, url: str) -> bool:
+        try:
+            async with self.session_factory().get(url + "/v1/status") as resp:
+                status = await resp.json()
+            peer_id, task = str(status["id"]), str(status["task"])
+        except (TimeoutError, aiohttp.ClientError, ValueError, KeyError, TypeError) as e:
+            self.log.debug("seed %s not reachable yet: %s", url, e)
+            return False
+        if task != self.task:
+            self.log.warning("seed %s (%s) runs task %r, not %r: ignored", url, peer_id, task, self.task)
+            return True
+        if self.peers.upsert(peer_id, url, task, "static"):
+            self.log.info("peer found (seed): %s at %s", peer_id, url)
+        return True

@@ -1,0 +1,195 @@
+"""The gossip protocol: push-pull averaging with atomic exchanges.
+
+Initiator: snapshot parameters, POST them to a random peer's /v1/gossip, receive the peer's pre-merge
+parameters, set its own to the average. Responder: on a valid message, reply with its pre-merge
+parameters and set its own to the average in the same atomic step. A node takes part in one exchange
+at a time; a busy node answers 409 and the initiator moves on to its next round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import aiohttp
+
+from . import merge, wire
+from .learning.learner import Learner, State
+from .peers import Peer, PeerTable
+
+JITTER = 0.2
+
+
+class Busy(Exception):
+    """This node is already in an exchange."""
+
+
+@dataclass
+class ExchangeStats:
+    ok: int = 0  # exchanges this node started that completed
+    failed: int = 0  # started exchanges that failed (peer down, error reply, invalid reply)
+    busy: int = 0  # started exchanges the peer declined with 409
+    served: int = 0  # exchanges started by peers that this node completed
+    rejected: int = 0  # incoming messages refused as invalid (4xx)
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    last_duration_s: float | None = None
+    durations: deque[float] = field(default_factory=lambda: deque(maxlen=100), repr=False)
+
+    def as_dict(self) -> dict:
+        mean = sum(self.durations) / len(self.durations) if self.durations else None
+        return {
+            "ok": self.ok,
+            "failed": self.failed,
+            "busy": self.busy,
+            "served": self.served,
+            "rejected": self.rejected,
+            "bytes_sent": self.bytes_sent,
+            "bytes_received": self.bytes_received,
+            "mean_duration_s": mean,
+        }
+
+
+class Gossiper:
+    def __init__(
+        self,
+        *,
+        node_id: str,
+        task: str,
+        learner: Learner,
+        peers: PeerTable,
+        interval: float,
+        rng: random.Random,
+        log: logging.LoggerAdapter,
+        request_timeout: float = 10.0,
+    ) -> None:
+        self.node_id = node_id
+        self.task = task
+        self.learner = learner
+        self.peers = peers
+        self.interval = interval
+        self.rng = rng
+        self.log = log
+        self.spec = wire.spec_of(learner.snapshot().params)
+        self.max_body = wire.max_message_size(self.spec)
+        self.stats = ExchangeStats()
+        self.timeout = aiohttp.ClientTimeout(total=request_timeout)
+        self._busy = False
+        self._closed = False
+
+    @property
+    def busy(self) -> bool:
+        return self._busy
+
+    def close(self) -> None:
+        """Refuse exchanges from now on (the node is stopping)."""
+        self._closed = True
+
+    def encode_state(self, state: State) -> bytes:
+        return wire.encode(wire.GossipMessage(self.node_id, state.age, state.params, self.task))
+
+    # -- responder --------------------------------------------------------------------------------
+    async def respond(self, body: bytes) -> bytes:
+        """Handle an incoming exchange. Raises Busy or wire.WireError; the model is untouched then."""
+        if self._busy or self._closed:
+            raise Busy()
+        try:
+            msg = wire.decode(body, self.spec, self.task)
+        except wire.WireError:
+            self.stats.rejected += 1
+            raise
+        self._busy = True
+        try:
+
+            def average_in(state: State) -> tuple[dict, int]:
+                return merge.average(state.params, msg.params), merge.merged_age(state.age, msg.age)
+
+            before = await asyncio.to_thread(self.learner.update, average_in)
+            reply = self.encode_state(before)
+            self.stats.served += 1
+            self.stats.bytes_received += len(body)
+            self.stats.bytes_sent += len(reply)
+            self.log.debug("served exchange from %s", msg.sender)
+            return reply
+        finally:
+            self._busy = False
+
+    # -- initiator --------------------------------------------------------------------------------
+    async def run(self, session: aiohttp.ClientSession, stopping: asyncio.Event) -> None:
+        """Every interval (+-20% jitter) start one exchange with a random live peer, until ``stopping``."""
+        while not stopping.is_set():
+            delay = self.interval * self.rng.uniform(1 - JITTER, 1 + JITTER)
+            try:
+                await asyncio.wait_for(stopping.wait(), timeout=delay)
+                return
+            except TimeoutError:
+                pass
+            peer = self.peers.choose(self.rng)
+            if peer is not None and not self._busy:
+                await self.exchange(session, peer)
+
+    async def exchange(self, session: aiohttp.ClientSession, peer: Peer) -> str:
+        """One push-pull exchange with ``peer``; returns "ok", "busy" or "failed"."""
+        self._busy = True
+        start = time.perf_counter()
+        try:
+            sent = await asyncio.to_thread(self.learner.snapshot)
+            body = self.encode_state(sent)
+            async with session.post(
+                peer.url + "/v1/gossip",
+                data=body,
+                timeout=self.timeout,
+                headers={"Content-Type": wire.CONTENT_TYPE},
+            ) as resp:
+                self.stats.bytes_sent += len(body)
+                if resp.status == 409:
+                    self.stats.busy += 1
+                    return "busy"
+                if resp.status != 200:
+                    detail = (await resp.text())[:200]
+                    raise ExchangeError(f"HTTP {resp.status}: {detail}")
+                raw = await read_bounded(resp, self.max_body)
+                self.stats.bytes_received += len(raw)
+            reply = wire.decode(raw, self.spec, self.task)
+
+            def average_back(state: State) -> tuple[dict, int]:
+                merged = merge.average(sent.params, reply.params)
+                if state.version != sent.version:  # trained meanwhile: keep that progress
+                    merged = merge.rebase(state.params, sent.params, merged)
+                return merged, merge.merged_age(state.age, reply.age)
+
+            await asyncio.to_thread(self.learner.update, average_back)
+        except (aiohttp.ClientError, TimeoutError, ExchangeError, wire.WireError) as e:
+            self.stats.failed += 1
+            self.peers.mark_failed(peer.id)
+            self.log.info("exchange with %s failed: %s", peer.id, str(e) or type(e).__name__)
+            return "failed"
+        finally:
+            self._busy = False
+        duration = time.perf_counter() - start
+        self.stats.ok += 1
+        self.stats.last_duration_s = duration
+        self.stats.durations.append(duration)
+        self.peers.mark_ok(peer.id)
+        self.log.debug("exchanged with %s in %.1f ms", peer.id, duration * 1e3)
+        return "ok"
+
+
+class ExchangeError(Exception):
+    """The peer answered, but not with a usable reply."""
+
+
+async def read_bounded(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """Read a response body, refusing one larger than ``limit`` bytes before buffering it all."""
+    if (resp.content_length or 0) > limit:
+        raise ExchangeError(f"reply of {resp.content_length} bytes exceeds {limit}")
+    buf = bytearray()
+    async for chunk in resp.content.iter_chunked(1 << 16):
+        buf += chunk
+        if len(buf) > limit:
+            raise ExchangeError(f"reply exceeds {limit} bytes")
+    return bytes(buf)

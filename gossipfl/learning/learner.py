@@ -1,0 +1,126 @@
+"""The Learner owns one model: local training steps, evaluation, and atomic parameter updates.
+
+Training runs in a worker thread while the event loop serves HTTP and gossips, so every access to the
+parameters goes through one lock. Parameters leave the Learner only as numpy copies.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from .task import Dataset
+
+Params = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class State:
+    params: Params
+    age: int  # local training steps the model embodies (max over merged ancestors)
+    version: int  # bumped by every change: a train step or a merge
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    accuracy: float
+    loss: float
+
+
+def build_seeded(factory: Callable[[], nn.Module], seed: int) -> nn.Module:
+    """Build a model with a seeded init without disturbing torch's global random state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return factory()
+
+
+class Learner:
+    def __init__(
+        self,
+        model: nn.Module,
+        train: Dataset,
+        test: Dataset,
+        *,
+        seed: int,
+        lr: float = 1e-3,
+        batch_size: int = 32,
+        device: str = "cpu",
+    ) -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+        self._named = dict(self.model.named_parameters())
+        # Adam's moment estimates are kept across merges: partners' models are close after averaging,
+        # so the running gradient statistics stay a good preconditioner (and resetting them would make
+        # every merge restart Adam's bias correction).
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr)
+        self.loss_fn = nn.CrossEntropyLoss()
+        self.batch_size = batch_size
+        self.train_size = len(train)
+        self._x = torch.as_tensor(train.x, device=self.device)
+        self._y = torch.as_tensor(train.y, device=self.device)
+        self._x_test = torch.as_tensor(test.x, device=self.device)
+        self._y_test = torch.as_tensor(test.y, device=self.device)
+        self._gen = torch.Generator().manual_seed(seed)
+        self._order = torch.empty(0, dtype=torch.long)
+        self._cursor = 0
+        self._lock = threading.Lock()
+        self.age = 0
+        self.version = 0
+
+    # -- parameters -------------------------------------------------------------------------------
+    def _params_copy(self) -> Params:
+        return {n: p.detach().to("cpu", copy=True).numpy() for n, p in self._named.items()}
+
+    def snapshot(self) -> State:
+        with self._lock:
+            return State(self._params_copy(), self.age, self.version)
+
+    def update(self, fn: Callable[[State], tuple[Params, int]]) -> State:
+        """Atomically replace the parameters with ``fn(state)``; return the state from before."""
+        with self._lock:
+            before = State(self._params_copy(), self.age, self.version)
+            params, age = fn(before)
+            with torch.no_grad():
+                for name, p in self._named.items():
+                    p.copy_(torch.from_numpy(np.ascontiguousarray(params[name])))
+            self.age = age
+            self.version += 1
+            return before
+
+    # -- training and evaluation -----------------------------------------------------------------
+    def _next_batch(self) -> torch.Tensor:
+        if self._cursor >= len(self._order):
+            self._order = torch.randperm(self.train_size, generator=self._gen)
+            self._cursor = 0
+        idx = self._order[self._cursor : self._cursor + self.batch_size]
+        self._cursor += self.batch_size
+        return idx.to(self.device)
+
+    def train_steps(self, steps: int) -> float:
+        """Run ``steps`` minibatch steps; return their mean loss."""
+        total = 0.0
+        for _ in range(steps):
+            idx = self._next_batch()
+            with self._lock:
+                self.model.train()
+                self.optimizer.zero_grad(set_to_none=True)
+                loss = self.loss_fn(self.model(self._x[idx]), self._y[idx])
+                loss.backward()
+                self.optimizer.step()
+                self.age += 1
+                self.version += 1
+            total += float(loss.detach())
+        return total / steps
+
+    def evaluate(self) -> Evaluation:
+        with self._lock, torch.no_grad():
+            self.model.eval()
+            logits = self.model(self._x_test)
+            loss = float(self.loss_fn(logits, self._y_test))
+            acc = float((logits.argmax(dim=1) == self._y_test).float().mean())
+        return Evaluation(accuracy=acc, loss=loss)

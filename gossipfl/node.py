@@ -1,0 +1,195 @@
+"""A gossipfl node: HTTP server + discovery + local learner + gossip loop, with a start/stop lifecycle.
+
+Several nodes may share one process and one event loop (pass a shared AsyncZeroconf).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+import socket
+import time
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from zeroconf.asyncio import AsyncZeroconf
+
+from .api import build_app
+from .config import NodeConfig
+from .discovery import MdnsDiscovery, SeedDiscovery, advertised_addresses, make_zeroconf
+from .gossip import Gossiper
+from .learning.learner import Evaluation, Learner, build_seeded
+from .learning.partition import iid_partition
+from .learning.registry import get_task
+from .learning.task import Task
+from .logs import node_logger
+from .peers import PeerTable
+from .training import every
+
+STOP_GRACE_S = 15.0
+
+
+def default_node_id(port: int) -> str:
+    host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname().split(".")[0]) or "node"
+    return f"{host[:50]}-{port}"
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+class Node:
+    def __init__(self, config: NodeConfig, *, zeroconf: AsyncZeroconf | None = None, task: Task | None = None):
+        self.config = config
+        self.task = task or get_task(config.task)
+        self._shared_zc = zeroconf
+        self._own_zc: AsyncZeroconf | None = None
+        self._stopping = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self._runner: web.AppRunner | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._mdns: MdnsDiscovery | None = None
+        self.last_eval: Evaluation | None = None
+        self.train_loss: float | None = None
+        self.started_at: float | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    async def start(self) -> None:
+        cfg = self.config
+        sock = bind_socket(cfg.host, cfg.port)
+        self.port = sock.getsockname()[1]
+        self.id = cfg.id or default_node_id(self.port)
+        self.log = node_logger(self.id)
+        self.url = f"http://{'127.0.0.1' if cfg.host in ('0.0.0.0', '') else cfg.host}:{self.port}"
+
+        data = await asyncio.to_thread(self.task.load_data, cfg.data_seed)
+        k, n = cfg.shard
+        local = data.train.subset(iid_partition(len(data.train), n, cfg.data_seed)[k])
+        model = build_seeded(self.task.build_model, cfg.seed)
+        self.learner = Learner(model, local, data.test, seed=cfg.seed, lr=cfg.lr, batch_size=cfg.batch_size)
+        self.peers = PeerTable(self.id)
+        self.gossiper = Gossiper(
+            node_id=self.id,
+            task=self.task.name,
+            learner=self.learner,
+            peers=self.peers,
+            interval=cfg.gossip_interval,
+            rng=random.Random(f"{cfg.seed}/gossip/{self.id}"),
+            log=self.log,
+        )
+
+        self._runner = web.AppRunner(build_app(self), access_log=None, handle_signals=False)
+        await self._runner.setup()
+        await web.SockSite(self._runner, sock).start()
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+
+        if "mdns" in cfg.discovery:
+            zc = self._shared_zc or self._make_own_zeroconf()
+            self._mdns = MdnsDiscovery(
+                zc,
+                node_id=self.id,
+                port=self.port,
+                addresses=advertised_addresses(cfg.host, cfg.mdns_interface),
+                task=self.task.name,
+                peers=self.peers,
+                log=self.log,
+            )
+            await self._mdns.start()
+        if cfg.seeds:
+            seeds = SeedDiscovery(
+                cfg.seeds, task=self.task.name, peers=self.peers, session_factory=lambda: self._session, log=self.log
+            )
+            self._spawn(seeds.run())
+
+        self.started_at = time.monotonic()
+        self._spawn(self.gossiper.run(self._session, self._stopping))
+        self._spawn(every(cfg.eval_interval, self._stopping, self._evaluate))
+        if not cfg.no_train:
+            self._spawn(every(cfg.train_interval, self._stopping, self._train_round))
+        self.log.info(
+            "node up at %s: task=%s partition=%s samples=%d discovery=%s",
+            self.url,
+            self.task.name,
+            cfg.partition,
+            len(local),
+            ",".join(cfg.discovery),
+        )
+
+    def _make_own_zeroconf(self) -> AsyncZeroconf:
+        self._own_zc = make_zeroconf(self.config.mdns_interface)
+        return self._own_zc
+
+    def _spawn(self, coro: Any) -> None:
+        self._tasks.append(asyncio.get_running_loop().create_task(coro))
+
+    async def stop(self) -> None:
+        """Finish the exchange in flight, say goodbye on mDNS, then shut the HTTP side."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        self.gossiper.close()
+        _, pending = await asyncio.wait(self._tasks, timeout=STOP_GRACE_S) if self._tasks else (set(), set())
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._mdns is not None:
+            await self._mdns.stop()
+        if self._own_zc is not None:
+            await self._own_zc.async_close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._session is not None:
+            await self._session.close()
+        self.log.info("node stopped")
+
+    async def __aenter__(self) -> Node:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # -- periodic work ----------------------------------------------------------------------------
+    async def _train_round(self) -> None:
+        self.train_loss = await asyncio.to_thread(self.learner.train_steps, self.config.steps_per_round)
+
+    async def _evaluate(self) -> None:
+        self.last_eval = await asyncio.to_thread(self.learner.evaluate)
+        self.log.debug(
+            "eval: accuracy=%.4f loss=%.4f age=%d", self.last_eval.accuracy, self.last_eval.loss, self.learner.age
+        )
+
+    # -- read side --------------------------------------------------------------------------------
+    async def model_payload(self) -> bytes:
+        return self.gossiper.encode_state(await asyncio.to_thread(self.learner.snapshot))
+
+    def status(self) -> dict[str, Any]:
+        ev = self.last_eval
+        return {
+            "id": self.id,
+            "task": self.task.name,
+            "url": self.url,
+            "age": self.learner.age,
+            "partition": self.config.partition,
+            "samples": self.learner.train_size,
+            "training": not self.config.no_train,
+            "uptime_s": round(time.monotonic() - self.started_at, 3) if self.started_at else 0.0,
+            "peers": self.peers.describe(),
+            "metrics": {
+                "accuracy": ev.accuracy if ev else None,
+                "loss": ev.loss if ev else None,
+                "train_loss": self.train_loss,
+            },
+            "exchanges": self.gossiper.stats.as_dict(),
+        }

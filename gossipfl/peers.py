@@ -1,0 +1,98 @@
+"""The peer table: who this node knows, whether they answer, and picking a partner.
+
+Liveness comes from our own exchanges, not from mDNS: a node killed without goodbye stays in mDNS
+caches for many minutes, so a peer that fails is retried with exponential backoff instead.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class Peer:
+    id: str
+    url: str
+    task: str | None
+    source: str  # how we learned it: "mdns" or "static"
+    last_ok: float | None = None  # clock time of the last successful exchange
+    failures: int = 0  # consecutive failures
+    retry_at: float = 0.0  # not chosen before this clock time
+
+    @property
+    def alive(self) -> bool:
+        return self.failures == 0
+
+
+class PeerTable:
+    def __init__(
+        self,
+        self_id: str,
+        *,
+        backoff_base: float = 1.0,
+        backoff_max: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.self_id = self_id
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self.clock = clock
+        self._peers: dict[str, Peer] = {}
+
+    def __len__(self) -> int:
+        return len(self._peers)
+
+    def __contains__(self, peer_id: str) -> bool:
+        return peer_id in self._peers
+
+    def get(self, peer_id: str) -> Peer | None:
+        return self._peers.get(peer_id)
+
+    def upsert(self, peer_id: str, url: str, task: str | None, source: str) -> bool:
+        """Add or refresh a peer; return True when it is new (or its address changed). Ignores self."""
+        if peer_id == self.self_id:
+            return False
+        old = self._peers.get(peer_id)
+        if old is not None and old.url == url:
+            old.task = task or old.task
+            return False
+        self._peers[peer_id] = Peer(peer_id, url, task, source)
+        return True
+
+    def remove(self, peer_id: str) -> bool:
+        return self._peers.pop(peer_id, None) is not None
+
+    def mark_ok(self, peer_id: str) -> None:
+        if peer := self._peers.get(peer_id):
+            peer.last_ok = self.clock()
+            peer.failures = 0
+            peer.retry_at = 0.0
+
+    def mark_failed(self, peer_id: str) -> None:
+        if peer := self._peers.get(peer_id):
+            peer.failures += 1
+            delay = min(self.backoff_max, self.backoff_base * 2 ** (peer.failures - 1))
+            peer.retry_at = self.clock() + delay
+
+    def candidates(self) -> list[Peer]:
+        now = self.clock()
+        return [p for p in self._peers.values() if p.retry_at <= now]
+
+    def choose(self, rng: random.Random) -> Peer | None:
+        """A uniformly random peer among those not backing off."""
+        pool = self.candidates()
+        return rng.choice(pool) if pool else None
+
+    def describe(self) -> list[dict]:
+        now = self.clock()
+        rows = []
+        for p in sorted(self._peers.values(), key=lambda p: p.id):
+            row = asdict(p)
+            row["alive"] = p.alive
+            row["last_ok_s_ago"] = None if p.last_ok is None else round(now - p.last_ok, 3)
+            del row["last_ok"], row["retry_at"]
+            rows.append(row)
+        return rows
