@@ -64,7 +64,6 @@ async def _run_node(config: NodeConfig) -> int:
         await node.start()
     except OSError as e:
         print(f"gossipfl: error: cannot listen on {config.host}:{config.port}: {e.strerror or e}", file=sys.stderr)
-        await node.stop()
         return 2
     await stop.wait()
     node.log.info("signal received, stopping")

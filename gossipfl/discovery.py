@@ -81,7 +81,8 @@ class MdnsDiscovery:
         self._registered = False
 
     async def start(self) -> None:
-        await self.zc.async_register_service(self.info)
+        # async_register_service schedules the probe/announce and returns a task: wait for it too
+        await (await self.zc.async_register_service(self.info))
         self._registered = True
         self._browser = AsyncServiceBrowser(self.zc.zeroconf, SERVICE_TYPE, handlers=[self._on_change])
 
@@ -94,7 +95,7 @@ class MdnsDiscovery:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._registered:
             self._registered = False
-            await self.zc.async_unregister_service(self.info)  # sends goodbye packets
+            await (await self.zc.async_unregister_service(self.info))  # goodbye packets, sent when this returns
 
     def _on_change(self, zeroconf: object, service_type: str, name: str, state_change: ServiceStateChange) -> None:
         if name == self.info.name:

@@ -60,12 +60,21 @@ class Node:
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
         self._mdns: MdnsDiscovery | None = None
+        self._started = False
         self.last_eval: Evaluation | None = None
         self.train_loss: float | None = None
         self.started_at: float | None = None
 
     # -- lifecycle --------------------------------------------------------------------------------
     async def start(self) -> None:
+        try:
+            await self._start()
+            self._started = True
+        except BaseException:
+            await self._close()
+            raise
+
+    async def _start(self) -> None:
         cfg = self.config
         sock = bind_socket(cfg.host, cfg.port)
         self.port = sock.getsockname()[1]
@@ -75,7 +84,7 @@ class Node:
 
         data = await asyncio.to_thread(self.task.load_data, cfg.data_seed)
         k, n = cfg.shard
-        local = data.train.subset(iid_partition(len(data.train), n, cfg.data_seed)[k])
+        local = data.train.subset(iid_partition(data.train.y, n, cfg.data_seed)[k])
         model = build_seeded(self.task.build_model, cfg.seed)
         self.learner = Learner(model, local, data.test, seed=cfg.seed, lr=cfg.lr, batch_size=cfg.batch_size)
         self.peers = PeerTable(self.id)
@@ -135,7 +144,7 @@ class Node:
 
     async def stop(self) -> None:
         """Finish the exchange in flight, say goodbye on mDNS, then shut the HTTP side."""
-        if self._stopping.is_set():
+        if not self._started or self._stopping.is_set():
             return
         self._stopping.set()
         self.gossiper.close()
@@ -143,6 +152,11 @@ class Node:
         for t in pending:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._close()
+        self.log.info("node stopped")
+
+    async def _close(self) -> None:
+        """Release what start() acquired, in reverse order; safe on a partly started node."""
         if self._mdns is not None:
             await self._mdns.stop()
         if self._own_zc is not None:
@@ -151,7 +165,6 @@ class Node:
             await self._runner.cleanup()
         if self._session is not None:
             await self._session.close()
-        self.log.info("node stopped")
 
     async def __aenter__(self) -> Node:
         await self.start()

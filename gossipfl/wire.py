@@ -62,8 +62,11 @@ def max_message_size(spec: ModelSpec) -> int:
 def encode(msg: GossipMessage) -> bytes:
     params = {}
     for name, arr in msg.params.items():
-        a = np.ascontiguousarray(arr)
-        params[name] = {"dtype": a.dtype.str, "shape": list(a.shape), "data": memoryview(a.reshape(-1).view(np.uint8))}
+        a = np.asarray(arr)
+        if not a.flags.c_contiguous:  # (np.ascontiguousarray would turn a 0-d array into 1-d)
+            a = a.copy(order="C")
+        data = memoryview(a.reshape(-1).view(np.uint8))
+        params[name] = {"dtype": a.dtype.str, "shape": list(a.shape), "data": data}
     body: dict[str, object] = {"v": PROTOCOL_VERSION, "sender": msg.sender, "age": int(msg.age), "params": params}
     if msg.task is not None:
         body["task"] = msg.task

@@ -5,13 +5,19 @@ from __future__ import annotations
 import numpy as np
 
 
-def iid_partition(n_samples: int, num_nodes: int, seed: int) -> list[np.ndarray]:
-    """Shuffle 0..n_samples-1 with ``seed`` and cut it into ``num_nodes`` near-equal shards.
+def iid_partition(labels: np.ndarray, num_nodes: int, seed: int) -> list[np.ndarray]:
+    """Stratified IID split of sample indices into ``num_nodes`` shards.
 
-    Every index lands in exactly one shard; shard sizes differ by at most one."""
+    Each class's samples are shuffled with ``seed`` and dealt round-robin, continuing the count across
+    classes, so every index lands in exactly one shard, shard sizes differ by at most one, and each
+    class's count differs by at most one between shards."""
+    labels = np.asarray(labels)
+    n = len(labels)
     if num_nodes < 1:
         raise ValueError("num_nodes must be >= 1")
-    if n_samples < num_nodes:
-        raise ValueError(f"{n_samples} samples cannot give each of {num_nodes} nodes at least one")
-    order = np.random.default_rng(seed).permutation(n_samples)
-    return [np.sort(s) for s in np.array_split(order, num_nodes)]
+    if n < num_nodes:
+        raise ValueError(f"{n} samples cannot give each of {num_nodes} nodes at least one")
+    rng = np.random.default_rng(seed)
+    order = np.concatenate([rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)])
+    owner = np.arange(n) % num_nodes
+    return [np.sort(order[owner == k]) for k in range(num_nodes)]

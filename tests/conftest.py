@@ -1,0 +1,35 @@
+"""Shared fixtures. Everything stays on loopback: HTTP on 127.0.0.1, mDNS on the 127.0.0.1 interface only."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+
+import aiohttp
+import pytest
+import torch
+from zeroconf import IPVersion
+from zeroconf.asyncio import AsyncZeroconf
+
+from gossipfl.config import NodeConfig
+
+from .helpers import LOOPBACK, node_config
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def make_config() -> Callable[..., NodeConfig]:
+    return node_config
+
+
+@pytest.fixture
+async def zc() -> AsyncIterator[AsyncZeroconf]:
+    azc = AsyncZeroconf(interfaces=[LOOPBACK], ip_version=IPVersion.V4Only)
+    yield azc
+    await azc.async_close()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
+        yield s

@@ -1,0 +1,169 @@
+"""The command line as a user runs it: real processes, signals, exit codes, logs."""
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from .helpers import running, wait_for
+
+pytestmark = pytest.mark.timeout(120)
+LOOP = ["--host", "127.0.0.1", "--mdns-interface", "127.0.0.1"]
+
+
+def gossipfl(*args, env=None, **kw):
+    return subprocess.run(
+        [sys.executable, "-m", "gossipfl", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+        **kw,
+    )
+
+
+async def spawn_node(*args, log_path):
+    log = open(log_path, "wb")  # noqa: SIM115 - closed by the caller's process exit
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gossipfl",
+        "node",
+        *LOOP,
+        *args,
+        stdout=log,
+        stderr=log,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "fragment"),
+    [
+        (["--partition", "9/3"], {}, "partition '9/3': needs 0 <= K < N"),
+        (["--task", "nope"], {}, "unknown task 'nope'"),
+        (["--seeds", "localhost"], {}, "expected host:port"),
+        ([], {"GOSSIPFL_GOSSIP_INTERVAL": "soon"}, "GOSSIPFL_GOSSIP_INTERVAL"),
+        (["--config", "/nonexistent.toml"], {}, "config /nonexistent.toml"),
+    ],
+)
+def test_bad_configuration_is_one_line_and_exit_2(args, env, fragment):
+    r = gossipfl("node", *LOOP, *args, env=env)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gossipfl: error:") and fragment in lines[0], r.stderr
+
+
+def test_port_in_use_is_a_clear_error(unused_tcp_port):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", unused_tcp_port))
+        s.listen()
+        r = gossipfl("node", *LOOP, "--port", str(unused_tcp_port))
+    assert r.returncode == 2 and "cannot listen on 127.0.0.1" in r.stderr
+
+
+async def test_sigterm_says_goodbye_and_exits_0(make_config, zc, tmp_path, unused_tcp_port):
+    log_path = tmp_path / "node.log"
+    proc = await spawn_node(
+        "--port",
+        str(unused_tcp_port),
+        "--id",
+        "sub-term",
+        "--log-format",
+        "json",
+        "--gossip-interval",
+        "0.3",
+        log_path=log_path,
+    )
+    try:
+        async with running(make_config(discovery=("mdns",), gossip_interval=0.3), zeroconf=zc) as (watcher,):
+            assert await wait_for(lambda: "sub-term" in watcher.peers, timeout=40), log_path.read_text()
+            assert watcher.peers.get("sub-term").url == f"http://127.0.0.1:{unused_tcp_port}"
+            assert await wait_for(lambda: watcher.gossiper.stats.ok + watcher.gossiper.stats.served > 0, 10)
+            proc.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(proc.wait(), 30) == 0
+            # the goodbye packets remove it from the watcher's table long before any mDNS TTL
+            assert await wait_for(lambda: "sub-term" not in watcher.peers, timeout=5)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+    records = [json.loads(line) for line in log_path.read_text().splitlines()]
+    assert all(r["node"] == "sub-term" for r in records)
+    assert any("node up" in r["msg"] for r in records) and records[-1]["msg"] == "node stopped"
+
+
+async def test_a_crashed_peer_is_backed_off_and_the_rest_keep_gossiping(make_config, zc, tmp_path, unused_tcp_port):
+    proc = await spawn_node(
+        "--port", str(unused_tcp_port), "--id", "sub-crash", "--gossip-interval", "0.3", log_path=tmp_path / "crash.log"
+    )
+    try:
+        cfgs = [make_config(discovery=("mdns",), gossip_interval=0.2, no_train=True, seed=i) for i in range(2)]
+        async with running(*cfgs, zeroconf=zc) as (a, b):
+            assert await wait_for(lambda: all("sub-crash" in x.peers and len(x.peers) == 2 for x in (a, b)), 40)
+            proc.kill()  # SIGKILL: no goodbye, it stays in mDNS caches
+            await proc.wait()
+            assert await wait_for(
+                lambda: a.peers.get("sub-crash").failures + b.peers.get("sub-crash").failures >= 2, timeout=15
+            )
+            ok_before = a.gossiper.stats.ok + b.gossiper.stats.ok
+            assert await wait_for(lambda: a.gossiper.stats.ok + b.gossiper.stats.ok >= ok_before + 3, timeout=15)
+            crashed = a.peers.get("sub-crash")
+            assert not crashed.alive and crashed.retry_at > 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+
+
+async def test_peers_command_lists_nodes_on_the_lan(make_config, zc):
+    async with running(make_config(discovery=("mdns",), id="visible-node"), zeroconf=zc) as (node,):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "gossipfl",
+            "peers",
+            "--mdns-interface",
+            "127.0.0.1",
+            "--timeout",
+            "2",
+            "--json",
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err
+    found = {p["id"]: p for p in json.loads(out)}
+    assert found["visible-node"]["url"] == node.url
+    assert found["visible-node"]["task"] == "digits" and found["visible-node"]["proto"] == "1"
+
+
+def test_testbed_runs_nodes_and_writes_results(tmp_path):
+    out = tmp_path / "tb"
+    r = gossipfl(
+        "testbed",
+        "--nodes",
+        "3",
+        "--duration",
+        "8",
+        "--out",
+        str(out),
+        "--gossip-interval",
+        "0.5",
+        "--sample-interval",
+        "1",
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = json.loads((out / "results.json").read_text())
+    assert len(res["nodes"]) == 3 and len(res["final"]) == 3
+    assert all(f["exit_code"] == 0 for f in res["final"].values())
+    series = [row for row in res["consensus"] if row["consensus_distance"] is not None]
+    assert len(series) >= 5 and all(row["nodes_sampled"] == 3 for row in series)
+    assert series[-1]["consensus_distance"] < series[0]["consensus_distance"]
+    for node in res["nodes"].values():
+        accs = [a for _, a in node["accuracy"] if a is not None]
+        assert accs[-1] > accs[0]
+    assert "accuracy mean" in r.stdout

@@ -1,0 +1,60 @@
+"""Real nodes in one process gossiping over loopback HTTP, discovered by seeds or by real mDNS."""
+
+import numpy as np
+import pytest
+
+from gossipfl import merge
+from gossipfl.consensus import consensus_distance, flatten, network_mean
+from gossipfl.learning.digits import DigitsTask
+from gossipfl.learning.learner import build_seeded
+
+from .helpers import params_of, running, spread, wait_for
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def initial_params(seed):
+    model = build_seeded(DigitsTask().build_model, seed)
+    return {k: v.detach().numpy().copy() for k, v in model.named_parameters()}
+
+
+async def test_seed_sets_the_initial_model(make_config):
+    async with running(make_config(no_train=True, seed=3), make_config(no_train=True, seed=4)) as (a, b):
+        np.testing.assert_array_equal(flatten(params_of(a)), flatten(initial_params(3)))
+        np.testing.assert_array_equal(flatten(params_of(b)), flatten(initial_params(4)))
+
+
+async def test_one_exchange_leaves_both_partners_at_the_exact_average(make_config, http):
+    a_cfg = make_config(no_train=True, seed=1, gossip_interval=1000)
+    async with running(a_cfg) as (a,):
+        b_cfg = make_config(no_train=True, seed=2, gossip_interval=1000, seeds=(f"127.0.0.1:{a.port}",))
+        async with running(b_cfg) as (b,):
+            assert await wait_for(lambda: a.id in b.peers, timeout=10)
+            assert b.peers.get(a.id).source == "static"
+            a0, b0 = params_of(a), params_of(b)
+            assert await b.gossiper.exchange(http, b.peers.get(a.id)) == "ok"
+            expected = merge.average(a0, b0)
+            for k in expected:
+                np.testing.assert_array_equal(params_of(a)[k], expected[k])
+                np.testing.assert_array_equal(params_of(b)[k], expected[k])
+            stats = b.gossiper.stats
+            assert stats.ok == 1 and stats.bytes_sent > 19_000 and stats.bytes_received > 19_000
+            assert a.gossiper.stats.served == 1
+            assert b.peers.get(a.id).alive and b.peers.get(a.id).last_ok is not None
+
+
+async def test_pure_averaging_conserves_the_mean_and_shrinks_the_spread(make_config, zc):
+    """8 nodes, no training, real mDNS on loopback: the network mean stays put while nodes agree."""
+    n = 8
+    configs = [make_config(no_train=True, seed=i, discovery=("mdns",), gossip_interval=0.2) for i in range(n)]
+    inits = [flatten(initial_params(i)) for i in range(n)]
+    mean0, spread0 = network_mean(inits), consensus_distance(inits)
+    async with running(*configs, zeroconf=zc) as nodes:
+        assert await wait_for(lambda: all(len(x.peers) == n - 1 for x in nodes), timeout=20)
+        assert all(p["source"] == "mdns" for x in nodes for p in x.peers.describe())
+        assert await wait_for(lambda: spread(nodes) < spread0 / 1000, timeout=40, interval=0.2)
+    # stopped: every exchange finished, so the mean is exactly what it was, up to float32 rounding
+    final = [flatten(params_of(x)) for x in nodes]
+    np.testing.assert_allclose(network_mean(final), mean0, rtol=0, atol=1e-6)
+    assert consensus_distance(final) < spread0 / 1000
+    assert sum(x.gossiper.stats.ok for x in nodes) >= 20

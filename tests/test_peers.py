@@ -1,0 +1,64 @@
+import random
+
+from gossipfl.peers import PeerTable
+
+
+class Clock:
+    def __init__(self):
+        self.t = 100.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_ignores_self_and_reports_new_peers():
+    t = PeerTable("me")
+    assert not t.upsert("me", "http://x:1", "digits", "mdns")
+    assert t.upsert("a", "http://a:1", "digits", "mdns")
+    assert not t.upsert("a", "http://a:1", "digits", "mdns")
+    assert t.upsert("a", "http://a:2", "digits", "mdns")  # moved
+    assert len(t) == 1 and t.get("a").url == "http://a:2"
+
+
+def test_failures_back_off_exponentially_and_success_resets():
+    clock = Clock()
+    t = PeerTable("me", backoff_base=1.0, backoff_max=8.0, clock=clock)
+    t.upsert("a", "http://a:1", None, "static")
+    delays = []
+    for _ in range(5):
+        t.mark_failed("a")
+        delays.append(t.get("a").retry_at - clock.t)
+    assert delays == [1.0, 2.0, 4.0, 8.0, 8.0]
+    assert t.candidates() == []
+    clock.t += 8.0
+    assert [p.id for p in t.candidates()] == ["a"]
+    t.mark_ok("a")
+    assert t.get("a").alive and t.get("a").retry_at == 0.0
+
+
+def test_choose_is_uniform_over_live_peers():
+    t = PeerTable("me", clock=Clock())
+    for p in "abcd":
+        t.upsert(p, f"http://{p}:1", None, "mdns")
+    t.mark_failed("d")
+    rng = random.Random(0)
+    counts = {}
+    for _ in range(3000):
+        p = t.choose(rng).id
+        counts[p] = counts.get(p, 0) + 1
+    assert set(counts) == {"a", "b", "c"}
+    assert all(900 < c < 1100 for c in counts.values())
+    assert PeerTable("me").choose(rng) is None
+
+
+def test_describe_lists_peers_with_liveness():
+    t = PeerTable("me", clock=Clock())
+    t.upsert("b", "http://b:1", "digits", "static")
+    t.upsert("a", "http://a:1", "digits", "mdns")
+    t.mark_ok("a")
+    t.mark_failed("b")
+    rows = t.describe()
+    assert [r["id"] for r in rows] == ["a", "b"]
+    assert rows[0]["alive"] and rows[0]["last_ok_s_ago"] == 0.0 and rows[0]["source"] == "mdns"
+    assert not rows[1]["alive"] and rows[1]["failures"] == 1
+    assert t.remove("a") and not t.remove("a")

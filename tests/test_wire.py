@@ -1,0 +1,151 @@
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from gossipfl import wire
+
+SPEC = {"w": wire.TensorSpec("<f4", (3, 2)), "b": wire.TensorSpec("<f4", (2,))}
+
+
+def good_params():
+    return {"w": np.arange(6, dtype="<f4").reshape(3, 2), "b": np.array([0.5, -1.0], dtype="<f4")}
+
+
+def raw(params=None, **top):
+    params = good_params() if params is None else params
+    body = {
+        "v": 1,
+        "sender": "a",
+        "age": 3,
+        "params": {k: {"dtype": v.dtype.str, "shape": list(v.shape), "data": v.tobytes()} for k, v in params.items()},
+    }
+    body.update(top)
+    return body
+
+
+def pack(obj):
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def test_roundtrip_keeps_values_and_fields():
+    body = wire.encode(wire.GossipMessage("node-a", 42, good_params(), task="digits"))
+    msg = wire.decode(body, SPEC, task="digits")
+    assert (msg.sender, msg.age, msg.task) == ("node-a", 42, "digits")
+    for k, v in good_params().items():
+        np.testing.assert_array_equal(msg.params[k], v)
+
+
+def test_encoded_layout_is_the_documented_contract():
+    obj = msgpack.unpackb(wire.encode(wire.GossipMessage("n", 1, good_params())), raw=False)
+    assert set(obj) == {"v", "sender", "age", "params"}
+    assert obj["v"] == 1
+    assert obj["params"]["w"]["dtype"] == "<f4"
+    assert obj["params"]["w"]["shape"] == [3, 2]
+    assert isinstance(obj["params"]["w"]["data"], bytes) and len(obj["params"]["w"]["data"]) == 24
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    arrays=st.dictionaries(
+        st.text(min_size=1, max_size=12),
+        hnp.arrays(
+            dtype=np.dtype("<f4"),
+            shape=hnp.array_shapes(min_dims=0, max_dims=3, max_side=5),
+            elements=st.floats(-1e6, 1e6, width=32),
+        ),
+        min_size=1,
+        max_size=4,
+    ),
+    age=st.integers(0, 2**63 - 1),
+)
+def test_roundtrip_property(arrays, age):
+    spec = wire.spec_of(arrays)
+    body = wire.encode(wire.GossipMessage("s", age, arrays))
+    assert len(body) <= wire.max_message_size(spec)
+    msg = wire.decode(body, spec)
+    assert msg.age == age
+    for k, v in arrays.items():
+        np.testing.assert_array_equal(msg.params[k], v)
+
+
+def bad(p, field, value):
+    p = dict(p)
+    p[field] = value
+    return p
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        (b"\xc1\xc1garbage", "malformed msgpack"),
+        (b"", "malformed msgpack"),
+        (pack([1, 2, 3]), "must be a msgpack map"),
+        (pack({k: v for k, v in raw().items() if k != "v"}), "missing field 'v'"),
+        (pack(raw(v=2)), "unsupported protocol version 2"),
+        (pack(raw(v="1")), "field 'v' must be an integer"),
+        (pack(raw(v=True)), "field 'v' must be an integer"),
+        (pack({k: v for k, v in raw().items() if k != "sender"}), "missing field 'sender'"),
+        (pack(raw(sender="")), "'sender' must have 1 to"),
+        (pack(raw(sender="x" * 300)), "'sender' must have 1 to"),
+        (pack(raw(age=-1)), "'age' must be a non-negative"),
+        (pack(raw(age=1.5)), "field 'age' must be an integer"),
+        (pack({k: v for k, v in raw().items() if k != "params"}), "missing field 'params'"),
+        (pack({**raw(), "params": [1]}), "field 'params' must be dict"),
+        (pack(raw(task="other")), "task 'other' does not match"),
+        (pack(raw(task=7)), "field 'task' must be str"),
+    ],
+)
+def test_rejects_bad_envelope(body, fragment):
+    with pytest.raises(wire.WireError, match=fragment):
+        wire.decode(body, SPEC, task="digits")
+
+
+def test_rejects_missing_and_unknown_parameters():
+    p = good_params()
+    del p["b"]
+    with pytest.raises(wire.WireError, match="missing parameters: b"):
+        wire.decode(pack(raw(p)), SPEC)
+    p = {**good_params(), "extra": np.zeros(1, "<f4")}
+    with pytest.raises(wire.WireError, match="unknown parameters: extra"):
+        wire.decode(pack(raw(p)), SPEC)
+
+
+def tensor_body(**tensor_fields):
+    body = raw()
+    body["params"]["w"] = {**body["params"]["w"], **tensor_fields}
+    return pack(body)
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        (tensor_body(dtype="<f8", data=np.zeros(6, "<f8").tobytes()), "parameter 'w': dtype '<f8', expected '<f4'"),
+        (tensor_body(dtype=">f4"), "dtype '>f4', expected '<f4'"),
+        (tensor_body(shape=[2, 3]), r"parameter 'w': shape \[2, 3\], expected \[3, 2\]"),
+        (tensor_body(shape=[3, 2, 1]), "shape"),
+        (tensor_body(shape=["3", 2]), "shape"),
+        (tensor_body(data=b"\x00" * 20), "20 data bytes, expected 24"),
+        (tensor_body(data="text"), "field 'data' must be bytes"),
+        (tensor_body(data=np.array([1, 2, np.nan, 4, 5, 6], "<f4").tobytes()), "NaN or Inf"),
+        (tensor_body(data=np.array([1, 2, 3, np.inf, 5, 6], "<f4").tobytes()), "NaN or Inf"),
+        (pack({**raw(), "params": {**raw()["params"], "w": [1, 2]}}), "must be a map with dtype"),
+    ],
+)
+def test_rejects_bad_tensors(body, fragment):
+    with pytest.raises(wire.WireError, match=fragment):
+        wire.decode(body, SPEC)
+
+
+def test_decode_never_unpickles():
+    import pickle
+
+    with pytest.raises(wire.WireError):
+        wire.decode(pickle.dumps(good_params()), SPEC)
+
+
+def test_max_message_size_bounds_real_messages():
+    body = wire.encode(wire.GossipMessage("x" * 255, 2**63 - 1, good_params(), task="t" * 100))
+    assert len(body) <= wire.max_message_size(SPEC)
