@@ -66,8 +66,8 @@ async def post_gossip(request: web.Request) -> web.Response:
     body = await read_body(request, gossiper.max_body)
     try:
         reply = await gossiper.respond(body)
-    except Busy:
-        return error(409, "busy: already in an exchange")
+    except Busy as e:
+        return error(409, str(e))
     except wire.WireError as e:
         return error(400, str(e))
     return web.Response(body=reply, content_type=wire.CONTENT_TYPE)

@@ -47,11 +47,14 @@ class NodeConfig:
     no_train: bool = field(default=False, metadata=_opt("do not train: pure averaging"))
     seed: int = field(default=0, metadata=_opt("seed of this node's model init and training randomness"))
     data_seed: int = field(default=2026, metadata=_opt("cluster-wide seed of the train/test split and partition"))
-    lr: float = field(default=1e-3, metadata=_opt("learning rate (Adam)"))
+    optimizer: str = field(default="adam", metadata=_opt("adam or sgd (with momentum)"))
+    lr: float = field(default=3e-3, metadata=_opt("learning rate (at age 0, see lr-decay-steps)"))
+    momentum: float = field(default=0.9, metadata=_opt("momentum of sgd"))
+    lr_decay_steps: float = field(default=200.0, metadata=_opt("step size lr/(1+age/STEPS); 0 keeps it constant"))
     batch_size: int = field(default=32, metadata=_opt("minibatch size"))
     train_interval: float = field(default=0.1, metadata=_opt("seconds between local training rounds"))
     steps_per_round: int = field(default=2, metadata=_opt("minibatch steps per training round"))
-    eval_interval: float = field(default=2.0, metadata=_opt("seconds between evaluations on the test split"))
+    eval_interval: float = field(default=1.0, metadata=_opt("seconds between evaluations on the test split"))
     torch_threads: int = field(default=1, metadata=_opt("torch intra-op threads of a node process"))
     log_format: str = field(default="text", metadata=_opt("text or json"))
     log_level: str = field(default="info", metadata=_opt("debug, info, warning or error"))
@@ -103,6 +106,12 @@ def validate(c: NodeConfig) -> None:
     for name in ("gossip_interval", "train_interval", "eval_interval", "lr"):
         if not getattr(c, name) > 0:
             raise ConfigError(f"{name.replace('_', '-')} must be > 0")
+    if c.optimizer not in ("adam", "sgd"):
+        raise ConfigError(f"optimizer {c.optimizer!r}: expected adam or sgd")
+    if not 0 <= c.momentum < 1:
+        raise ConfigError("momentum must be in [0, 1)")
+    if c.lr_decay_steps < 0:
+        raise ConfigError("lr-decay-steps must be >= 0")
     for name in ("batch_size", "steps_per_round", "torch_threads"):
         if getattr(c, name) < 1:
             raise ConfigError(f"{name.replace('_', '-')} must be >= 1")

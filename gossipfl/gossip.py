@@ -25,7 +25,7 @@ JITTER = 0.2
 
 
 class Busy(Exception):
-    """This node is already in an exchange."""
+    """This node cannot take part in an exchange now (in another one, or stopping): HTTP 409."""
 
 
 @dataclass
@@ -95,8 +95,10 @@ class Gossiper:
     # -- responder --------------------------------------------------------------------------------
     async def respond(self, body: bytes) -> bytes:
         """Handle an incoming exchange. Raises Busy or wire.WireError; the model is untouched then."""
-        if self._busy or self._closed:
-            raise Busy()
+        if self._closed:
+            raise Busy("node is stopping")
+        if self._busy:
+            raise Busy("busy: already in an exchange")
         try:
             msg = wire.decode(body, self.spec, self.task)
         except wire.WireError:

@@ -86,7 +86,15 @@ class Node:
         k, n = cfg.shard
         local = data.train.subset(iid_partition(data.train.y, n, cfg.data_seed)[k])
         model = build_seeded(self.task.build_model, cfg.seed)
-        self.learner = Learner(model, local, data.test, seed=cfg.seed, lr=cfg.lr, batch_size=cfg.batch_size)
+        self.learner = Learner(
+            model,
+            local,
+            data.test,
+            seed=cfg.seed,
+            lr=cfg.lr,
+            lr_decay_steps=cfg.lr_decay_steps,
+            batch_size=cfg.batch_size,
+        )
         self.peers = PeerTable(self.id)
         self.gossiper = Gossiper(
             node_id=self.id,

@@ -28,6 +28,7 @@ from .learning.learner import build_seeded
 from .learning.registry import get_task
 
 READY_TIMEOUT_S = 90.0
+DISCOVERY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 30.0
 
 
@@ -99,28 +100,37 @@ def node_command(opts: TestbedOptions, index: int, node_id: str, port: int) -> l
     return cmd + list(opts.extra_node_args)
 
 
-async def _get(session: aiohttp.ClientSession, url: str) -> aiohttp.ClientResponse | None:
+async def _status(session: aiohttp.ClientSession, node: NodeProc) -> dict | None:
     try:
-        async with session.get(url) as resp:
-            await resp.read()
-            return resp if resp.status == 200 else None
-    except (aiohttp.ClientError, TimeoutError):
+        async with session.get(node.url + "/v1/status") as resp:
+            return await resp.json() if resp.status == 200 else None
+    except (aiohttp.ClientError, TimeoutError, ValueError):
         return None
 
 
-async def wait_ready(session: aiohttp.ClientSession, nodes: list[NodeProc]) -> None:
+async def wait_ready(session: aiohttp.ClientSession, nodes: list[NodeProc]) -> bool:
+    """Wait until every node answers HTTP, then (up to a limit) until each has found all the others.
+
+    Returns whether discovery completed; raises when a node dies or never answers."""
     deadline = time.monotonic() + READY_TIMEOUT_S
     pending = list(nodes)
     while pending:
         for n in pending:
             if n.proc.returncode is not None:
                 raise RuntimeError(f"{n.id} exited with code {n.proc.returncode} during start-up; see {n.log_path}")
-        results = await asyncio.gather(*(_get(session, n.url + "/v1/status") for n in pending))
-        pending = [n for n, r in zip(pending, results, strict=True) if r is None]
+        statuses = await asyncio.gather(*(_status(session, n) for n in pending))
+        pending = [n for n, st in zip(pending, statuses, strict=True) if st is None]
         if pending and time.monotonic() > deadline:
             raise RuntimeError(f"nodes not ready after {READY_TIMEOUT_S:.0f} s: {[n.id for n in pending]}")
         if pending:
             await asyncio.sleep(0.3)
+    deadline = time.monotonic() + DISCOVERY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        statuses = await asyncio.gather(*(_status(session, n) for n in nodes))
+        if all(st is not None and len(st.get("peers", [])) >= len(nodes) - 1 for st in statuses):
+            return True
+        await asyncio.sleep(0.2)
+    return False
 
 
 async def sample(
@@ -271,8 +281,14 @@ async def run_testbed(opts: TestbedOptions) -> int:
     tty = sys.stdout.isatty() and opts.live
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
-            await wait_ready(session, nodes)
-            print(f"testbed: all {opts.nodes} nodes up; running for {opts.duration:g} s", flush=True)
+            if await wait_ready(session, nodes):
+                print(f"testbed: all {opts.nodes} nodes up and know each other; running for {opts.duration:g} s")
+            else:
+                print(
+                    f"testbed: all {opts.nodes} nodes up, but not all found each other in "
+                    f"{DISCOVERY_TIMEOUT_S:.0f} s; running for {opts.duration:g} s anyway",
+                    flush=True,
+                )
             t0 = time.monotonic()
             mean0 = None
             last_print = -1e9

@@ -7,7 +7,7 @@ parameters goes through one lock. Parameters leave the Learner only as numpy cop
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +39,17 @@ def build_seeded(factory: Callable[[], nn.Module], seed: int) -> nn.Module:
         return factory()
 
 
+OPTIMIZERS = ("adam", "sgd")
+
+
+def make_optimizer(name: str, params: Iterable[nn.Parameter], *, lr: float, momentum: float) -> torch.optim.Optimizer:
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum)
+    raise ValueError(f"unknown optimizer {name!r} (known: {', '.join(OPTIMIZERS)})")
+
+
 class Learner:
     def __init__(
         self,
@@ -47,17 +58,22 @@ class Learner:
         test: Dataset,
         *,
         seed: int,
+        optimizer: str = "adam",
         lr: float = 1e-3,
+        momentum: float = 0.9,
+        lr_decay_steps: float = 0.0,
         batch_size: int = 32,
         device: str = "cpu",
     ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device)
         self._named = dict(self.model.named_parameters())
-        # Adam's moment estimates are kept across merges: partners' models are close after averaging,
-        # so the running gradient statistics stay a good preconditioner (and resetting them would make
-        # every merge restart Adam's bias correction).
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr)
+        # Optimizer state (Adam's moments, SGD's momentum buffer) is kept across merges: partners' models
+        # are close after averaging, so the running gradient statistics stay valid, and resetting them
+        # would restart Adam's bias correction at every exchange.
+        self.optimizer = make_optimizer(optimizer, self.model.parameters(), lr=lr, momentum=momentum)
+        self.lr = lr
+        self.lr_decay_steps = lr_decay_steps
         self.loss_fn = nn.CrossEntropyLoss()
         self.batch_size = batch_size
         self.train_size = len(train)
@@ -101,6 +117,16 @@ class Learner:
         self._cursor += self.batch_size
         return idx.to(self.device)
 
+    def lr_at(self, age: int) -> float:
+        """Step size for a model of this age: lr / (1 + age / lr_decay_steps), constant when 0.
+
+        With a constant step, decentralized SGD stops short of consensus: between exchanges each node
+        drifts by an amount proportional to the step, so the models' spread plateaus. A harmonic decay
+        (sum of steps infinite, sum of squares finite: Robbins-Monro) lets the spread keep shrinking."""
+        if self.lr_decay_steps <= 0:
+            return self.lr
+        return self.lr / (1.0 + age / self.lr_decay_steps)
+
     def train_steps(self, steps: int) -> float:
         """Run ``steps`` minibatch steps; return their mean loss."""
         total = 0.0
@@ -108,6 +134,8 @@ class Learner:
             idx = self._next_batch()
             with self._lock:
                 self.model.train()
+                for group in self.optimizer.param_groups:
+                    group["lr"] = self.lr_at(self.age)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss = self.loss_fn(self.model(self._x[idx]), self._y[idx])
                 loss.backward()

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set up, lint, and run the test suite. Extra arguments go to pytest, e.g. scripts/test.sh -k wire.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+scripts/setup.sh
+.venv/bin/ruff check gossipfl tests benchmarks
+.venv/bin/ruff format --check gossipfl tests benchmarks
+exec .venv/bin/python -m pytest "$@"

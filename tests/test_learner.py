@@ -1,0 +1,77 @@
+import numpy as np
+import pytest
+import torch
+
+from gossipfl.learning.digits import DigitsTask
+from gossipfl.learning.learner import Learner, build_seeded, make_optimizer
+
+
+@pytest.fixture(scope="module")
+def data():
+    return DigitsTask().load_data(2026)
+
+
+def learner(data, **kw):
+    return Learner(build_seeded(DigitsTask().build_model, 0), data.train, data.test, seed=0, **kw)
+
+
+def test_training_lowers_the_loss_and_counts_age(data):
+    lr = learner(data)
+    before = lr.evaluate()
+    lr.train_steps(200)
+    after = lr.evaluate()
+    assert after.loss < before.loss and after.accuracy > before.accuracy + 0.5
+    assert lr.age == 200 and lr.version == 200
+
+
+def test_same_seed_same_training(data):
+    a, b = learner(data), learner(data)
+    a.train_steps(20)
+    b.train_steps(20)
+    for k, v in a.snapshot().params.items():
+        np.testing.assert_array_equal(v, b.snapshot().params[k])
+
+
+def test_build_seeded_leaves_global_rng_alone():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    build_seeded(DigitsTask().build_model, 7)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_update_is_atomic_and_returns_the_state_before(data):
+    lr = learner(data)
+    before = lr.snapshot()
+    zeros = {k: np.zeros_like(v) for k, v in before.params.items()}
+    returned = lr.update(lambda s: (zeros, s.age + 5))
+    for k in zeros:
+        np.testing.assert_array_equal(returned.params[k], before.params[k])
+        np.testing.assert_array_equal(lr.snapshot().params[k], zeros[k])
+    assert lr.age == 5 and lr.version == before.version + 1
+    assert lr.evaluate().accuracy == pytest.approx(np.mean(data.test.y == 0), abs=1e-6)  # all-zero model: class 0
+
+
+def test_snapshots_are_copies(data):
+    lr = learner(data)
+    snap = lr.snapshot()
+    snap.params["1.bias"][:] = 99.0
+    assert not np.any(lr.snapshot().params["1.bias"] == 99.0)
+
+
+def test_step_size_decay(data):
+    const = learner(data, lr=0.01)
+    assert const.lr_at(0) == const.lr_at(10_000) == 0.01
+    decayed = learner(data, lr=0.01, lr_decay_steps=100)
+    assert decayed.lr_at(0) == 0.01 and decayed.lr_at(100) == pytest.approx(0.005)
+    decayed.train_steps(100)
+    assert decayed.optimizer.param_groups[0]["lr"] == pytest.approx(0.01 / (1 + 99 / 100))
+
+
+def test_optimizers():
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    assert isinstance(make_optimizer("adam", params, lr=0.1, momentum=0.9), torch.optim.Adam)
+    sgd = make_optimizer("sgd", params, lr=0.1, momentum=0.5)
+    assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["momentum"] == 0.5
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        make_optimizer("lbfgs", params, lr=0.1, momentum=0.0)
