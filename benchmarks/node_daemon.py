@@ -118,7 +118,7 @@ Run {started} on {platform.node()} ({platform.machine()}, {platform.python_versi
 
 Each node is its own process on 127.0.0.1 (mDNS on loopback, HTTP gossip), training the `digits` MLP
 on a stratified IID shard (1/{args.nodes} of the 1437 training images) and evaluated on the shared
-360-image test split. Times count from the moment all nodes answer HTTP.
+360-image test split. Times count from the moment all nodes answer HTTP and have found each other.
 
 ## Training, {args.nodes} nodes, {args.duration:g} s
 

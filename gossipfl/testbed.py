@@ -229,7 +229,8 @@ def summarize(nodes: list[NodeProc], series: list[dict], opts: TestbedOptions, e
             "accuracy_spread": float(np.max(accs) - np.min(accs)) if accs else None,
             "consensus_distance_first": first["consensus_distance"] if first else None,
             "consensus_distance_last": last["consensus_distance"] if last else None,
-            "mean_shift_relative": series[-1].get("mean_shift_relative") if series else None,
+            # only meaningful for pure averaging: training moves the mean on purpose
+            "mean_shift_relative": series[-1].get("mean_shift_relative") if series and opts.no_train else None,
             "all_exited_cleanly": all(c == 0 for c in exit_codes.values()),
         },
     }
