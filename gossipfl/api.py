@@ -9,6 +9,7 @@ from aiohttp import web
 
 from . import wire
 from .gossip import Busy
+from .httpio import TooLarge, read_limited
 
 if TYPE_CHECKING:
     from .node import Node
@@ -35,23 +36,6 @@ async def json_errors(request: web.Request, handler: object) -> web.StreamRespon
         return error(500, "internal error")
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
-    if request.content_length is not None and request.content_length > limit:
-        raise web.HTTPRequestEntityTooLarge(
-            max_size=limit,
-            actual_size=request.content_length,
-            text=f"body of {request.content_length} bytes exceeds {limit}",
-        )
-    body = bytearray()
-    async for chunk in request.content.iter_chunked(1 << 16):
-        body += chunk
-        if len(body) > limit:
-            raise web.HTTPRequestEntityTooLarge(
-                max_size=limit, actual_size=len(body), text=f"body exceeds {limit} bytes"
-            )
-    return bytes(body)
-
-
 async def get_status(request: web.Request) -> web.Response:
     return web.json_response(request.app[NODE_KEY].status())
 
@@ -63,7 +47,10 @@ async def get_model(request: web.Request) -> web.Response:
 
 async def post_gossip(request: web.Request) -> web.Response:
     gossiper = request.app[NODE_KEY].gossiper
-    body = await read_body(request, gossiper.max_body)
+    try:
+        body = await read_limited(request.content, request.content_length, gossiper.max_body)
+    except TooLarge as e:
+        return error(413, str(e))
     try:
         reply = await gossiper.respond(body)
     except Busy as e:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import aiohttp
 
 from . import merge, wire
+from .httpio import TooLarge, read_limited
 from .learning.learner import Learner, State
 from .peers import Peer, PeerTable
 
@@ -37,7 +38,6 @@ class ExchangeStats:
     rejected: int = 0  # incoming messages refused as invalid (4xx)
     bytes_sent: int = 0
     bytes_received: int = 0
-    last_duration_s: float | None = None
     durations: deque[float] = field(default_factory=lambda: deque(maxlen=100), repr=False)
 
     def as_dict(self) -> dict:
@@ -154,7 +154,7 @@ class Gossiper:
                 if resp.status != 200:
                     detail = (await resp.text())[:200]
                     raise ExchangeError(f"HTTP {resp.status}: {detail}")
-                raw = await read_bounded(resp, self.max_body)
+                raw = await read_limited(resp.content, resp.content_length, self.max_body)
                 self.stats.bytes_received += len(raw)
             reply = wire.decode(raw, self.spec, self.task)
 
@@ -165,7 +165,7 @@ class Gossiper:
                 return merged, merge.merged_age(state.age, reply.age)
 
             await asyncio.to_thread(self.learner.update, average_back)
-        except (aiohttp.ClientError, TimeoutError, ExchangeError, wire.WireError) as e:
+        except (aiohttp.ClientError, TimeoutError, ExchangeError, TooLarge, wire.WireError) as e:
             self.stats.failed += 1
             self.peers.mark_failed(peer.id)
             self.log.info("exchange with %s failed: %s", peer.id, str(e) or type(e).__name__)
@@ -174,7 +174,6 @@ class Gossiper:
             self._busy = False
         duration = time.perf_counter() - start
         self.stats.ok += 1
-        self.stats.last_duration_s = duration
         self.stats.durations.append(duration)
         self.peers.mark_ok(peer.id)
         self.log.debug("exchanged with %s in %.1f ms", peer.id, duration * 1e3)
@@ -183,15 +182,3 @@ class Gossiper:
 
 class ExchangeError(Exception):
     """The peer answered, but not with a usable reply."""
-
-
-async def read_bounded(resp: aiohttp.ClientResponse, limit: int) -> bytes:
-    """Read a response body, refusing one larger than ``limit`` bytes before buffering it all."""
-    if (resp.content_length or 0) > limit:
-        raise ExchangeError(f"reply of {resp.content_length} bytes exceeds {limit}")
-    buf = bytearray()
-    async for chunk in resp.content.iter_chunked(1 << 16):
-        buf += chunk
-        if len(buf) > limit:
-            raise ExchangeError(f"reply exceeds {limit} bytes")
-    return bytes(buf)

@@ -1,6 +1,7 @@
 """One real node on loopback, HTTP over real sockets: the contract and every kind of bad input."""
 
 import asyncio
+import contextlib
 
 import msgpack
 import numpy as np
@@ -13,6 +14,20 @@ from gossipfl.peers import Peer
 from .helpers import message, params_of, running
 
 pytestmark = pytest.mark.timeout(60)
+
+
+@contextlib.asynccontextmanager
+async def fake_peer(handler, port):
+    """A stand-in peer on loopback whose /v1/gossip answers with ``handler``."""
+    app = web.Application()
+    app.router.add_post("/v1/gossip", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield
+    finally:
+        await runner.cleanup()
 
 
 @pytest.fixture
@@ -69,7 +84,6 @@ def tamper(node, **change):
 
 
 DELETE = object()
-FIRST = "0.weight"  # digits MLP: Sequential(Scale, Linear, ReLU, Linear) -> 1.weight is the first Linear
 
 
 def bad_bodies(node):
@@ -140,12 +154,7 @@ async def test_a_node_in_an_exchange_answers_409(node, http, unused_tcp_port):
         await release.wait()
         return web.Response(status=503)
 
-    app = web.Application()
-    app.router.add_post("/v1/gossip", slow_peer)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", unused_tcp_port).start()
-    try:
+    async with fake_peer(slow_peer, unused_tcp_port):
         peer = Peer("slow", f"http://127.0.0.1:{unused_tcp_port}", "digits", "static")
         node.peers.upsert(peer.id, peer.url, "digits", "static")
         exchange = asyncio.ensure_future(node.gossiper.exchange(http, peer))
@@ -158,8 +167,6 @@ async def test_a_node_in_an_exchange_answers_409(node, http, unused_tcp_port):
         assert not node.gossiper.busy
         assert node.peers.get("slow").failures == 1
         assert node.learner.snapshot().version == 0
-    finally:
-        await runner.cleanup()
 
 
 async def test_a_peer_with_an_invalid_reply_leaves_the_model_unchanged(node, http, unused_tcp_port):
@@ -168,15 +175,23 @@ async def test_a_peer_with_an_invalid_reply_leaves_the_model_unchanged(node, htt
             body=msgpack.packb({"v": 1, "sender": "liar", "age": 0, "params": {}}), content_type="application/msgpack"
         )
 
-    app = web.Application()
-    app.router.add_post("/v1/gossip", liar)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", unused_tcp_port).start()
-    try:
+    async with fake_peer(liar, unused_tcp_port):
         peer = Peer("liar", f"http://127.0.0.1:{unused_tcp_port}", "digits", "static")
         node.peers.upsert(peer.id, peer.url, "digits", "static")
         assert await node.gossiper.exchange(http, peer) == "failed"
         assert node.gossiper.stats.failed == 1 and node.learner.snapshot().version == 0
-    finally:
-        await runner.cleanup()
+
+
+async def test_an_oversized_reply_is_refused_before_it_is_buffered(node, http, unused_tcp_port):
+    async def flood(request):
+        resp = web.StreamResponse()  # chunked: no Content-Length to check up front
+        await resp.prepare(request)
+        for _ in range(node.gossiper.max_body // 65536 + 4):
+            await resp.write(b"\0" * 65536)
+        return resp
+
+    async with fake_peer(flood, unused_tcp_port):
+        peer = Peer("flood", f"http://127.0.0.1:{unused_tcp_port}", "digits", "static")
+        node.peers.upsert(peer.id, peer.url, "digits", "static")
+        assert await node.gossiper.exchange(http, peer) == "failed"
+        assert node.learner.snapshot().version == 0
