@@ -76,25 +76,26 @@ class Node:
 
     async def _start(self) -> None:
         cfg = self.config
+        data = await asyncio.to_thread(self.task.load_data, cfg.data_seed)
+        k, n = cfg.shard
+        local = data.train.subset(iid_partition(data.train.y, n, cfg.data_seed)[k])
+        self.learner = Learner(
+            build_seeded(self.task.build_model, cfg.seed),
+            local,
+            data.test,
+            seed=cfg.seed,
+            optimizer=cfg.optimizer,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            lr_decay_steps=cfg.lr_decay_steps,
+            batch_size=cfg.batch_size,
+        )
+
         sock = bind_socket(cfg.host, cfg.port)
         self.port = sock.getsockname()[1]
         self.id = cfg.id or default_node_id(self.port)
         self.log = node_logger(self.id)
         self.url = f"http://{'127.0.0.1' if cfg.host in ('0.0.0.0', '') else cfg.host}:{self.port}"
-
-        data = await asyncio.to_thread(self.task.load_data, cfg.data_seed)
-        k, n = cfg.shard
-        local = data.train.subset(iid_partition(data.train.y, n, cfg.data_seed)[k])
-        model = build_seeded(self.task.build_model, cfg.seed)
-        self.learner = Learner(
-            model,
-            local,
-            data.test,
-            seed=cfg.seed,
-            lr=cfg.lr,
-            lr_decay_steps=cfg.lr_decay_steps,
-            batch_size=cfg.batch_size,
-        )
         self.peers = PeerTable(self.id)
         self.gossiper = Gossiper(
             node_id=self.id,

@@ -58,3 +58,15 @@ async def test_pure_averaging_conserves_the_mean_and_shrinks_the_spread(make_con
     np.testing.assert_allclose(network_mean(final), mean0, rtol=0, atol=1e-6)
     assert consensus_distance(final) < spread0 / 1000
     assert sum(x.gossiper.stats.ok for x in nodes) >= 20
+
+
+async def test_training_options_reach_the_learner(make_config):
+    import torch
+
+    cfg = make_config(optimizer="sgd", lr=0.05, momentum=0.5, lr_decay_steps=0, batch_size=16, partition="1/4")
+    async with running(cfg) as (node,):
+        opt = node.learner.optimizer
+        assert isinstance(opt, torch.optim.SGD)
+        assert opt.param_groups[0]["lr"] == 0.05 and opt.param_groups[0]["momentum"] == 0.5
+        assert node.learner.lr_at(10_000) == 0.05 and node.learner.batch_size == 16
+        assert node.learner.train_size in (359, 360)
