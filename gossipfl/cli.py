@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def _run_node(config: NodeConfig) -> int:
-    from .node import Node
+    from .node import Node, StartError
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -62,8 +62,8 @@ async def _run_node(config: NodeConfig) -> int:
     node = Node(config)
     try:
         await node.start()
-    except OSError as e:
-        print(f"gossipfl: error: cannot listen on {config.host}:{config.port}: {e.strerror or e}", file=sys.stderr)
+    except StartError as e:
+        print(f"gossipfl: error: {e}", file=sys.stderr)
         return 2
     await stop.wait()
     node.log.info("signal received, stopping")

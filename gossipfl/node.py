@@ -14,6 +14,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from zeroconf import NonUniqueNameException
 from zeroconf.asyncio import AsyncZeroconf
 
 from .api import build_app
@@ -29,6 +30,10 @@ from .peers import PeerTable
 from .training import every
 
 STOP_GRACE_S = 15.0
+
+
+class StartError(Exception):
+    """The node cannot start as configured (port taken, mDNS interface missing, id in use)."""
 
 
 def default_node_id(port: int) -> str:
@@ -91,7 +96,10 @@ class Node:
             batch_size=cfg.batch_size,
         )
 
-        sock = bind_socket(cfg.host, cfg.port)
+        try:
+            sock = bind_socket(cfg.host, cfg.port)
+        except OSError as e:
+            raise StartError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}") from None
         self.port = sock.getsockname()[1]
         self.id = cfg.id or default_node_id(self.port)
         self.log = node_logger(self.id)
@@ -113,17 +121,7 @@ class Node:
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
 
         if "mdns" in cfg.discovery:
-            zc = self._shared_zc or self._make_own_zeroconf()
-            self._mdns = MdnsDiscovery(
-                zc,
-                node_id=self.id,
-                port=self.port,
-                addresses=advertised_addresses(cfg.host, cfg.mdns_interface),
-                task=self.task.name,
-                peers=self.peers,
-                log=self.log,
-            )
-            await self._mdns.start()
+            await self._start_mdns()
         if cfg.seeds:
             seeds = SeedDiscovery(
                 cfg.seeds, task=self.task.name, peers=self.peers, session_factory=lambda: self._session, log=self.log
@@ -144,9 +142,26 @@ class Node:
             ",".join(cfg.discovery),
         )
 
-    def _make_own_zeroconf(self) -> AsyncZeroconf:
-        self._own_zc = make_zeroconf(self.config.mdns_interface)
-        return self._own_zc
+    async def _start_mdns(self) -> None:
+        cfg = self.config
+        where = ",".join(cfg.mdns_interface) or "all interfaces"
+        try:
+            if self._shared_zc is None:
+                self._own_zc = make_zeroconf(cfg.mdns_interface)
+            self._mdns = MdnsDiscovery(
+                self._shared_zc or self._own_zc,
+                node_id=self.id,
+                port=self.port,
+                addresses=advertised_addresses(cfg.host, cfg.mdns_interface),
+                task=self.task.name,
+                peers=self.peers,
+                log=self.log,
+            )
+            await self._mdns.start()
+        except NonUniqueNameException:
+            raise StartError(f"node id {self.id!r} is already taken on the network: choose another --id") from None
+        except OSError as e:
+            raise StartError(f"mDNS on {where}: {e.strerror or e}") from None
 
     def _spawn(self, coro: Any) -> None:
         self._tasks.append(asyncio.get_running_loop().create_task(coro))

@@ -3,6 +3,7 @@
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -167,3 +168,37 @@ def test_testbed_runs_nodes_and_writes_results(tmp_path):
         accs = [a for _, a in node["accuracy"] if a is not None]
         assert accs[-1] > accs[0]
     assert "accuracy mean" in r.stdout
+
+
+async def test_a_taken_node_id_is_refused(make_config, zc):
+    from gossipfl.node import Node, StartError
+
+    async with running(make_config(discovery=("mdns",), id="twin"), zeroconf=zc):
+        with pytest.raises(StartError, match="node id 'twin' is already taken"):
+            await Node(make_config(discovery=("mdns",), id="twin"), zeroconf=zc).start()
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root for a private netns")
+def test_a_missing_mdns_interface_is_a_clear_error():
+    # in a private network namespace (only lo), so nothing can leave this machine whatever happens
+    r = subprocess.run(
+        [
+            "unshare",
+            "-n",
+            sys.executable,
+            "-m",
+            "gossipfl",
+            "node",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--mdns-interface",
+            "192.0.2.1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines() == ["gossipfl: error: mDNS on 192.0.2.1: No such device"]
