@@ -44,6 +44,18 @@ def service_name(node_id: str) -> str:
     return f"{node_id}.{SERVICE_TYPE}"
 
 
+def describe_service(info: AsyncServiceInfo) -> dict[str, str | None]:
+    """id, url, task and proto of a resolved gossipfl service (url None without an IPv4 address)."""
+    props = info.properties or {}
+    addrs = info.parsed_addresses(IPVersion.V4Only)
+    return {
+        "id": _txt(props, "id") or info.name.removesuffix("." + SERVICE_TYPE),
+        "url": f"http://{addrs[0]}:{info.port}" if addrs and info.port else None,
+        "task": _txt(props, "task"),
+        "proto": _txt(props, "proto"),
+    }
+
+
 def _txt(properties: dict[bytes, bytes | None], key: str) -> str | None:
     value = properties.get(key.encode())
     return value.decode("utf-8", "replace") if value is not None else None
@@ -114,18 +126,15 @@ class MdnsDiscovery:
         if not await info.async_request(self.zc.zeroconf, RESOLVE_TIMEOUT_MS):
             self.log.debug("could not resolve %s", name)
             return
-        props = info.properties or {}
-        peer_id = _txt(props, "id") or name.removesuffix("." + SERVICE_TYPE)
-        proto, task = _txt(props, "proto"), _txt(props, "task")
-        addrs = info.parsed_addresses(IPVersion.V4Only)
-        if peer_id == self.node_id or not addrs or info.port is None:
+        found = describe_service(info)
+        peer_id, url, proto, task = found["id"], found["url"], found["proto"], found["task"]
+        if peer_id == self.node_id or url is None:
             return
         if proto != PROTO or task != self.task:
             self.log.info(
                 "ignoring %s: proto=%s task=%s (ours: proto=%s task=%s)", peer_id, proto, task, PROTO, self.task
             )
             return
-        url = f"http://{addrs[0]}:{info.port}"
         if self.peers.upsert(peer_id, url, task, "mdns"):
             self.log.info("peer found (mDNS): %s at %s", peer_id, url)
 
@@ -147,18 +156,7 @@ async def browse(interfaces: Sequence[str], timeout: float) -> list[dict]:
     finally:
         await browser.async_cancel()
         await azc.async_close()
-    found = []
-    for info in infos:
-        props = info.properties or {}
-        addrs = info.parsed_addresses(IPVersion.V4Only)
-        found.append(
-            {
-                "id": _txt(props, "id") or info.name.removesuffix("." + SERVICE_TYPE),
-                "url": f"http://{addrs[0]}:{info.port}" if addrs and info.port else None,
-                "task": _txt(props, "task"),
-                "proto": _txt(props, "proto"),
-            }
-        )
+    found = [describe_service(info) for info in infos]
     return found
 
 

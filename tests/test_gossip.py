@@ -1,5 +1,7 @@
 """Real nodes in one process gossiping over loopback HTTP, discovered by seeds or by real mDNS."""
 
+import asyncio
+
 import numpy as np
 import pytest
 
@@ -70,3 +72,37 @@ async def test_training_options_reach_the_learner(make_config):
         assert opt.param_groups[0]["lr"] == 0.05 and opt.param_groups[0]["momentum"] == 0.5
         assert node.learner.lr_at(10_000) == 0.05 and node.learner.batch_size == 16
         assert node.learner.train_size in (359, 360)
+
+
+async def test_mdns_peers_of_another_task_or_protocol_are_ignored(make_config, zc):
+    import socket
+
+    from zeroconf.asyncio import AsyncServiceInfo
+
+    from gossipfl.discovery import SERVICE_TYPE
+
+    others = [
+        AsyncServiceInfo(
+            SERVICE_TYPE,
+            f"{name}.{SERVICE_TYPE}",
+            addresses=[socket.inet_aton("127.0.0.1")],
+            port=9,
+            properties={"txtvers": "1", "id": name, "proto": proto, "task": task},
+        )
+        for name, proto, task in [
+            ("mnist-node", "1", "mnist"),
+            ("future-node", "2", "digits"),
+            ("good-node", "1", "digits"),
+        ]
+    ]
+    for info in others:
+        await (await zc.async_register_service(info))
+    try:
+        async with running(make_config(discovery=("mdns",), gossip_interval=1000), zeroconf=zc) as (node,):
+            assert await wait_for(lambda: "good-node" in node.peers, timeout=15)
+            await asyncio.sleep(1.0)
+            assert "mnist-node" not in node.peers and "future-node" not in node.peers
+            assert node.peers.get("good-node").url == "http://127.0.0.1:9"
+    finally:
+        for info in others:
+            await (await zc.async_unregister_service(info))
