@@ -96,6 +96,12 @@ def cmd_testbed(args: argparse.Namespace) -> int:
     extra = list(args.node_args)
     if extra and extra[0] == "--":
         extra = extra[1:]
+    from .learning.registry import get_task
+
+    try:
+        get_task(args.task)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if args.nodes < 1:
         raise ConfigError("--nodes must be >= 1")
     if args.duration <= 0:

@@ -280,6 +280,7 @@ async def run_testbed(opts: TestbedOptions) -> int:
     series: list[dict] = []
     exit_codes: dict[str, int | None] = {}
     tty = sys.stdout.isatty() and opts.live
+    failure = None
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
             if await wait_ready(session, nodes):
@@ -308,8 +309,13 @@ async def run_testbed(opts: TestbedOptions) -> int:
                 if t >= opts.duration:
                     break
                 await asyncio.sleep(max(0.0, opts.sample_interval - (time.monotonic() - t0 - t)))
+    except RuntimeError as e:  # a node died or never came up
+        failure = str(e)
     finally:
         exit_codes = await stop_nodes(nodes)
+    if failure:
+        print(f"testbed: error: {failure}", file=sys.stderr)
+        return 1
     result = summarize(nodes, series, opts, exit_codes)
     (out / "results.json").write_text(json.dumps(result, indent=1))
     print("\n" + final_table(result))

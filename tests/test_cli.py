@@ -202,3 +202,12 @@ def test_a_missing_mdns_interface_is_a_clear_error():
     )
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().splitlines() == ["gossipfl: error: mDNS on 192.0.2.1: No such device"]
+
+
+def test_testbed_reports_a_node_that_cannot_start(tmp_path):
+    r = gossipfl("testbed", "--nodes", "2", "--duration", "2", "--out", str(tmp_path), "--", "--lr", "-1")
+    assert r.returncode == 1
+    assert "exited with code 2 during start-up" in r.stderr
+    assert "lr must be > 0" in "".join(p.read_text() for p in tmp_path.glob("*.log"))
+    bad = gossipfl("testbed", "--task", "nope")
+    assert bad.returncode == 2 and bad.stderr.strip() == "gossipfl: error: unknown task 'nope' (built-in: digits)"
