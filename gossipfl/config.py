@@ -18,6 +18,7 @@ from typing import Any
 
 ENV_PREFIX = "GOSSIPFL_"
 DISCOVERY_BACKENDS = ("mdns", "static")
+MERGE_RULES = ("average", "age", "samples", "pushsum")  # gossipfl.merge.RULES; kept here to stay import-free
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 
@@ -43,6 +44,7 @@ class NodeConfig:
     discovery: tuple[str, ...] = field(
         default=("mdns",), metadata=_opt("discovery backends, comma-separated: mdns, static (implied by --seeds)")
     )
+    merge: str = field(default="average", metadata=_opt("merge rule: average, age, samples or pushsum"))
     gossip_interval: float = field(default=1.0, metadata=_opt("seconds between exchanges (+-20%% jitter)"))
     no_train: bool = field(default=False, metadata=_opt("do not train: pure averaging"))
     seed: int = field(default=0, metadata=_opt("seed of this node's model init and training randomness"))
@@ -106,6 +108,8 @@ def validate(c: NodeConfig) -> None:
     for name in ("gossip_interval", "train_interval", "eval_interval", "lr"):
         if not getattr(c, name) > 0:
             raise ConfigError(f"{name.replace('_', '-')} must be > 0")
+    if c.merge not in MERGE_RULES:
+        raise ConfigError(f"merge {c.merge!r}: expected one of {', '.join(MERGE_RULES)}")
     if c.optimizer not in ("adam", "sgd"):
         raise ConfigError(f"optimizer {c.optimizer!r}: expected adam or sgd")
     if not 0 <= c.momentum < 1:

@@ -1,9 +1,10 @@
-"""The gossip protocol: push-pull averaging with atomic exchanges.
+"""The gossip protocol: push-pull exchanges, merged with the node's rule (default: averaging).
 
 Initiator: snapshot parameters, POST them to a random peer's /v1/gossip, receive the peer's pre-merge
-parameters, set its own to the average. Responder: on a valid message, reply with its pre-merge
-parameters and set its own to the average in the same atomic step. A node takes part in one exchange
-at a time; a busy node answers 409 and the initiator moves on to its next round.
+parameters, set its own to the merge of both. Responder: on a valid message, reply with its pre-merge
+parameters and set its own to the same merge in one atomic step (rules are symmetric, see merge.py).
+A node takes part in one exchange at a time; a busy node answers 409 and the initiator moves on to
+its next round.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class Gossiper:
         learner: Learner,
         peers: PeerTable,
         interval: float,
+        rule: str = "average",
         rng: random.Random,
         log: logging.LoggerAdapter,
         request_timeout: float = 10.0,
@@ -70,6 +72,8 @@ class Gossiper:
         self.node_id = node_id
         self.task = task
         self.learner = learner
+        self.rule_name = rule
+        self.rule = merge.get_rule(rule)
         self.peers = peers
         self.interval = interval
         self.rng = rng
@@ -90,7 +94,27 @@ class Gossiper:
         self._closed = True
 
     def encode_state(self, state: State) -> bytes:
-        return wire.encode(wire.GossipMessage(self.node_id, state.age, state.params, self.task))
+        msg = wire.GossipMessage(
+            self.node_id, state.age, state.params, self.task, self.rule_name, self.learner.train_size, state.weight
+        )
+        return wire.encode(msg)
+
+    def _decode(self, body: bytes) -> wire.GossipMessage:
+        """Decode and check that the message can be merged with this node's rule."""
+        msg = wire.decode(body, self.spec, self.task)
+        if msg.merge is not None and msg.merge != self.rule_name:
+            raise wire.WireError(f"merge rule {msg.merge!r} does not match this node's {self.rule_name!r}")
+        needed = {"samples": "samples", "pushsum": "weight"}.get(self.rule_name)
+        if needed and getattr(msg, needed) is None:
+            raise wire.WireError(f"merge rule {self.rule_name!r} needs field {needed!r}")
+        return msg
+
+    def _local(self, state: State) -> merge.Side:
+        return merge.Side(state.params, state.age, self.learner.train_size, state.weight)
+
+    @staticmethod
+    def _remote(msg: wire.GossipMessage) -> merge.Side:
+        return merge.Side(msg.params, msg.age, msg.samples or 0, msg.weight or 1.0)
 
     # -- responder --------------------------------------------------------------------------------
     async def respond(self, body: bytes) -> bytes:
@@ -100,17 +124,18 @@ class Gossiper:
         if self._busy:
             raise Busy("busy: already in an exchange")
         try:
-            msg = wire.decode(body, self.spec, self.task)
+            msg = self._decode(body)
         except wire.WireError:
             self.stats.rejected += 1
             raise
         self._busy = True
         try:
 
-            def average_in(state: State) -> tuple[dict, int]:
-                return merge.average(state.params, msg.params), merge.merged_age(state.age, msg.age)
+            def merge_in(state: State) -> tuple[dict, int, float]:
+                m = self.rule(self._local(state), self._remote(msg))
+                return m.params, m.age, m.weight
 
-            before = await asyncio.to_thread(self.learner.update, average_in)
+            before = await asyncio.to_thread(self.learner.update, merge_in)
             reply = self.encode_state(before)
             self.stats.served += 1
             self.stats.bytes_received += len(body)
@@ -156,15 +181,16 @@ class Gossiper:
                     raise ExchangeError(f"HTTP {resp.status}: {detail}")
                 raw = await read_limited(resp.content, resp.content_length, self.max_body)
                 self.stats.bytes_received += len(raw)
-            reply = wire.decode(raw, self.spec, self.task)
+            reply = self._decode(raw)
 
-            def average_back(state: State) -> tuple[dict, int]:
-                merged = merge.average(sent.params, reply.params)
+            def merge_back(state: State) -> tuple[dict, int, float]:
+                m = self.rule(self._local(sent), self._remote(reply))
+                params = m.params
                 if state.version != sent.version:  # trained meanwhile: keep that progress
-                    merged = merge.rebase(state.params, sent.params, merged)
-                return merged, merge.merged_age(state.age, reply.age)
+                    params = merge.rebase(state.params, sent.params, m.params)
+                return params, max(state.age, m.age), m.weight
 
-            await asyncio.to_thread(self.learner.update, average_back)
+            await asyncio.to_thread(self.learner.update, merge_back)
         except (aiohttp.ClientError, TimeoutError, ExchangeError, TooLarge, wire.WireError) as e:
             self.stats.failed += 1
             self.peers.mark_failed(peer.id)

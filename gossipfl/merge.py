@@ -1,22 +1,91 @@
-"""Merge rules: pure functions over parameter dictionaries.
+"""Merge rules: pure functions of the two partners of an exchange.
 
-Push-pull averaging (Jelasity, Montresor & Babaoglu 2005): both partners end with (a + b) / 2, so the
-sum of all nodes' parameters, hence the network mean, is conserved by every exchange.
+Every rule is symmetric, bit for bit: ``rule(a, b) == rule(b, a)``, so both partners of a push-pull
+exchange end with identical parameters. Each rule is a weighted mean of the two models; they differ
+in the weights, and so in what the network conserves:
+
+| rule      | weights                      | invariant of every exchange                          |
+|-----------|------------------------------|------------------------------------------------------|
+| average   | 1, 1                         | sum of parameters (so the network mean)              |
+| age       | model ages                   | result is a convex combination; age = the older one  |
+| samples   | local training-set sizes n   | sum of n_i * x_i (so the data-weighted mean)         |
+| pushsum   | push-sum weights w, averaged | sum of w_i and sum of w_i * x_i (Kempe et al. 2003)  |
+
+``age`` is gossip learning's age-weighted merge (Ormandi, Hegedus & Jelasity 2013): a model that
+embodies more updates counts more. ``pushsum`` is push-sum in push-pull form: each partner keeps half
+of its mass (w, w*x) and receives half of the other's, so the weights travel with the models.
+Every rule also averages the push-sum weight, so the sum of weights is conserved whatever the rule.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
 Params = Mapping[str, np.ndarray]
 
 
-def average(a: Params, b: Params) -> dict[str, np.ndarray]:
-    """Elementwise mean. Invariant: average(a, b) * 2 == a + b (up to rounding), and it is symmetric
-    bit for bit, so both partners of an exchange hold identical parameters afterwards."""
-    return {name: ((a[name] + b[name]) * 0.5).astype(a[name].dtype, copy=False) for name in a}
+@dataclass(frozen=True)
+class Side:
+    """One partner's model as a merge rule sees it."""
+
+    params: Params
+    age: int  # local updates the model embodies
+    samples: int  # size of the partner's local training set
+    weight: float  # push-sum weight
+
+
+@dataclass(frozen=True)
+class Merged:
+    params: dict[str, np.ndarray]
+    age: int
+    weight: float
+
+
+def weighted_mean(a: Params, b: Params, wa: float, wb: float) -> dict[str, np.ndarray]:
+    """(wa*a + wb*b) / (wa + wb), keeping each array's dtype. Symmetric bit for bit (IEEE addition and
+    multiplication commute); equal weights give exactly (a + b) / 2."""
+    if wa <= 0 and wb <= 0:
+        wa = wb = 1.0
+    scale = 1.0 / (wa + wb)
+    return {name: ((a[name] * wa + b[name] * wb) * scale).astype(a[name].dtype, copy=False) for name in a}
+
+
+def _merged(a: Side, b: Side, wa: float, wb: float) -> Merged:
+    return Merged(weighted_mean(a.params, b.params, wa, wb), max(a.age, b.age), (a.weight + b.weight) * 0.5)
+
+
+def average(a: Side, b: Side) -> Merged:
+    return _merged(a, b, 1.0, 1.0)
+
+
+def age_weighted(a: Side, b: Side) -> Merged:
+    return _merged(a, b, float(a.age), float(b.age))
+
+
+def sample_weighted(a: Side, b: Side) -> Merged:
+    return _merged(a, b, float(a.samples), float(b.samples))
+
+
+def push_sum(a: Side, b: Side) -> Merged:
+    return _merged(a, b, a.weight, b.weight)
+
+
+RULES: dict[str, Callable[[Side, Side], Merged]] = {
+    "average": average,
+    "age": age_weighted,
+    "samples": sample_weighted,
+    "pushsum": push_sum,
+}
+
+
+def get_rule(name: str) -> Callable[[Side, Side], Merged]:
+    try:
+        return RULES[name]
+    except KeyError:
+        raise ValueError(f"unknown merge rule {name!r} (known: {', '.join(RULES)})") from None
 
 
 def rebase(current: Params, sent: Params, merged: Params) -> dict[str, np.ndarray]:
@@ -25,8 +94,3 @@ def rebase(current: Params, sent: Params, merged: Params) -> dict[str, np.ndarra
     return {
         name: (current[name] + (merged[name] - sent[name])).astype(current[name].dtype, copy=False) for name in current
     }
-
-
-def merged_age(a: int, b: int) -> int:
-    """Age of a merged model: the older partner's (gossip learning convention)."""
-    return max(a, b)

@@ -94,6 +94,7 @@ class Node:
             momentum=cfg.momentum,
             lr_decay_steps=cfg.lr_decay_steps,
             batch_size=cfg.batch_size,
+            weight=len(local),  # push-sum weight: the consensus becomes the data-weighted mean
         )
 
         try:
@@ -111,6 +112,7 @@ class Node:
             learner=self.learner,
             peers=self.peers,
             interval=cfg.gossip_interval,
+            rule=cfg.merge,
             rng=random.Random(f"{cfg.seed}/gossip/{self.id}"),
             log=self.log,
         )
@@ -221,6 +223,7 @@ class Node:
             "partition": self.config.partition,
             "samples": self.learner.train_size,
             "training": not self.config.no_train,
+            "merge": {"rule": self.config.merge, "weight": self.learner.weight},
             "uptime_s": round(time.monotonic() - self.started_at, 3) if self.started_at else 0.0,
             "peers": self.peers.describe(),
             "metrics": {

@@ -2,8 +2,9 @@
 
 A message is a msgpack map::
 
-    {"v": 1, "sender": str, "age": int, "task": str (optional),
-     "params": {name: {"dtype": "<f4", "shape": [..], "data": bin}}}
+    {"v": 1, "sender": str, "age": int, "params": {name: {"dtype": "<f4", "shape": [..], "data": bin}},
+     optional: "task": str, "merge": str (rule name), "samples": int (sender's local data size),
+               "weight": float (push-sum weight)}
 
 ``decode`` validates everything against the receiver's :data:`ModelSpec` and raises :class:`WireError`
 with a message naming the problem; nothing here touches a model.
@@ -48,6 +49,9 @@ class GossipMessage:
     age: int
     params: Params
     task: str | None = None
+    merge: str | None = None
+    samples: int | None = None
+    weight: float | None = None
 
 
 def spec_of(params: Params) -> dict[str, TensorSpec]:
@@ -68,8 +72,9 @@ def encode(msg: GossipMessage) -> bytes:
         data = memoryview(a.reshape(-1).view(np.uint8))
         params[name] = {"dtype": a.dtype.str, "shape": list(a.shape), "data": data}
     body: dict[str, object] = {"v": PROTOCOL_VERSION, "sender": msg.sender, "age": int(msg.age), "params": params}
-    if msg.task is not None:
-        body["task"] = msg.task
+    for key in ("task", "merge", "samples", "weight"):
+        if (value := getattr(msg, key)) is not None:
+            body[key] = value
     return msgpack.packb(body, use_bin_type=True)
 
 
@@ -82,6 +87,16 @@ def _field(obj: Mapping, key: str, kind: type, where: str = "message") -> object
     if kind is not int and not isinstance(value, kind):
         raise WireError(f"{where}: field {key!r} must be {kind.__name__}")
     return value
+
+
+def _optional(obj: Mapping, key: str, kind: type) -> object:
+    """An optional field: None when absent; ints are accepted where a float is expected."""
+    if key not in obj:
+        return None
+    value = obj[key]
+    if kind is float and type(value) is int:
+        return float(value)
+    return _field(obj, key, kind)
 
 
 def _decode_tensor(name: str, obj: object, expected: TensorSpec) -> np.ndarray:
@@ -120,11 +135,15 @@ def decode(body: bytes, spec: ModelSpec, task: str | None = None) -> GossipMessa
     age = _field(obj, "age", int)
     if not 0 <= age < 2**63:
         raise WireError("field 'age' must be a non-negative 64-bit integer")
-    msg_task = obj.get("task")
-    if msg_task is not None and not isinstance(msg_task, str):
-        raise WireError("field 'task' must be str")
+    msg_task, rule = _optional(obj, "task", str), _optional(obj, "merge", str)
     if msg_task is not None and task is not None and msg_task != task:
         raise WireError(f"task {msg_task!r} does not match this node's task {task!r}")
+    samples = _optional(obj, "samples", int)
+    if samples is not None and samples < 0:
+        raise WireError("field 'samples' must be a non-negative integer")
+    weight = _optional(obj, "weight", float)
+    if weight is not None and not (np.isfinite(weight) and weight > 0):
+        raise WireError("field 'weight' must be a positive finite number")
     params = _field(obj, "params", dict)
     missing = sorted(set(spec) - set(params))
     unknown = sorted(set(params) - set(spec), key=str)
@@ -133,4 +152,4 @@ def decode(body: bytes, spec: ModelSpec, task: str | None = None) -> GossipMessa
     if unknown:
         raise WireError(f"unknown parameters: {', '.join(map(str, unknown))}")
     decoded = {name: _decode_tensor(name, params[name], spec[name]) for name in spec}
-    return GossipMessage(sender=sender, age=age, params=decoded, task=msg_task)
+    return GossipMessage(sender, age, decoded, task=msg_task, merge=rule, samples=samples, weight=weight)

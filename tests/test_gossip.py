@@ -35,7 +35,7 @@ async def test_one_exchange_leaves_both_partners_at_the_exact_average(make_confi
             assert b.peers.get(a.id).source == "static"
             a0, b0 = params_of(a), params_of(b)
             assert await b.gossiper.exchange(http, b.peers.get(a.id)) == "ok"
-            expected = merge.average(a0, b0)
+            expected = merge.weighted_mean(a0, b0, 1.0, 1.0)
             for k in expected:
                 np.testing.assert_array_equal(params_of(a)[k], expected[k])
                 np.testing.assert_array_equal(params_of(b)[k], expected[k])
@@ -106,3 +106,40 @@ async def test_mdns_peers_of_another_task_or_protocol_are_ignored(make_config, z
     finally:
         for info in others:
             await (await zc.async_unregister_service(info))
+
+
+@pytest.mark.parametrize("rule", ["average", "age", "samples", "pushsum"])
+async def test_one_exchange_applies_the_merge_rule_on_both_sides(make_config, http, rule):
+    a_cfg = make_config(no_train=True, seed=1, gossip_interval=1000, merge=rule, partition="0/4")
+    b_cfg = make_config(no_train=True, seed=2, gossip_interval=1000, merge=rule, partition="1/2")
+    async with running(a_cfg, b_cfg) as (a, b):
+        a.learner.update(lambda s: (s.params, 30, 5.0))  # give the partners different ages and weights
+        b.learner.update(lambda s: (s.params, 90, 1.0))
+        sa, sb = a.learner.snapshot(), b.learner.snapshot()
+        expected = merge.RULES[rule](
+            merge.Side(sa.params, sa.age, a.learner.train_size, sa.weight),
+            merge.Side(sb.params, sb.age, b.learner.train_size, sb.weight),
+        )
+        b.peers.upsert(a.id, a.url, "digits", "static")
+        assert await b.gossiper.exchange(http, b.peers.get(a.id)) == "ok"
+        for node in (a, b):
+            state = node.learner.snapshot()
+            assert state.age == 90 and state.weight == 3.0
+            for k in expected.params:
+                np.testing.assert_array_equal(state.params[k], expected.params[k])
+
+
+async def test_peers_with_another_merge_rule_are_refused(make_config, http):
+    from gossipfl import wire
+
+    async with running(make_config(no_train=True, merge="pushsum")) as (node,):
+        state = node.learner.snapshot()
+        other_rule = wire.GossipMessage("x", 0, state.params, "digits", "average", 10, 1.0)
+        no_weight = wire.GossipMessage("x", 0, state.params, "digits", "pushsum", 10, None)
+        for msg, fragment in [
+            (other_rule, "merge rule 'average' does not match this node's 'pushsum'"),
+            (no_weight, "merge rule 'pushsum' needs field 'weight'"),
+        ]:
+            async with http.post(node.url + "/v1/gossip", data=wire.encode(msg)) as r:
+                assert r.status == 400 and fragment in (await r.json())["error"]
+        assert node.learner.snapshot().version == state.version

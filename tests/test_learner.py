@@ -44,11 +44,12 @@ def test_update_is_atomic_and_returns_the_state_before(data):
     lr = learner(data)
     before = lr.snapshot()
     zeros = {k: np.zeros_like(v) for k, v in before.params.items()}
-    returned = lr.update(lambda s: (zeros, s.age + 5))
+    returned = lr.update(lambda s: (zeros, s.age + 5, 2.5))
     for k in zeros:
         np.testing.assert_array_equal(returned.params[k], before.params[k])
         np.testing.assert_array_equal(lr.snapshot().params[k], zeros[k])
-    assert lr.age == 5 and lr.version == before.version + 1
+    assert lr.age == 5 and lr.weight == 2.5 and lr.version == before.version + 1
+    assert returned.weight == 1.0
     assert lr.evaluate().accuracy == pytest.approx(np.mean(data.test.y == 0), abs=1e-6)  # all-zero model: class 0
 
 

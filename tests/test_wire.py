@@ -149,3 +149,27 @@ def test_decode_never_unpickles():
 def test_max_message_size_bounds_real_messages():
     body = wire.encode(wire.GossipMessage("x" * 255, 2**63 - 1, good_params(), task="t" * 100))
     assert len(body) <= wire.max_message_size(SPEC)
+
+
+def test_optional_fields_roundtrip():
+    msg = wire.GossipMessage("a", 1, good_params(), task="digits", merge="pushsum", samples=180, weight=12.5)
+    out = wire.decode(wire.encode(msg), SPEC, task="digits")
+    assert (out.merge, out.samples, out.weight) == ("pushsum", 180, 12.5)
+    assert wire.decode(pack(raw(weight=3)), SPEC).weight == 3.0  # an integer weight is accepted
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        ({"samples": -1}, "'samples' must be a non-negative integer"),
+        ({"samples": 2.5}, "field 'samples' must be an integer"),
+        ({"weight": 0.0}, "'weight' must be a positive finite number"),
+        ({"weight": float("nan")}, "'weight' must be a positive finite number"),
+        ({"weight": float("inf")}, "'weight' must be a positive finite number"),
+        ({"weight": "heavy"}, "field 'weight' must be float"),
+        ({"merge": 5}, "field 'merge' must be str"),
+    ],
+)
+def test_rejects_bad_optional_fields(extra, fragment):
+    with pytest.raises(wire.WireError, match=fragment):
+        wire.decode(pack(raw(**extra)), SPEC)

@@ -24,6 +24,7 @@ class State:
     params: Params
     age: int  # local training steps the model embodies (max over merged ancestors)
     version: int  # bumped by every change: a train step or a merge
+    weight: float  # push-sum weight, changed only by merges
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ class Learner:
         momentum: float = 0.9,
         lr_decay_steps: float = 0.0,
         batch_size: int = 32,
+        weight: float = 1.0,
         device: str = "cpu",
     ) -> None:
         self.device = torch.device(device)
@@ -87,24 +89,28 @@ class Learner:
         self._lock = threading.Lock()
         self.age = 0
         self.version = 0
+        self.weight = float(weight)
 
     # -- parameters -------------------------------------------------------------------------------
     def _params_copy(self) -> Params:
         return {n: p.detach().to("cpu", copy=True).numpy() for n, p in self._named.items()}
 
+    def _state(self) -> State:
+        return State(self._params_copy(), self.age, self.version, self.weight)
+
     def snapshot(self) -> State:
         with self._lock:
-            return State(self._params_copy(), self.age, self.version)
+            return self._state()
 
-    def update(self, fn: Callable[[State], tuple[Params, int]]) -> State:
-        """Atomically replace the parameters with ``fn(state)``; return the state from before."""
+    def update(self, fn: Callable[[State], tuple[Params, int, float]]) -> State:
+        """Atomically set (parameters, age, weight) to ``fn(state)``; return the state from before."""
         with self._lock:
-            before = State(self._params_copy(), self.age, self.version)
-            params, age = fn(before)
+            before = self._state()
+            params, age, weight = fn(before)
             with torch.no_grad():
                 for name, p in self._named.items():
                     p.copy_(torch.from_numpy(np.ascontiguousarray(params[name])))
-            self.age = age
+            self.age, self.weight = age, float(weight)
             self.version += 1
             return before
 
