@@ -16,6 +16,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .learning.partition import parse_scheme
+
 ENV_PREFIX = "GOSSIPFL_"
 DISCOVERY_BACKENDS = ("mdns", "static")
 MERGE_RULES = ("average", "age", "samples", "pushsum")  # gossipfl.merge.RULES; kept here to stay import-free
@@ -37,6 +39,9 @@ class NodeConfig:
     id: str | None = field(default=None, metadata=_opt("node id, also the mDNS instance name (default HOST-PORT)"))
     task: str = field(default="digits", metadata=_opt("learning task"))
     partition: str = field(default="0/1", metadata=_opt("this node's shard K of N of the training data, 0-based"))
+    partition_scheme: str = field(
+        default="iid", metadata=_opt("how the training split is cut: iid, dirichlet:ALPHA or shards:S")
+    )
     mdns_interface: tuple[str, ...] = field(
         default=(), metadata=_opt("IPv4 address(es) of the interfaces mDNS uses, comma-separated (default: all)")
     )
@@ -95,6 +100,10 @@ def validate(c: NodeConfig) -> None:
     if c.id is not None and not _ID_RE.match(c.id):
         raise ConfigError(f"id {c.id!r}: 1-63 characters from letters, digits, '.', '_', '-'")
     parse_partition(c.partition)
+    try:
+        parse_scheme(c.partition_scheme)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     for ip in c.mdns_interface:
         try:
             ipaddress.IPv4Address(ip)

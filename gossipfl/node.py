@@ -22,7 +22,7 @@ from .config import NodeConfig
 from .discovery import MdnsDiscovery, SeedDiscovery, advertised_addresses, make_zeroconf
 from .gossip import Gossiper
 from .learning.learner import Evaluation, Learner, build_seeded
-from .learning.partition import iid_partition
+from .learning.partition import class_histogram, partition
 from .learning.registry import get_task
 from .learning.task import Task
 from .logs import node_logger
@@ -83,7 +83,12 @@ class Node:
         cfg = self.config
         data = await asyncio.to_thread(self.task.load_data, cfg.data_seed)
         k, n = cfg.shard
-        local = data.train.subset(iid_partition(data.train.y, n, cfg.data_seed)[k])
+        try:
+            self.shard = partition(data.train.y, n, cfg.partition_scheme, cfg.data_seed)[k]
+        except ValueError as e:
+            raise StartError(str(e)) from None
+        self.class_histogram = class_histogram(data.train.y, self.shard, data.num_classes)
+        local = data.train.subset(self.shard)
         self.learner = Learner(
             build_seeded(self.task.build_model, cfg.seed),
             local,
@@ -221,7 +226,9 @@ class Node:
             "url": self.url,
             "age": self.learner.age,
             "partition": self.config.partition,
+            "partition_scheme": self.config.partition_scheme,
             "samples": self.learner.train_size,
+            "class_histogram": self.class_histogram,
             "training": not self.config.no_train,
             "merge": {"rule": self.config.merge, "weight": self.learner.weight},
             "uptime_s": round(time.monotonic() - self.started_at, 3) if self.started_at else 0.0,

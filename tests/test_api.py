@@ -44,7 +44,9 @@ async def test_status_has_the_documented_fields(node, http):
     assert s["peers"] == []
     assert set(s["metrics"]) >= {"accuracy", "loss"}
     assert set(s["exchanges"]) >= {"ok", "failed"}
-    assert s["samples"] == 1437 and s["partition"] == "0/1"
+    assert s["samples"] == 1437 and s["partition"] == "0/1" and s["partition_scheme"] == "iid"
+    assert len(s["class_histogram"]) == 10 and sum(s["class_histogram"]) == 1437
+    assert s["merge"] == {"rule": "average", "weight": 1437.0}
 
 
 async def test_model_endpoint_serves_the_wire_payload(node, http):

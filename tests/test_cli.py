@@ -49,6 +49,9 @@ async def spawn_node(*args, log_path):
         (["--seeds", "localhost"], {}, "expected host:port"),
         ([], {"GOSSIPFL_GOSSIP_INTERVAL": "soon"}, "GOSSIPFL_GOSSIP_INTERVAL"),
         (["--config", "/nonexistent.toml"], {}, "config /nonexistent.toml"),
+        (["--partition-scheme", "dirichlet:zero"], {}, "ALPHA must be a positive number"),
+        (["--merge", "median"], {}, "merge 'median': expected one of average, age, samples, pushsum"),
+        (["--partition", "63/64", "--partition-scheme", "dirichlet:0.001"], {}, "left a node with fewer than 1"),
     ],
 )
 def test_bad_configuration_is_one_line_and_exit_2(args, env, fragment):
