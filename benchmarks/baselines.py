@@ -21,6 +21,7 @@ from gossipfl.learning.task import Dataset
 
 def train_eval(train: Dataset, test: Dataset, seed: int, steps: int, cfg: NodeConfig) -> float:
     learner = Learner(
+        DigitsTask(),
         build_seeded(DigitsTask().build_model, seed),
         train,
         test,

@@ -6,8 +6,8 @@ import argparse
 import asyncio
 import signal
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, NoReturn
 
 from .config import ConfigError, NodeConfig, load_config, option_fields
 
@@ -22,6 +22,24 @@ def _add_node_options(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, action="store_const", const=True, default=argparse.SUPPRESS, help=help_text)
         else:
             p.add_argument(flag, default=argparse.SUPPRESS, metavar=f.name.upper(), help=help_text)
+
+
+class _NodeOptionsParser(argparse.ArgumentParser):
+    """Parses ``gossipfl node`` options given as a list (the testbed's ``-- NODE OPTIONS`` in inproc
+    mode): an error raises ConfigError instead of printing usage and exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(f"node options: {message}")
+
+
+def node_config_from_args(argv: Sequence[str], env: Mapping[str, str] | None = None) -> NodeConfig:
+    """The NodeConfig that ``gossipfl node ARGV`` would run with, from the same flags and the same merge
+    (``--config FILE`` included). ``env`` defaults to none at all, so the result depends on ARGV only."""
+    parser = _NodeOptionsParser(prog="gossipfl node", add_help=False)
+    _add_node_options(parser)
+    args = parser.parse_args(list(argv))
+    cli: dict[str, Any] = {f.name: getattr(args, f.name) for f in option_fields() if hasattr(args, f.name)}
+    return load_config(cli, env={} if env is None else env, config_file=args.config)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument("--task", default="digits")
     tb.add_argument("--seed", type=int, default=0, help="node i gets seed SEED+i")
     tb.add_argument("--quiet", action="store_true", help="no live table")
+    tb.add_argument(
+        "--mode",
+        choices=("process", "inproc"),
+        default="process",
+        help="process: one process per node (default); inproc: all nodes in this process, one event loop",
+    )
     tb.add_argument(
         "node_args", nargs=argparse.REMAINDER, help="after '--': extra options passed to every node, e.g. -- --lr 0.002"
     )
@@ -78,7 +102,7 @@ def cmd_node(args: argparse.Namespace) -> int:
     from .logs import setup_logging
 
     try:
-        get_task(config.task)  # fail early, before anything starts
+        get_task(config.task, config.data)  # fail early, before anything starts
     except ValueError as e:
         raise ConfigError(str(e)) from None
     setup_logging(config.log_format, config.log_level)
@@ -117,6 +141,7 @@ def cmd_testbed(args: argparse.Namespace) -> int:
         seed=args.seed,
         live=not args.quiet,
         extra_node_args=tuple(extra),
+        mode=args.mode,
     )
     return asyncio.run(run_testbed(opts))
 

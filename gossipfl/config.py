@@ -37,7 +37,10 @@ class NodeConfig:
     port: int = field(default=8470, metadata=_opt("HTTP port (0 picks a free one)"))
     host: str = field(default="0.0.0.0", metadata=_opt("address the HTTP server binds"))
     id: str | None = field(default=None, metadata=_opt("node id, also the mDNS instance name (default HOST-PORT)"))
-    task: str = field(default="digits", metadata=_opt("learning task"))
+    task: str = field(
+        default="digits", metadata=_opt("digits, digits-cnn, synthetic[:dim=D,classes=C], tabular, or module:factory")
+    )
+    data: str | None = field(default=None, metadata=_opt("the node's own data file (.npz with x, y, or .csv)"))
     partition: str = field(default="0/1", metadata=_opt("this node's shard K of N of the training data, 0-based"))
     partition_scheme: str = field(
         default="iid", metadata=_opt("how the training split is cut: iid, dirichlet:ALPHA or shards:S")

@@ -21,10 +21,10 @@ from .api import build_app
 from .config import NodeConfig
 from .discovery import MdnsDiscovery, SeedDiscovery, advertised_addresses, make_zeroconf
 from .gossip import Gossiper
-from .learning.learner import Evaluation, Learner, build_seeded
+from .learning.learner import Learner, build_seeded
 from .learning.partition import class_histogram, partition
-from .learning.registry import get_task
-from .learning.task import Task
+from .learning.registry import TaskError, build_checked, get_task, load_checked
+from .learning.task import Evaluation, Task
 from .logs import node_logger
 from .peers import PeerTable
 from .training import every
@@ -57,7 +57,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
 class Node:
     def __init__(self, config: NodeConfig, *, zeroconf: AsyncZeroconf | None = None, task: Task | None = None):
         self.config = config
-        self.task = task or get_task(config.task)
+        self.task = task or get_task(config.task, config.data)
         self._shared_zc = zeroconf
         self._own_zc: AsyncZeroconf | None = None
         self._stopping = asyncio.Event()
@@ -81,7 +81,11 @@ class Node:
 
     async def _start(self) -> None:
         cfg = self.config
-        data = await asyncio.to_thread(self.task.load_data, cfg.data_seed)
+        try:
+            data = await asyncio.to_thread(load_checked, self.task, cfg.data_seed)
+            model = build_seeded(lambda: build_checked(self.task), cfg.seed)
+        except TaskError as e:
+            raise StartError(str(e)) from None
         k, n = cfg.shard
         try:
             self.shard = partition(data.train.y, n, cfg.partition_scheme, cfg.data_seed)[k]
@@ -90,7 +94,8 @@ class Node:
         self.class_histogram = class_histogram(data.train.y, self.shard, data.num_classes)
         local = data.train.subset(self.shard)
         self.learner = Learner(
-            build_seeded(self.task.build_model, cfg.seed),
+            self.task,
+            model,
             local,
             data.test,
             seed=cfg.seed,

@@ -3,6 +3,6 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/setup.sh
-.venv/bin/ruff check gossipfl tests benchmarks
-.venv/bin/ruff format --check gossipfl tests benchmarks
+.venv/bin/ruff check gossipfl tests benchmarks examples
+.venv/bin/ruff format --check gossipfl tests benchmarks examples
 exec .venv/bin/python -m pytest "$@"

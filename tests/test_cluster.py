@@ -13,7 +13,7 @@ from .test_gossip import initial_params
 def initial_accuracy(seed):
     task = DigitsTask()
     data = task.load_data(2026)
-    return Learner(build_seeded(task.build_model, seed), data.train, data.test, seed=seed).evaluate().accuracy
+    return Learner(task, build_seeded(task.build_model, seed), data.train, data.test, seed=seed).evaluate().accuracy
 
 
 pytestmark = pytest.mark.timeout(120)

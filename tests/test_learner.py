@@ -12,7 +12,7 @@ def data():
 
 
 def learner(data, **kw):
-    return Learner(build_seeded(DigitsTask().build_model, 0), data.train, data.test, seed=0, **kw)
+    return Learner(DigitsTask(), build_seeded(DigitsTask().build_model, 0), data.train, data.test, seed=0, **kw)
 
 
 def test_training_lowers_the_loss_and_counts_age(data):

@@ -1,4 +1,5 @@
-"""Built-in task ``digits``: scikit-learn's 8x8 handwritten digits (ships offline), a small MLP."""
+"""Built-in tasks on scikit-learn's 8x8 handwritten digits (ships offline): ``digits`` (MLP 64-64-10)
+and ``digits-cnn`` (a small CNN). Both take the raw 64 pixel values (0 to 16) and scale inside."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .task import Dataset, TaskData
+from .task import ClassificationTask, InputSpec, TaskData, split
 
 PIXEL_MAX = 16.0
 
@@ -22,23 +23,33 @@ class Scale(nn.Module):
         return x * self.factor
 
 
-class DigitsTask:
+class DigitsTask(ClassificationTask):
     name = "digits"
-    test_fraction = 0.2
+    input_spec = InputSpec((64,), "float32")
 
     def load_data(self, data_seed: int) -> TaskData:
         from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
 
         x, y = load_digits(return_X_y=True)
-        x_tr, x_te, y_tr, y_te = train_test_split(
-            x.astype(np.float32),
-            y.astype(np.int64),
-            test_size=self.test_fraction,
-            random_state=data_seed,
-            stratify=y,
-        )
-        return TaskData(Dataset(x_tr, y_tr), Dataset(x_te, y_te), num_classes=10)
+        train, test = split(x.astype(np.float32), y.astype(np.int64), data_seed)
+        return TaskData(train, test, num_classes=10)
 
     def build_model(self) -> nn.Module:
         return nn.Sequential(Scale(1.0 / PIXEL_MAX), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
+class DigitsCnnTask(DigitsTask):
+    name = "digits-cnn"
+
+    def build_model(self) -> nn.Module:
+        return nn.Sequential(
+            Scale(1.0 / PIXEL_MAX),
+            nn.Unflatten(1, (1, 8, 8)),
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(32 * 4 * 4, 10),
+        )

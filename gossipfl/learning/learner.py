@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .task import Dataset
+from .task import Dataset, Evaluation, Task
 
 Params = dict[str, np.ndarray]
 
@@ -25,12 +25,6 @@ class State:
     age: int  # local training steps the model embodies (max over merged ancestors)
     version: int  # bumped by every change: a train step or a merge
     weight: float  # push-sum weight, changed only by merges
-
-
-@dataclass(frozen=True)
-class Evaluation:
-    accuracy: float
-    loss: float
 
 
 def build_seeded(factory: Callable[[], nn.Module], seed: int) -> nn.Module:
@@ -54,6 +48,7 @@ def make_optimizer(name: str, params: Iterable[nn.Parameter], *, lr: float, mome
 class Learner:
     def __init__(
         self,
+        task: Task,
         model: nn.Module,
         train: Dataset,
         test: Dataset,
@@ -76,7 +71,7 @@ class Learner:
         self.optimizer = make_optimizer(optimizer, self.model.parameters(), lr=lr, momentum=momentum)
         self.lr = lr
         self.lr_decay_steps = lr_decay_steps
-        self.loss_fn = nn.CrossEntropyLoss()
+        self.task = task
         self.batch_size = batch_size
         self.train_size = len(train)
         self._x = torch.as_tensor(train.x, device=self.device)
@@ -142,19 +137,13 @@ class Learner:
                 self.model.train()
                 for group in self.optimizer.param_groups:
                     group["lr"] = self.lr_at(self.age)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss = self.loss_fn(self.model(self._x[idx]), self._y[idx])
-                loss.backward()
-                self.optimizer.step()
+                loss = self.task.train_step(self.model, self.optimizer, self._x[idx], self._y[idx])
                 self.age += 1
                 self.version += 1
-            total += float(loss.detach())
+            total += loss
         return total / steps
 
     def evaluate(self) -> Evaluation:
         with self._lock, torch.no_grad():
             self.model.eval()
-            logits = self.model(self._x_test)
-            loss = float(self.loss_fn(logits, self._y_test))
-            acc = float((logits.argmax(dim=1) == self._y_test).float().mean())
-        return Evaluation(accuracy=acc, loss=loss)
+            return self.task.evaluate(self.model, self._x_test, self._y_test)

@@ -1,11 +1,28 @@
-"""The task plug-in: what a node learns, on which data, with which model."""
+"""The task plug-in: what a node learns, on which data, with which model.
+
+A task is any object with these members (see ``examples/my_task.py`` for a complete one):
+
+- ``name: str`` — nodes only gossip with peers of the same task name;
+- ``input_spec: InputSpec`` — one sample's raw input (shape without the batch axis, dtype), as the
+  task's data provides it; any normalisation belongs inside the model;
+- ``load_data(data_seed) -> TaskData`` — deterministic in ``data_seed``, so that every node of a
+  cluster agrees on the train/test split (a node then keeps only its partition of ``train``);
+- ``build_model() -> torch.nn.Module`` — the caller seeds torch first, so nodes started with
+  different ``--seed`` start from different parameters;
+- ``train_step(model, optimizer, x, y) -> float`` — one minibatch step, returns the loss;
+- ``evaluate(model, x, y) -> Evaluation`` — on the test split, in eval mode, without gradients.
+
+``ClassificationTask`` implements the last two (cross-entropy, accuracy); subclass it and write
+the first four.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
+import torch
 from torch import nn
 
 
@@ -32,12 +49,66 @@ class TaskData:
     num_classes: int
 
 
-class Task(Protocol):
-    """A classification task. ``load_data`` must be deterministic given ``data_seed`` so that every node
-    of a cluster agrees on the train/test split; ``build_model`` is seeded by the caller."""
+@dataclass(frozen=True)
+class InputSpec:
+    shape: tuple[int, ...]  # one sample, without the batch axis
+    dtype: str  # numpy dtype name, e.g. "float32"
 
+
+@dataclass(frozen=True)
+class Evaluation:
+    loss: float
+    accuracy: float | None = None
+
+
+@runtime_checkable
+class Task(Protocol):
     name: str
+    input_spec: InputSpec
 
     def load_data(self, data_seed: int) -> TaskData: ...
 
     def build_model(self) -> nn.Module: ...
+
+    def train_step(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor
+    ) -> float: ...
+
+    def evaluate(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Evaluation: ...
+
+
+class ClassificationTask:
+    """Base for classification tasks: cross-entropy training and accuracy. Labels are int64 class ids."""
+
+    name = "classification"
+    input_spec = InputSpec((), "float32")
+
+    def load_data(self, data_seed: int) -> TaskData:
+        raise NotImplementedError
+
+    def build_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def train_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> float:
+        optimizer.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        return float(loss.detach())
+
+    def evaluate(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Evaluation:
+        logits = model(x)
+        return Evaluation(
+            loss=float(nn.functional.cross_entropy(logits, y)),
+            accuracy=float((logits.argmax(dim=1) == y).float().mean()),
+        )
+
+
+def split(x: np.ndarray, y: np.ndarray, data_seed: int, test_fraction: float = 0.2) -> tuple[Dataset, Dataset]:
+    """Seeded, stratified train/test split (every node computes the same one)."""
+    from sklearn.model_selection import train_test_split
+
+    _, counts = np.unique(y, return_counts=True)
+    stratify = y if counts.min() >= 2 else None  # a class with one sample cannot be on both sides
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=test_fraction, random_state=data_seed, stratify=stratify)
+    return Dataset(x_tr, y_tr), Dataset(x_te, y_te)
