@@ -37,6 +37,9 @@ class NodeConfig:
     port: int = field(default=8470, metadata=_opt("HTTP port (0 picks a free one)"))
     host: str = field(default="0.0.0.0", metadata=_opt("address the HTTP server binds"))
     id: str | None = field(default=None, metadata=_opt("node id, also the mDNS instance name (default HOST-PORT)"))
+    cluster: str = field(
+        default="default", metadata=_opt("namespace: nodes only discover and gossip within their cluster")
+    )
     task: str = field(
         default="digits", metadata=_opt("digits, digits-cnn, synthetic[:dim=D,classes=C], tabular, or module:factory")
     )
@@ -100,6 +103,8 @@ def parse_hostport(text: str) -> tuple[str, int]:
 def validate(c: NodeConfig) -> None:
     if not 0 <= c.port < 65536:
         raise ConfigError(f"port {c.port}: must be 0..65535")
+    if not _ID_RE.match(c.cluster):
+        raise ConfigError(f"cluster {c.cluster!r}: 1-63 characters from letters, digits, '.', '_', '-'")
     if c.id is not None and not _ID_RE.match(c.id):
         raise ConfigError(f"id {c.id!r}: 1-63 characters from letters, digits, '.', '_', '-'")
     parse_partition(c.partition)

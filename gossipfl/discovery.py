@@ -53,7 +53,21 @@ def describe_service(info: AsyncServiceInfo) -> dict[str, str | None]:
         "url": f"http://{addrs[0]}:{info.port}" if addrs and info.port else None,
         "task": _txt(props, "task"),
         "proto": _txt(props, "proto"),
+        "model": _txt(props, "model"),
+        "cluster": _txt(props, "cluster") or "default",
     }
+
+
+def incompatibility(proto: str | None, task: str | None, model: str | None, our_task: str, our_model: str) -> str:
+    """Why a discovered node cannot be gossiped with ("" if it can). A missing model digest is not
+    held against a peer: the message check still rejects a model of another shape."""
+    if proto != PROTO:
+        return f"protocol {proto!r}, ours {PROTO!r}"
+    if task != our_task:
+        return f"task {task!r}, ours {our_task!r}"
+    if model is not None and model != our_model:
+        return f"model shape {model}, ours {our_model}"
+    return ""
 
 
 def _txt(properties: dict[bytes, bytes | None], key: str) -> str | None:
@@ -72,10 +86,14 @@ class MdnsDiscovery:
         port: int,
         addresses: Iterable[str],
         task: str,
+        model: str,
+        cluster: str,
         peers: PeerTable,
         log: logging.LoggerAdapter,
     ) -> None:
         self.zc = zc
+        self.cluster = cluster
+        self.model = model
         self.node_id = node_id
         self.task = task
         self.peers = peers
@@ -85,7 +103,14 @@ class MdnsDiscovery:
             service_name(node_id),
             addresses=[socket.inet_aton(a) for a in addresses],
             port=port,
-            properties={"txtvers": TXT_VERSION, "id": node_id, "proto": PROTO, "task": task},
+            properties={
+                "txtvers": TXT_VERSION,
+                "id": node_id,
+                "proto": PROTO,
+                "task": task,
+                "model": model,
+                "cluster": cluster,
+            },
             server=f"{node_id}.local.",
         )
         self._browser: AsyncServiceBrowser | None = None
@@ -127,13 +152,13 @@ class MdnsDiscovery:
             self.log.debug("could not resolve %s", name)
             return
         found = describe_service(info)
-        peer_id, url, proto, task = found["id"], found["url"], found["proto"], found["task"]
-        if peer_id == self.node_id or url is None:
-            return
-        if proto != PROTO or task != self.task:
-            self.log.info(
-                "ignoring %s: proto=%s task=%s (ours: proto=%s task=%s)", peer_id, proto, task, PROTO, self.task
-            )
+        peer_id, url, task = found["id"], found["url"], found["task"]
+        if peer_id == self.node_id or url is None or found["cluster"] != self.cluster:
+            return  # another cluster's nodes are not ours to list
+        reason = incompatibility(found["proto"], task, found["model"], self.task, self.model)
+        if reason:
+            if self.peers.ignore(peer_id, url, reason):
+                self.log.info("ignoring %s at %s: %s", peer_id, url, reason)
             return
         if self.peers.upsert(peer_id, url, task, "mdns"):
             self.log.info("peer found (mDNS): %s at %s", peer_id, url)
@@ -168,6 +193,8 @@ class SeedDiscovery:
         seeds: Iterable[str],
         *,
         task: str,
+        model: str,
+        cluster: str,
         peers: PeerTable,
         session_factory: Callable[[], aiohttp.ClientSession],
         log: logging.LoggerAdapter,
@@ -175,6 +202,8 @@ class SeedDiscovery:
     ) -> None:
         self.urls = [f"http://{h}:{p}" for h, p in map(parse_hostport, seeds)]
         self.task = task
+        self.model = model
+        self.cluster = cluster
         self.peers = peers
         self.session_factory = session_factory
         self.log = log
@@ -192,11 +221,16 @@ class SeedDiscovery:
             async with self.session_factory().get(url + "/v1/status") as resp:
                 status = await resp.json()
             peer_id, task = str(status["id"]), str(status["task"])
+            model, cluster = status.get("model"), status.get("cluster", "default")
         except (TimeoutError, aiohttp.ClientError, ValueError, KeyError, TypeError) as e:
             self.log.debug("seed %s not reachable yet: %s", url, e)
             return False
-        if task != self.task:
-            self.log.warning("seed %s (%s) runs task %r, not %r: ignored", url, peer_id, task, self.task)
+        reason = incompatibility(PROTO, task, None if model is None else str(model), self.task, self.model)
+        if cluster != self.cluster:  # named explicitly as a seed, so worth showing
+            reason = f"cluster {cluster!r}, ours {self.cluster!r}"
+        if reason:
+            if self.peers.ignore(peer_id, url, reason):
+                self.log.warning("ignoring seed %s (%s): %s", url, peer_id, reason)
             return True
         if self.peers.upsert(peer_id, url, task, "static"):
             self.log.info("peer found (seed): %s at %s", peer_id, url)

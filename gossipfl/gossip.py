@@ -65,6 +65,7 @@ class Gossiper:
         peers: PeerTable,
         interval: float,
         rule: str = "average",
+        cluster: str = "default",
         rng: random.Random,
         log: logging.LoggerAdapter,
         request_timeout: float = 10.0,
@@ -73,6 +74,7 @@ class Gossiper:
         self.task = task
         self.learner = learner
         self.rule_name = rule
+        self.cluster = cluster
         self.rule = merge.get_rule(rule)
         self.peers = peers
         self.interval = interval
@@ -80,6 +82,7 @@ class Gossiper:
         self.log = log
         self.spec = wire.spec_of(learner.snapshot().params)
         self.max_body = wire.max_message_size(self.spec)
+        self.model_digest = wire.spec_digest(self.spec)
         self.stats = ExchangeStats()
         self.timeout = aiohttp.ClientTimeout(total=request_timeout)
         self._busy = False
@@ -95,13 +98,22 @@ class Gossiper:
 
     def encode_state(self, state: State) -> bytes:
         msg = wire.GossipMessage(
-            self.node_id, state.age, state.params, self.task, self.rule_name, self.learner.train_size, state.weight
+            self.node_id,
+            state.age,
+            state.params,
+            self.task,
+            self.rule_name,
+            self.learner.train_size,
+            state.weight,
+            self.cluster,
         )
         return wire.encode(msg)
 
     def _decode(self, body: bytes) -> wire.GossipMessage:
         """Decode and check that the message can be merged with this node's rule."""
         msg = wire.decode(body, self.spec, self.task)
+        if msg.cluster is not None and msg.cluster != self.cluster:
+            raise wire.WireError(f"cluster {msg.cluster!r} does not match this node's {self.cluster!r}")
         if msg.merge is not None and msg.merge != self.rule_name:
             raise wire.WireError(f"merge rule {msg.merge!r} does not match this node's {self.rule_name!r}")
         needed = {"samples": "samples", "pushsum": "weight"}.get(self.rule_name)

@@ -123,6 +123,7 @@ class Node:
             peers=self.peers,
             interval=cfg.gossip_interval,
             rule=cfg.merge,
+            cluster=cfg.cluster,
             rng=random.Random(f"{cfg.seed}/gossip/{self.id}"),
             log=self.log,
         )
@@ -136,7 +137,13 @@ class Node:
             await self._start_mdns()
         if cfg.seeds:
             seeds = SeedDiscovery(
-                cfg.seeds, task=self.task.name, peers=self.peers, session_factory=lambda: self._session, log=self.log
+                cfg.seeds,
+                task=self.task.name,
+                model=self.gossiper.model_digest,
+                cluster=cfg.cluster,
+                peers=self.peers,
+                session_factory=lambda: self._session,
+                log=self.log,
             )
             self._spawn(seeds.run())
 
@@ -166,6 +173,8 @@ class Node:
                 port=self.port,
                 addresses=advertised_addresses(cfg.host, cfg.mdns_interface),
                 task=self.task.name,
+                model=self.gossiper.model_digest,
+                cluster=cfg.cluster,
                 peers=self.peers,
                 log=self.log,
             )
@@ -228,6 +237,7 @@ class Node:
         return {
             "id": self.id,
             "task": self.task.name,
+            "cluster": self.config.cluster,
             "url": self.url,
             "age": self.learner.age,
             "partition": self.config.partition,
@@ -237,7 +247,9 @@ class Node:
             "training": not self.config.no_train,
             "merge": {"rule": self.config.merge, "weight": self.learner.weight},
             "uptime_s": round(time.monotonic() - self.started_at, 3) if self.started_at else 0.0,
+            "model": self.gossiper.model_digest,
             "peers": self.peers.describe(),
+            "ignored_peers": self.peers.ignored(),
             "metrics": {
                 "accuracy": ev.accuracy if ev else None,
                 "loss": ev.loss if ev else None,

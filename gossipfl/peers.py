@@ -41,6 +41,7 @@ class PeerTable:
         self.backoff_max = backoff_max
         self.clock = clock
         self._peers: dict[str, Peer] = {}
+        self._ignored: dict[str, dict[str, str]] = {}  # seen but not gossiped with, and why
 
     def __len__(self) -> int:
         return len(self._peers)
@@ -55,6 +56,7 @@ class PeerTable:
         """Add or refresh a peer; return True when it is new (or its address changed). Ignores self."""
         if peer_id == self.self_id:
             return False
+        self._ignored.pop(peer_id, None)
         old = self._peers.get(peer_id)
         if old is not None and old.url == url:
             old.task = task or old.task
@@ -62,7 +64,20 @@ class PeerTable:
         self._peers[peer_id] = Peer(peer_id, url, task, source)
         return True
 
+    def ignore(self, peer_id: str, url: str | None, reason: str) -> bool:
+        """Record a node that cannot be gossiped with (other task, protocol or model shape); True if new."""
+        if peer_id == self.self_id:
+            return False
+        self._peers.pop(peer_id, None)
+        new = self._ignored.get(peer_id, {}).get("reason") != reason
+        self._ignored[peer_id] = {"id": peer_id, "url": url or "", "reason": reason}
+        return new
+
+    def ignored(self) -> list[dict[str, str]]:
+        return [self._ignored[k] for k in sorted(self._ignored)]
+
     def remove(self, peer_id: str) -> bool:
+        self._ignored.pop(peer_id, None)
         return self._peers.pop(peer_id, None) is not None
 
     def mark_ok(self, peer_id: str) -> None:

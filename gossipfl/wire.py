@@ -4,7 +4,7 @@ A message is a msgpack map::
 
     {"v": 1, "sender": str, "age": int, "params": {name: {"dtype": "<f4", "shape": [..], "data": bin}},
      optional: "task": str, "merge": str (rule name), "samples": int (sender's local data size),
-               "weight": float (push-sum weight)}
+               "weight": float (push-sum weight), "cluster": str}
 
 ``decode`` validates everything against the receiver's :data:`ModelSpec` and raises :class:`WireError`
 with a message naming the problem; nothing here touches a model.
@@ -52,10 +52,20 @@ class GossipMessage:
     merge: str | None = None
     samples: int | None = None
     weight: float | None = None
+    cluster: str | None = None
 
 
 def spec_of(params: Params) -> dict[str, TensorSpec]:
     return {name: TensorSpec(np.asarray(a).dtype.str, tuple(np.shape(a))) for name, a in params.items()}
+
+
+def spec_digest(spec: ModelSpec) -> str:
+    """A short fingerprint of a model's parameter names, dtypes and shapes (for mDNS TXT and status):
+    peers whose digests differ cannot merge models."""
+    import hashlib
+
+    canon = ";".join(f"{n}:{t.dtype}:{'x'.join(map(str, t.shape))}" for n, t in sorted(spec.items()))
+    return hashlib.sha256(canon.encode()).hexdigest()[:12]
 
 
 def max_message_size(spec: ModelSpec) -> int:
@@ -72,7 +82,7 @@ def encode(msg: GossipMessage) -> bytes:
         data = memoryview(a.reshape(-1).view(np.uint8))
         params[name] = {"dtype": a.dtype.str, "shape": list(a.shape), "data": data}
     body: dict[str, object] = {"v": PROTOCOL_VERSION, "sender": msg.sender, "age": int(msg.age), "params": params}
-    for key in ("task", "merge", "samples", "weight"):
+    for key in ("task", "merge", "samples", "weight", "cluster"):
         if (value := getattr(msg, key)) is not None:
             body[key] = value
     return msgpack.packb(body, use_bin_type=True)
@@ -135,7 +145,7 @@ def decode(body: bytes, spec: ModelSpec, task: str | None = None) -> GossipMessa
     age = _field(obj, "age", int)
     if not 0 <= age < 2**63:
         raise WireError("field 'age' must be a non-negative 64-bit integer")
-    msg_task, rule = _optional(obj, "task", str), _optional(obj, "merge", str)
+    msg_task, rule, cluster = _optional(obj, "task", str), _optional(obj, "merge", str), _optional(obj, "cluster", str)
     if msg_task is not None and task is not None and msg_task != task:
         raise WireError(f"task {msg_task!r} does not match this node's task {task!r}")
     samples = _optional(obj, "samples", int)
@@ -152,4 +162,6 @@ def decode(body: bytes, spec: ModelSpec, task: str | None = None) -> GossipMessa
     if unknown:
         raise WireError(f"unknown parameters: {', '.join(map(str, unknown))}")
     decoded = {name: _decode_tensor(name, params[name], spec[name]) for name in spec}
-    return GossipMessage(sender, age, decoded, task=msg_task, merge=rule, samples=samples, weight=weight)
+    return GossipMessage(
+        sender, age, decoded, task=msg_task, merge=rule, samples=samples, weight=weight, cluster=cluster
+    )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import uuid
 from collections.abc import AsyncIterator, Callable
 
 import aiohttp
@@ -18,8 +20,14 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture
-def make_config() -> Callable[..., NodeConfig]:
-    return node_config
+def cluster() -> str:
+    """A cluster name of this test's own, so nodes of other tests or runs on this host stay out."""
+    return f"test-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def make_config(cluster: str) -> Callable[..., NodeConfig]:
+    return functools.partial(node_config, cluster=cluster)
 
 
 @pytest.fixture

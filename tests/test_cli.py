@@ -71,9 +71,11 @@ def test_port_in_use_is_a_clear_error(unused_tcp_port):
     assert r.returncode == 2 and "cannot listen on 127.0.0.1" in r.stderr
 
 
-async def test_sigterm_says_goodbye_and_exits_0(make_config, zc, tmp_path, unused_tcp_port):
+async def test_sigterm_says_goodbye_and_exits_0(make_config, zc, tmp_path, unused_tcp_port, cluster):
     log_path = tmp_path / "node.log"
     proc = await spawn_node(
+        "--cluster",
+        cluster,
         "--port",
         str(unused_tcp_port),
         "--id",
@@ -101,9 +103,19 @@ async def test_sigterm_says_goodbye_and_exits_0(make_config, zc, tmp_path, unuse
     assert any("node up" in r["msg"] for r in records) and records[-1]["msg"] == "node stopped"
 
 
-async def test_a_crashed_peer_is_backed_off_and_the_rest_keep_gossiping(make_config, zc, tmp_path, unused_tcp_port):
+async def test_a_crashed_peer_is_backed_off_and_the_rest_keep_gossiping(
+    make_config, zc, tmp_path, unused_tcp_port, cluster
+):
     proc = await spawn_node(
-        "--port", str(unused_tcp_port), "--id", "sub-crash", "--gossip-interval", "0.3", log_path=tmp_path / "crash.log"
+        "--cluster",
+        cluster,
+        "--port",
+        str(unused_tcp_port),
+        "--id",
+        "sub-crash",
+        "--gossip-interval",
+        "0.3",
+        log_path=tmp_path / "crash.log",
     )
     try:
         cfgs = [make_config(discovery=("mdns",), gossip_interval=0.2, no_train=True, seed=i) for i in range(2)]

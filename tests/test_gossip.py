@@ -74,7 +74,7 @@ async def test_training_options_reach_the_learner(make_config):
         assert node.learner.train_size in (359, 360)
 
 
-async def test_mdns_peers_of_another_task_or_protocol_are_ignored(make_config, zc):
+async def test_mdns_peers_of_another_task_or_protocol_are_ignored(make_config, zc, cluster):
     import socket
 
     from zeroconf.asyncio import AsyncServiceInfo
@@ -87,12 +87,13 @@ async def test_mdns_peers_of_another_task_or_protocol_are_ignored(make_config, z
             f"{name}.{SERVICE_TYPE}",
             addresses=[socket.inet_aton("127.0.0.1")],
             port=9,
-            properties={"txtvers": "1", "id": name, "proto": proto, "task": task},
+            properties={"txtvers": "1", "id": name, "proto": proto, "task": task, "model": model, "cluster": cluster},
         )
-        for name, proto, task in [
-            ("mnist-node", "1", "mnist"),
-            ("future-node", "2", "digits"),
-            ("good-node", "1", "digits"),
+        for name, proto, task, model in [
+            ("mnist-node", "1", "mnist", None),
+            ("future-node", "2", "digits", None),
+            ("wide-node", "1", "digits", "0123456789ab"),
+            ("good-node", "1", "digits", None),
         ]
     ]
     for info in others:
@@ -101,11 +102,28 @@ async def test_mdns_peers_of_another_task_or_protocol_are_ignored(make_config, z
         async with running(make_config(discovery=("mdns",), gossip_interval=1000), zeroconf=zc) as (node,):
             assert await wait_for(lambda: "good-node" in node.peers, timeout=15)
             await asyncio.sleep(1.0)
-            assert "mnist-node" not in node.peers and "future-node" not in node.peers
+            assert await wait_for(lambda: len(node.status()["ignored_peers"]) == 3, timeout=5)
+            assert all(n not in node.peers for n in ("mnist-node", "future-node", "wide-node"))
             assert node.peers.get("good-node").url == "http://127.0.0.1:9"
+            reasons = {p["id"]: p["reason"] for p in node.status()["ignored_peers"]}
+            assert reasons["mnist-node"] == "task 'mnist', ours 'digits'"
+            assert reasons["future-node"] == "protocol '2', ours '1'"
+            assert reasons["wide-node"] == f"model shape 0123456789ab, ours {node.gossiper.model_digest}"
+
     finally:
         for info in others:
             await (await zc.async_unregister_service(info))
+
+
+async def test_a_seed_with_another_task_is_ignored_and_shown(make_config):
+    async with running(make_config(task="digits-cnn", gossip_interval=1000)) as (cnn,):
+        async with running(make_config(seeds=(f"127.0.0.1:{cnn.port}",), gossip_interval=1000)) as (mlp,):
+            assert await wait_for(lambda: mlp.status()["ignored_peers"], timeout=10)
+            assert mlp.status()["ignored_peers"] == [
+                {"id": cnn.id, "url": cnn.url, "reason": "task 'digits-cnn', ours 'digits'"}
+            ]
+            assert len(mlp.peers) == 0
+            assert mlp.status()["model"] != cnn.status()["model"]
 
 
 @pytest.mark.parametrize("rule", ["average", "age", "samples", "pushsum"])
@@ -143,3 +161,20 @@ async def test_peers_with_another_merge_rule_are_refused(make_config, http):
             async with http.post(node.url + "/v1/gossip", data=wire.encode(msg)) as r:
                 assert r.status == 400 and fragment in (await r.json())["error"]
         assert node.learner.snapshot().version == state.version
+
+
+async def test_clusters_do_not_mix(make_config, zc, http):
+    from gossipfl import wire
+
+    a = make_config(discovery=("mdns",), cluster="blue", gossip_interval=1000)
+    b = make_config(discovery=("mdns",), cluster="green", gossip_interval=1000)
+    c = make_config(discovery=("mdns",), cluster="green", gossip_interval=1000)
+    async with running(a, b, c, zeroconf=zc) as (blue, green1, green2):
+        assert await wait_for(lambda: green2.id in green1.peers and green1.id in green2.peers, timeout=15)
+        await asyncio.sleep(0.5)
+        assert len(blue.peers) == 0 and blue.id not in green1.peers and green1.status()["ignored_peers"] == []
+        state = blue.learner.snapshot()
+        body = wire.encode(wire.GossipMessage(blue.id, 0, state.params, "digits", "average", 1, 1.0, "blue"))
+        async with http.post(green1.url + "/v1/gossip", data=body) as r:
+            assert r.status == 400
+            assert (await r.json())["error"] == "cluster 'blue' does not match this node's 'green'"
