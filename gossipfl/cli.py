@@ -66,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="process: one process per node (default); inproc: all nodes in this process, one event loop",
     )
     tb.add_argument(
+        "--inproc-workers",
+        type=int,
+        default=0,
+        metavar="W",
+        help="inproc: worker threads for the nodes' blocking work (default: CPU cores + 2, at most N + 4)",
+    )
+    tb.add_argument(
         "node_args", nargs=argparse.REMAINDER, help="after '--': extra options passed to every node, e.g. -- --lr 0.002"
     )
 
@@ -130,6 +137,8 @@ def cmd_testbed(args: argparse.Namespace) -> int:
         raise ConfigError("--nodes must be >= 1")
     if args.duration <= 0:
         raise ConfigError("--duration must be > 0")
+    if args.inproc_workers < 0:
+        raise ConfigError("--inproc-workers must be >= 0")
     opts = TestbedOptions(
         nodes=args.nodes,
         duration=args.duration,
@@ -142,6 +151,7 @@ def cmd_testbed(args: argparse.Namespace) -> int:
         live=not args.quiet,
         extra_node_args=tuple(extra),
         mode=args.mode,
+        inproc_workers=args.inproc_workers,
     )
     return asyncio.run(run_testbed(opts))
 
@@ -158,9 +168,9 @@ def cmd_peers(args: argparse.Namespace) -> int:
     elif not found:
         print(f"no gossipfl nodes found in {args.timeout:g} s")
     else:
-        print(f"{'id':<24} {'url':<28} {'task':<12} proto")
+        print(f"{'id':<24} {'url':<28} {'task':<12} {'cluster':<16} proto")
         for p in found:
-            print(f"{p['id']:<24} {p['url']:<28} {p['task'] or '-':<12} {p['proto'] or '-'}")
+            print(f"{p['id']:<24} {p['url'] or '-':<28} {p['task'] or '-':<12} {p['cluster']:<16} {p['proto'] or '-'}")
     return 0
 
 

@@ -1,0 +1,59 @@
+"""``gossipfl testbed --mode inproc``: all nodes in one process, measured like the process testbed."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def gossipfl_testbed(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "gossipfl", "testbed", *args], capture_output=True, text=True, timeout=90
+    )
+
+
+def test_inproc_testbed_trains_and_converges(tmp_path):
+    out = tmp_path / "tb"
+    r = gossipfl_testbed(
+        "--mode", "inproc", "--nodes", "6", "--duration", "6", "--gossip-interval", "0.3", "--out", str(out)
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = json.loads((out / "results.json").read_text())
+    assert res["mode"] == "inproc" and res["options"]["mode"] == "inproc"
+    assert len(res["nodes"]) == 6 and len(res["final"]) == 6
+    assert all(f["exit_code"] == 0 for f in res["final"].values())
+    series = [row for row in res["consensus"] if row["consensus_distance"] is not None]
+    assert len(series) >= 5 and all(row["nodes_sampled"] == 6 for row in series)
+    assert series[-1]["consensus_distance"] < series[0]["consensus_distance"] / 5
+    for node in res["nodes"].values():
+        accs = [a for _, a in node["accuracy"] if a is not None]
+        assert accs[-1] > accs[0] + 0.3
+    assert res["summary"]["startup_s"] > 0 and res["resources"]["peak_rss_mib"] > 0
+    assert "accuracy mean" in r.stdout and "nodes in one process (" in r.stdout and "peak RSS" in r.stdout
+    assert "node up at" in (out / "nodes.log").read_text()  # node logs go to one file, not the terminal
+
+
+@pytest.mark.parametrize("mode", ["inproc", "process"])
+def test_node_options_after_dashes_reach_the_nodes_in_both_modes(tmp_path, mode):
+    out = tmp_path / mode
+    args = ["--mode", mode, "--nodes", "2", "--duration", "2", "--out", str(out), "--inproc-workers", "3"]
+    r = gossipfl_testbed(*args, "--", "--merge", "samples")
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = json.loads((out / "results.json").read_text())
+    assert res["mode"] == mode and res["options"]["extra_node_args"] == ["--merge", "samples"]
+    assert [f["merge"]["rule"] for f in res["final"].values()] == ["samples", "samples"]
+    if mode == "inproc":
+        assert res["resources"]["workers"] == 3
+
+
+def test_inproc_refuses_bad_node_options_before_starting(tmp_path):
+    r = gossipfl_testbed(
+        "--mode", "inproc", "--nodes", "2", "--duration", "2", "--out", str(tmp_path), "--", "--lr", "-1"
+    )
+    assert r.returncode == 2 and r.stderr.strip() == "gossipfl: error: lr must be > 0", r.stderr
+    r = gossipfl_testbed("--mode", "inproc", "--out", str(tmp_path), "--", "--no-such-option", "1")
+    assert r.returncode == 2
+    assert r.stderr.strip() == "gossipfl: error: node options: unrecognized arguments: --no-such-option 1", r.stderr
