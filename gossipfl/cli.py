@@ -34,12 +34,12 @@ class _NodeOptionsParser(argparse.ArgumentParser):
 
 def node_config_from_args(argv: Sequence[str], env: Mapping[str, str] | None = None) -> NodeConfig:
     """The NodeConfig that ``gossipfl node ARGV`` would run with, from the same flags and the same merge
-    (``--config FILE`` included). ``env`` defaults to none at all, so the result depends on ARGV only."""
+    (``--config FILE`` and the ``GOSSIPFL_*`` environment included, as for a node process)."""
     parser = _NodeOptionsParser(prog="gossipfl node", add_help=False)
     _add_node_options(parser)
     args = parser.parse_args(list(argv))
     cli: dict[str, Any] = {f.name: getattr(args, f.name) for f in option_fields() if hasattr(args, f.name)}
-    return load_config(cli, env={} if env is None else env, config_file=args.config)
+    return load_config(cli, env=env, config_file=args.config)
 
 
 def build_parser() -> argparse.ArgumentParser:
