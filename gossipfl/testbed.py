@@ -76,6 +76,7 @@ class WatchedNode:
     url: str = ""
     accuracy: list[tuple[float, float | None]] = field(default_factory=list)
     loss: list[tuple[float, float | None]] = field(default_factory=list)
+    bytes_sent: list[tuple[float, int]] = field(default_factory=list)
     last_status: dict[str, Any] = field(default_factory=dict)
 
 
@@ -169,6 +170,7 @@ async def sample(
             metrics = n.last_status.get("metrics", {})
             n.accuracy.append((t, metrics.get("accuracy")))
             n.loss.append((t, metrics.get("loss")))
+            n.bytes_sent.append((t, int(n.last_status.get("exchanges", {}).get("bytes_sent", 0))))
             return flatten(wire.decode(body, spec).params)
         except (aiohttp.ClientError, TimeoutError, ValueError):
             return None
@@ -442,7 +444,13 @@ def summarize(
         "mode": opts.mode,
         "options": asdict(opts),
         "nodes": {
-            n.id: {"url": n.url, "partition": f"{n.index}/{opts.nodes}", "accuracy": n.accuracy, "loss": n.loss}
+            n.id: {
+                "url": n.url,
+                "partition": f"{n.index}/{opts.nodes}",
+                "accuracy": n.accuracy,
+                "loss": n.loss,
+                "bytes_sent": n.bytes_sent,
+            }
             for n in nodes
         },
         "consensus": series,
