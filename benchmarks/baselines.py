@@ -9,29 +9,19 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from dataclasses import replace
 
 import torch
 
 from gossipfl.config import NodeConfig
 from gossipfl.learning.digits import DigitsTask
-from gossipfl.learning.learner import Learner, build_seeded
 from gossipfl.learning.partition import iid_partition
 from gossipfl.learning.task import Dataset
+from gossipfl.node import build_learner
 
 
-def train_eval(train: Dataset, test: Dataset, seed: int, steps: int, cfg: NodeConfig) -> float:
-    learner = Learner(
-        DigitsTask(),
-        build_seeded(DigitsTask().build_model, seed),
-        train,
-        test,
-        seed=seed,
-        optimizer=cfg.optimizer,
-        lr=cfg.lr,
-        momentum=cfg.momentum,
-        lr_decay_steps=cfg.lr_decay_steps,
-        batch_size=cfg.batch_size,
-    )
+def train_eval(train: Dataset, test: Dataset, seed: int, steps: int) -> float:
+    learner = build_learner(DigitsTask(), train, test, replace(NodeConfig(), seed=seed))
     learner.train_steps(steps)
     return learner.evaluate().accuracy
 
@@ -46,9 +36,9 @@ def main() -> None:
     cfg = NodeConfig()
     data = DigitsTask().load_data(cfg.data_seed)
     shards = iid_partition(data.train.y, args.nodes, cfg.data_seed)
-    central = [train_eval(data.train, data.test, s, args.steps, cfg) for s in range(args.seeds)]
+    central = [train_eval(data.train, data.test, s, args.steps) for s in range(args.seeds)]
     local = [
-        train_eval(data.train.subset(shards[k]), data.test, s, args.steps, cfg)
+        train_eval(data.train.subset(shards[k]), data.test, s, args.steps)
         for s in range(args.seeds)
         for k in range(args.nodes)
     ]

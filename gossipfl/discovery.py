@@ -7,6 +7,7 @@ import ipaddress
 import logging
 import socket
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import aiohttp
 from zeroconf import IPVersion, ServiceStateChange, get_all_addresses
@@ -58,16 +59,29 @@ def describe_service(info: AsyncServiceInfo) -> dict[str, str | None]:
     }
 
 
-def incompatibility(proto: str | None, task: str | None, model: str | None, our_task: str, our_model: str) -> str:
-    """Why a discovered node cannot be gossiped with ("" if it can). A missing model digest is not
-    held against a peer: the message check still rejects a model of another shape."""
-    if proto != PROTO:
-        return f"protocol {proto!r}, ours {PROTO!r}"
-    if task != our_task:
-        return f"task {task!r}, ours {our_task!r}"
-    if model is not None and model != our_model:
-        return f"model shape {model}, ours {our_model}"
-    return ""
+@dataclass(frozen=True)
+class Identity:
+    """What a peer must share with this node to be gossiped with."""
+
+    task: str
+    model: str  # wire.spec_digest of the model's parameter names, dtypes and shapes
+    cluster: str = "default"
+
+    def txt(self) -> dict[str, str]:
+        return {"proto": PROTO, "task": self.task, "model": self.model, "cluster": self.cluster}
+
+    def mismatch(self, proto: str | None, task: str | None, model: str | None, cluster: str | None) -> str:
+        """Why a node with these values cannot be gossiped with ("" if it can). A missing model digest
+        is not held against a peer: the message check still rejects a model of another shape."""
+        if cluster != self.cluster:
+            return f"cluster {cluster!r}, ours {self.cluster!r}"
+        if proto != PROTO:
+            return f"protocol {proto!r}, ours {PROTO!r}"
+        if task != self.task:
+            return f"task {task!r}, ours {self.task!r}"
+        if model is not None and model != self.model:
+            return f"model shape {model}, ours {self.model}"
+        return ""
 
 
 def _txt(properties: dict[bytes, bytes | None], key: str) -> str | None:
@@ -85,17 +99,13 @@ class MdnsDiscovery:
         node_id: str,
         port: int,
         addresses: Iterable[str],
-        task: str,
-        model: str,
-        cluster: str,
+        identity: Identity,
         peers: PeerTable,
         log: logging.LoggerAdapter,
     ) -> None:
         self.zc = zc
-        self.cluster = cluster
-        self.model = model
+        self.identity = identity
         self.node_id = node_id
-        self.task = task
         self.peers = peers
         self.log = log
         self.info = AsyncServiceInfo(
@@ -103,14 +113,7 @@ class MdnsDiscovery:
             service_name(node_id),
             addresses=[socket.inet_aton(a) for a in addresses],
             port=port,
-            properties={
-                "txtvers": TXT_VERSION,
-                "id": node_id,
-                "proto": PROTO,
-                "task": task,
-                "model": model,
-                "cluster": cluster,
-            },
+            properties={"txtvers": TXT_VERSION, "id": node_id, **identity.txt()},
             server=f"{node_id}.local.",
         )
         self._browser: AsyncServiceBrowser | None = None
@@ -153,9 +156,9 @@ class MdnsDiscovery:
             return
         found = describe_service(info)
         peer_id, url, task = found["id"], found["url"], found["task"]
-        if peer_id == self.node_id or url is None or found["cluster"] != self.cluster:
+        if peer_id == self.node_id or url is None or found["cluster"] != self.identity.cluster:
             return  # another cluster's nodes are not ours to list
-        reason = incompatibility(found["proto"], task, found["model"], self.task, self.model)
+        reason = self.identity.mismatch(found["proto"], task, found["model"], found["cluster"])
         if reason:
             if self.peers.ignore(peer_id, url, reason):
                 self.log.info("ignoring %s at %s: %s", peer_id, url, reason)
@@ -192,18 +195,14 @@ class SeedDiscovery:
         self,
         seeds: Iterable[str],
         *,
-        task: str,
-        model: str,
-        cluster: str,
+        identity: Identity,
         peers: PeerTable,
         session_factory: Callable[[], aiohttp.ClientSession],
         log: logging.LoggerAdapter,
         retry_interval: float = 5.0,
     ) -> None:
         self.urls = [f"http://{h}:{p}" for h, p in map(parse_hostport, seeds)]
-        self.task = task
-        self.model = model
-        self.cluster = cluster
+        self.identity = identity
         self.peers = peers
         self.session_factory = session_factory
         self.log = log
@@ -225,9 +224,8 @@ class SeedDiscovery:
         except (TimeoutError, aiohttp.ClientError, ValueError, KeyError, TypeError) as e:
             self.log.debug("seed %s not reachable yet: %s", url, e)
             return False
-        reason = incompatibility(PROTO, task, None if model is None else str(model), self.task, self.model)
-        if cluster != self.cluster:  # named explicitly as a seed, so worth showing
-            reason = f"cluster {cluster!r}, ours {self.cluster!r}"
+        # a seed was named explicitly, so even one of another cluster is listed with the reason
+        reason = self.identity.mismatch(PROTO, task, None if model is None else str(model), str(cluster))
         if reason:
             if self.peers.ignore(peer_id, url, reason):
                 self.log.warning("ignoring seed %s (%s): %s", url, peer_id, reason)

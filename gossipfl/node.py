@@ -19,12 +19,12 @@ from zeroconf.asyncio import AsyncZeroconf
 
 from .api import build_app
 from .config import NodeConfig
-from .discovery import MdnsDiscovery, SeedDiscovery, advertised_addresses, make_zeroconf
+from .discovery import Identity, MdnsDiscovery, SeedDiscovery, advertised_addresses, make_zeroconf
 from .gossip import Gossiper
 from .learning.learner import Learner, build_seeded
 from .learning.partition import class_histogram, partition
-from .learning.registry import TaskError, build_checked, get_task, load_checked
-from .learning.task import Evaluation, Task
+from .learning.registry import build_checked, get_task, load_checked
+from .learning.task import Dataset, Evaluation, Task
 from .logs import node_logger
 from .peers import PeerTable
 from .training import every
@@ -34,6 +34,25 @@ STOP_GRACE_S = 15.0
 
 class StartError(Exception):
     """The node cannot start as configured (port taken, mDNS interface missing, id in use)."""
+
+
+def build_learner(task: Task, train: Dataset, test: Dataset, cfg: NodeConfig, *, weight: float = 1.0) -> Learner:
+    """The Learner a node with this configuration trains: model seeded by ``cfg.seed``, optimizer and
+    schedule from ``cfg`` (benchmarks use it too, for reference models trained the same way)."""
+    model = build_seeded(lambda: build_checked(task), cfg.seed)
+    return Learner(
+        task,
+        model,
+        train,
+        test,
+        seed=cfg.seed,
+        optimizer=cfg.optimizer,
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        lr_decay_steps=cfg.lr_decay_steps,
+        batch_size=cfg.batch_size,
+        weight=weight,
+    )
 
 
 def default_node_id(port: int) -> str:
@@ -83,29 +102,14 @@ class Node:
         cfg = self.config
         try:
             data = await asyncio.to_thread(load_checked, self.task, cfg.data_seed)
-            model = build_seeded(lambda: build_checked(self.task), cfg.seed)
-        except TaskError as e:
-            raise StartError(str(e)) from None
-        k, n = cfg.shard
-        try:
+            k, n = cfg.shard
             self.shard = partition(data.train.y, n, cfg.partition_scheme, cfg.data_seed)[k]
-        except ValueError as e:
+            local = data.train.subset(self.shard)
+            # push-sum weight = local sample count: the consensus becomes the data-weighted mean
+            self.learner = build_learner(self.task, local, data.test, cfg, weight=len(local))
+        except ValueError as e:  # TaskError, or a partition that cannot be made
             raise StartError(str(e)) from None
         self.class_histogram = class_histogram(data.train.y, self.shard, data.num_classes)
-        local = data.train.subset(self.shard)
-        self.learner = Learner(
-            self.task,
-            model,
-            local,
-            data.test,
-            seed=cfg.seed,
-            optimizer=cfg.optimizer,
-            lr=cfg.lr,
-            momentum=cfg.momentum,
-            lr_decay_steps=cfg.lr_decay_steps,
-            batch_size=cfg.batch_size,
-            weight=len(local),  # push-sum weight: the consensus becomes the data-weighted mean
-        )
 
         try:
             sock = bind_socket(cfg.host, cfg.port)
@@ -128,6 +132,8 @@ class Node:
             log=self.log,
         )
 
+        self.identity = Identity(self.task.name, self.gossiper.model_digest, cfg.cluster)
+
         self._runner = web.AppRunner(build_app(self), access_log=None, handle_signals=False)
         await self._runner.setup()
         await web.SockSite(self._runner, sock).start()
@@ -138,9 +144,7 @@ class Node:
         if cfg.seeds:
             seeds = SeedDiscovery(
                 cfg.seeds,
-                task=self.task.name,
-                model=self.gossiper.model_digest,
-                cluster=cfg.cluster,
+                identity=self.identity,
                 peers=self.peers,
                 session_factory=lambda: self._session,
                 log=self.log,
@@ -172,9 +176,7 @@ class Node:
                 node_id=self.id,
                 port=self.port,
                 addresses=advertised_addresses(cfg.host, cfg.mdns_interface),
-                task=self.task.name,
-                model=self.gossiper.model_digest,
-                cluster=cfg.cluster,
+                identity=self.identity,
                 peers=self.peers,
                 log=self.log,
             )
