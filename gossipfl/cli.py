@@ -7,9 +7,12 @@ import asyncio
 import signal
 import sys
 from collections.abc import Mapping, Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from .config import ConfigError, NodeConfig, load_config, option_fields
+
+if TYPE_CHECKING:
+    from .learning.task import Task
 
 
 def _add_node_options(p: argparse.ArgumentParser) -> None:
@@ -37,7 +40,11 @@ def node_config_from_args(argv: Sequence[str], env: Mapping[str, str] | None = N
     (``--config FILE`` and the ``GOSSIPFL_*`` environment included, as for a node process)."""
     parser = _NodeOptionsParser(prog="gossipfl node", add_help=False)
     _add_node_options(parser)
-    args = parser.parse_args(list(argv))
+    return _config_from_namespace(parser.parse_args(list(argv)), env)
+
+
+def _config_from_namespace(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> NodeConfig:
+    """Merge the node flags that were given (defaults are suppressed) with env, config file and defaults."""
     cli: dict[str, Any] = {f.name: getattr(args, f.name) for f in option_fields() if hasattr(args, f.name)}
     return load_config(cli, env=env, config_file=args.config)
 
@@ -83,14 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def _run_node(config: NodeConfig) -> int:
+async def _run_node(config: NodeConfig, task: Task) -> int:
     from .node import Node, StartError
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    node = Node(config)
+    node = Node(config, task=task)
     try:
         await node.start()
     except StartError as e:
@@ -103,20 +110,19 @@ async def _run_node(config: NodeConfig) -> int:
 
 
 def cmd_node(args: argparse.Namespace) -> int:
-    cli: dict[str, Any] = {f.name: getattr(args, f.name) for f in option_fields() if hasattr(args, f.name)}
-    config = load_config(cli, config_file=args.config)
+    config = _config_from_namespace(args)
     from .learning.registry import get_task
     from .logs import setup_logging
 
     try:
-        get_task(config.task, config.data)  # fail early, before anything starts
+        task = get_task(config.task, config.data)  # fail early, before anything starts
     except ValueError as e:
         raise ConfigError(str(e)) from None
     setup_logging(config.log_format, config.log_level)
     import torch
 
     torch.set_num_threads(config.torch_threads)
-    return asyncio.run(_run_node(config))
+    return asyncio.run(_run_node(config, task))
 
 
 def cmd_testbed(args: argparse.Namespace) -> int:
