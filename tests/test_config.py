@@ -46,6 +46,11 @@ def test_config_file_from_env_and_node_table(tmp_path):
         ({"id": "x" * 64}, {}, "1-63 characters"),
         ({"discovery": "mdns,carrier-pigeon"}, {}, "unknown backend"),
         ({"log_format": "xml"}, {}, "text or json"),
+        ({"cluster": "a b"}, {}, "cluster 'a b'"),
+        ({"merge": "median"}, {}, "merge 'median'"),
+        ({"partition_scheme": "shards:0"}, {}, "S must be a positive integer"),
+        ({"optimizer": "lbfgs"}, {}, "optimizer 'lbfgs'"),
+        ({"momentum": "1.5"}, {}, "momentum must be in"),
     ],
 )
 def test_bad_values_name_the_problem(cli, env, fragment):
