@@ -45,12 +45,13 @@ class Merged:
 
 
 def weighted_mean(a: Params, b: Params, wa: float, wb: float) -> dict[str, np.ndarray]:
-    """(wa*a + wb*b) / (wa + wb), keeping each array's dtype. Symmetric bit for bit (IEEE addition and
-    multiplication commute); equal weights give exactly (a + b) / 2."""
+    """(wa*a + wb*b) / (wa + wb), keeping each array's dtype. The weights are normalised first, so
+    neither huge weights nor huge values overflow, and the result is symmetric bit for bit (IEEE
+    addition and multiplication commute). Equal weights give a/2 + b/2."""
     if wa <= 0 and wb <= 0:
         wa = wb = 1.0
-    scale = 1.0 / (wa + wb)
-    return {name: ((a[name] * wa + b[name] * wb) * scale).astype(a[name].dtype, copy=False) for name in a}
+    pa, pb = (0.5, 0.5) if wa == wb else (wa / (wa + wb), wb / (wa + wb))
+    return {name: (a[name] * pa + b[name] * pb).astype(a[name].dtype, copy=False) for name in a}
 
 
 def _merged(a: Side, b: Side, wa: float, wb: float) -> Merged:

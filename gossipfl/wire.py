@@ -21,6 +21,7 @@ import numpy as np
 PROTOCOL_VERSION = 1
 CONTENT_TYPE = "application/msgpack"
 MAX_SENDER_LEN = 255
+MAX_WEIGHT = 1e15  # push-sum weights start at a sample count and are only ever averaged
 _PER_TENSOR_OVERHEAD = 512  # name, keys, dtype string and shape list, generously
 _MESSAGE_OVERHEAD = 4096
 
@@ -152,8 +153,8 @@ def decode(body: bytes, spec: ModelSpec, task: str | None = None) -> GossipMessa
     if samples is not None and samples < 0:
         raise WireError("field 'samples' must be a non-negative integer")
     weight = _optional(obj, "weight", float)
-    if weight is not None and not (np.isfinite(weight) and weight > 0):
-        raise WireError("field 'weight' must be a positive finite number")
+    if weight is not None and not (np.isfinite(weight) and 0 < weight <= MAX_WEIGHT):
+        raise WireError(f"field 'weight' must be a positive finite number of at most {MAX_WEIGHT:g}")
     params = _field(obj, "params", dict)
     missing = sorted(set(spec) - set(params))
     unknown = sorted(set(params) - set(spec), key=str)

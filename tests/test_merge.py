@@ -49,7 +49,6 @@ def test_every_rule_conserves_the_sum_of_pushsum_weights(a, b, rule):
 def test_average_conserves_the_sum(a, b):
     m = merge.average(a, b)
     np.testing.assert_allclose(2 * f64(m.params["w"]), f64(a.params["w"]) + f64(b.params["w"]), rtol=1e-6, atol=1e-4)
-    np.testing.assert_array_equal(m.params["w"], (a.params["w"] + b.params["w"]) * np.float32(0.5))
 
 
 @settings(max_examples=150, deadline=None)
@@ -70,6 +69,13 @@ def test_pushsum_conserves_mass_and_weighted_sum(a, b):
     before = a.weight * f64(a.params["w"]) + b.weight * f64(b.params["w"])
     after = 2 * m.weight * f64(m.params["w"])  # both partners hold (m.weight, m.params)
     np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-4 * (a.weight + b.weight))
+
+
+def test_extreme_weights_and_values_do_not_overflow():
+    big = np.full(3, 3.0e38, np.float32)
+    for rule in merge.RULES.values():
+        m = rule(Side({"w": big}, 2**62, 2**62, 1e15), Side({"w": big}, 1, 1, 1e-300))
+        assert np.isfinite(m.params["w"]).all() and np.isfinite(m.weight)
 
 
 def test_age_weights_by_age_and_a_fresh_model_does_not_count():

@@ -167,6 +167,7 @@ def test_optional_fields_roundtrip():
         ({"weight": float("nan")}, "'weight' must be a positive finite number"),
         ({"weight": float("inf")}, "'weight' must be a positive finite number"),
         ({"weight": "heavy"}, "field 'weight' must be float"),
+        ({"weight": 1e300}, "at most 1e\\+15"),
         ({"merge": 5}, "field 'merge' must be str"),
     ],
 )
