@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from .learning.partition import parse_scheme
+from .merge import RULES
 
 ENV_PREFIX = "GOSSIPFL_"
 DISCOVERY_BACKENDS = ("mdns", "static")
-MERGE_RULES = ("average", "age", "samples", "pushsum")  # gossipfl.merge.RULES; kept here to stay import-free
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 
@@ -125,8 +125,8 @@ def validate(c: NodeConfig) -> None:
     for name in ("gossip_interval", "train_interval", "eval_interval", "lr"):
         if not getattr(c, name) > 0:
             raise ConfigError(f"{name.replace('_', '-')} must be > 0")
-    if c.merge not in MERGE_RULES:
-        raise ConfigError(f"merge {c.merge!r}: expected one of {', '.join(MERGE_RULES)}")
+    if c.merge not in RULES:
+        raise ConfigError(f"merge {c.merge!r}: expected one of {', '.join(RULES)}")
     if c.optimizer not in ("adam", "sgd"):
         raise ConfigError(f"optimizer {c.optimizer!r}: expected adam or sgd")
     if not 0 <= c.momentum < 1:
