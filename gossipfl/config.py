@@ -60,15 +60,16 @@ class NodeConfig:
     no_train: bool = field(default=False, metadata=_opt("do not train: pure averaging"))
     seed: int = field(default=0, metadata=_opt("seed of this node's model init and training randomness"))
     data_seed: int = field(default=2026, metadata=_opt("cluster-wide seed of the train/test split and partition"))
-    optimizer: str = field(default="adam", metadata=_opt("adam or sgd (with momentum)"))
-    lr: float = field(default=3e-3, metadata=_opt("learning rate (at age 0, see lr-decay-steps)"))
+    optimizer: str = field(default="sgd", metadata=_opt("sgd (with momentum) or adam"))
+    lr: float = field(default=0.1, metadata=_opt("learning rate (at age 0, see lr-decay-steps)"))
     momentum: float = field(default=0.9, metadata=_opt("momentum of sgd"))
-    lr_decay_steps: float = field(default=200.0, metadata=_opt("step size lr/(1+age/STEPS); 0 keeps it constant"))
+    lr_decay_steps: float = field(default=0.0, metadata=_opt("step size lr/(1+age/STEPS); 0 keeps it constant"))
     batch_size: int = field(default=32, metadata=_opt("minibatch size"))
     train_interval: float = field(default=0.1, metadata=_opt("seconds between local training rounds"))
     steps_per_round: int = field(default=2, metadata=_opt("minibatch steps per training round"))
     eval_interval: float = field(default=1.0, metadata=_opt("seconds between evaluations on the test split"))
     torch_threads: int = field(default=1, metadata=_opt("torch intra-op threads of a node process"))
+    device: str = field(default="auto", metadata=_opt("auto (CUDA when present, else CPU), cpu, cuda or cuda:N"))
     log_format: str = field(default="text", metadata=_opt("text or json"))
     log_level: str = field(default="info", metadata=_opt("debug, info, warning or error"))
 
@@ -98,6 +99,9 @@ def parse_hostport(text: str) -> tuple[str, int]:
     if not sep or not host or not port_s.isdigit() or not 0 < int(port_s) < 65536:
         raise ConfigError(f"seed {text!r}: expected host:port with a port from 1 to 65535")
     return host.strip("[]"), int(port_s)
+
+
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
 def validate(c: NodeConfig) -> None:
@@ -136,6 +140,8 @@ def validate(c: NodeConfig) -> None:
     for name in ("batch_size", "steps_per_round", "torch_threads"):
         if getattr(c, name) < 1:
             raise ConfigError(f"{name.replace('_', '-')} must be >= 1")
+    if not _DEVICE_RE.match(c.device):
+        raise ConfigError(f"device {c.device!r}: expected auto, cpu, cuda or cuda:N")
     if c.log_format not in ("text", "json"):
         raise ConfigError(f"log-format {c.log_format!r}: expected text or json")
     if c.log_level not in ("debug", "info", "warning", "error"):

@@ -21,7 +21,7 @@ from .api import build_app
 from .config import NodeConfig
 from .discovery import Identity, MdnsDiscovery, SeedDiscovery, advertised_addresses, make_zeroconf
 from .gossip import Gossiper
-from .learning.learner import Learner, build_seeded
+from .learning.learner import Learner, build_seeded, resolve_device
 from .learning.partition import class_histogram, partition
 from .learning.registry import build_checked, get_task, load_checked
 from .learning.task import Dataset, Evaluation, Task
@@ -52,6 +52,7 @@ def build_learner(task: Task, train: Dataset, test: Dataset, cfg: NodeConfig, *,
         lr_decay_steps=cfg.lr_decay_steps,
         batch_size=cfg.batch_size,
         weight=weight,
+        device=resolve_device(cfg.device),
     )
 
 
@@ -247,6 +248,7 @@ class Node:
             "samples": self.learner.train_size,
             "class_histogram": self.class_histogram,
             "training": not self.config.no_train,
+            "device": str(self.learner.device),
             "merge": {"rule": self.config.merge, "weight": self.learner.weight},
             "uptime_s": round(time.monotonic() - self.started_at, 3) if self.started_at else 0.0,
             "model": self.gossiper.model_digest,

@@ -52,6 +52,8 @@ async def spawn_node(*args, log_path):
         (["--partition-scheme", "dirichlet:zero"], {}, "ALPHA must be a positive number"),
         (["--merge", "median"], {}, "merge 'median': expected one of average, age, samples, pushsum"),
         (["--partition", "63/64", "--partition-scheme", "dirichlet:0.001"], {}, "left a node with fewer than 1"),
+        (["--device", "tpu"], {}, "device 'tpu': expected auto, cpu, cuda or cuda:N"),
+        (["--device", "cuda:99"], {}, "device cuda:99: not available"),
     ],
 )
 def test_bad_configuration_is_one_line_and_exit_2(args, env, fragment):

@@ -51,6 +51,7 @@ def test_config_file_from_env_and_node_table(tmp_path):
         ({"partition_scheme": "shards:0"}, {}, "S must be a positive integer"),
         ({"optimizer": "lbfgs"}, {}, "optimizer 'lbfgs'"),
         ({"momentum": "1.5"}, {}, "momentum must be in"),
+        ({"device": "gpu"}, {}, "device 'gpu'"),
     ],
 )
 def test_bad_values_name_the_problem(cli, env, fragment):

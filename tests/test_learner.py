@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from gossipfl.learning.digits import DigitsTask
-from gossipfl.learning.learner import Learner, build_seeded, make_optimizer
+from gossipfl.learning.learner import Learner, build_seeded, make_optimizer, resolve_device
 
 
 @pytest.fixture(scope="module")
@@ -76,3 +76,30 @@ def test_optimizers():
     assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["momentum"] == 0.5
     with pytest.raises(ValueError, match="unknown optimizer"):
         make_optimizer("lbfgs", params, lr=0.1, momentum=0.0)
+
+
+def test_resolve_device():
+    assert resolve_device("auto", cuda_devices=0) == "cpu"
+    assert resolve_device("auto", cuda_devices=1) == "cuda"
+    assert resolve_device("cpu", cuda_devices=2) == "cpu"
+    assert resolve_device("cuda:1", cuda_devices=2) == "cuda:1"
+    with pytest.raises(ValueError, match="device cuda: not available, found no CUDA device"):
+        resolve_device("cuda", cuda_devices=0)
+    with pytest.raises(ValueError, match="device cuda:2: not available, found 2 CUDA device"):
+        resolve_device("cuda:2", cuda_devices=2)
+    with pytest.raises(ValueError, match="expected auto, cpu, cuda or cuda:N"):
+        resolve_device("tpu", cuda_devices=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_training_matches_the_cpu_interface(data):
+    gpu = learner(data, device="cuda")
+    assert next(gpu.model.parameters()).is_cuda
+    before = gpu.evaluate()
+    gpu.train_steps(200)
+    after = gpu.evaluate()
+    assert after.accuracy > before.accuracy + 0.5
+    snap = gpu.snapshot()  # parameters leave the learner as CPU numpy arrays
+    assert all(isinstance(v, np.ndarray) for v in snap.params.values())
+    gpu.update(lambda s: ({k: np.zeros_like(v) for k, v in s.params.items()}, s.age, s.weight))
+    assert all(float(p.abs().sum()) == 0.0 for p in gpu.model.parameters())

@@ -34,6 +34,24 @@ def build_seeded(factory: Callable[[], nn.Module], seed: int) -> nn.Module:
         return factory()
 
 
+def resolve_device(name: str, cuda_devices: int | None = None) -> str:
+    """The torch device a node trains on: ``auto`` picks ``cuda`` when a GPU is present, else ``cpu``;
+    ``cuda``/``cuda:N`` must exist. ``cuda_devices`` defaults to ``torch.cuda.device_count()``.
+    Raises ``ValueError`` with a one-line reason."""
+    count = torch.cuda.device_count() if cuda_devices is None else cuda_devices
+    if name == "auto":
+        return "cuda" if count > 0 else "cpu"
+    if name == "cpu":
+        return "cpu"
+    if name == "cuda" or name.startswith("cuda:"):
+        index = int(name.partition(":")[2] or 0)
+        if index >= count:
+            found = f"{count} CUDA device(s)" if count else "no CUDA device (torch " + torch.__version__ + ")"
+            raise ValueError(f"device {name}: not available, found {found}; use --device cpu or auto")
+        return name
+    raise ValueError(f"device {name!r}: expected auto, cpu, cuda or cuda:N")
+
+
 OPTIMIZERS = ("adam", "sgd")
 
 
