@@ -63,7 +63,7 @@ class NodeConfig:
     optimizer: str = field(default="sgd", metadata=_opt("sgd (with momentum) or adam"))
     lr: float = field(default=0.1, metadata=_opt("learning rate (at age 0, see lr-decay-steps)"))
     momentum: float = field(default=0.9, metadata=_opt("momentum of sgd"))
-    lr_decay_steps: float = field(default=0.0, metadata=_opt("step size lr/(1+age/STEPS); 0 keeps it constant"))
+    lr_decay_steps: float = field(default=1000.0, metadata=_opt("step size lr/(1+age/STEPS); 0 keeps it constant"))
     batch_size: int = field(default=32, metadata=_opt("minibatch size"))
     train_interval: float = field(default=0.1, metadata=_opt("seconds between local training rounds"))
     steps_per_round: int = field(default=2, metadata=_opt("minibatch steps per training round"))

@@ -36,6 +36,9 @@ class StartError(Exception):
     """The node cannot start as configured (port taken, mDNS interface missing, id in use)."""
 
 
+PUBLISH_AFTER_INTERVALS = 3
+
+
 def build_learner(task: Task, train: Dataset, test: Dataset, cfg: NodeConfig, *, weight: float = 1.0) -> Learner:
     """The Learner a node with this configuration trains: model seeded by ``cfg.seed``, optimizer and
     schedule from ``cfg`` (benchmarks use it too, for reference models trained the same way)."""
@@ -53,7 +56,14 @@ def build_learner(task: Task, train: Dataset, test: Dataset, cfg: NodeConfig, *,
         batch_size=cfg.batch_size,
         weight=weight,
         device=resolve_device(cfg.device),
+        publish_after_steps=publish_after_steps(cfg),
     )
+
+
+def publish_after_steps(cfg: NodeConfig) -> int:
+    """Local steps after which a node that has not merged serves its working copy: three gossip
+    intervals' worth of training (0 with --no-train, where there are no local steps)."""
+    return round(PUBLISH_AFTER_INTERVALS * cfg.gossip_interval * cfg.steps_per_round / cfg.train_interval)
 
 
 def default_node_id(port: int) -> str:
@@ -249,6 +259,8 @@ class Node:
             "class_histogram": self.class_histogram,
             "training": not self.config.no_train,
             "device": str(self.learner.device),
+            # the served model (scored in metrics, answered from) is the working copy as of the last merge
+            "served": {"age": self.learner.served_age, "local_steps_behind": self.learner.unpublished_steps},
             "merge": {"rule": self.config.merge, "weight": self.learner.weight},
             "uptime_s": round(time.monotonic() - self.started_at, 3) if self.started_at else 0.0,
             "model": self.gossiper.model_digest,

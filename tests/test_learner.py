@@ -103,3 +103,30 @@ def test_cuda_training_matches_the_cpu_interface(data):
     assert all(isinstance(v, np.ndarray) for v in snap.params.values())
     gpu.update(lambda s: ({k: np.zeros_like(v) for k, v in s.params.items()}, s.age, s.weight))
     assert all(float(p.abs().sum()) == 0.0 for p in gpu.model.parameters())
+
+
+def test_served_model_is_the_last_merge_until_it_goes_stale(data):
+    lr = learner(data, lr=0.05, publish_after_steps=10)
+    merged = {k: v + 0.01 for k, v in lr.snapshot().params.items()}
+    lr.update(lambda s: (merged, s.age, s.weight))
+
+    def served() -> dict:
+        return {n: p.detach().numpy().copy() for n, p in lr.serving.named_parameters()}
+
+    lr.train_steps(10)  # within the allowance: evaluate() scores the merged model, not the working copy
+    lr.evaluate()
+    assert all(np.array_equal(served()[k], merged[k]) for k in merged)
+    assert lr.unpublished_steps == 10 and lr.served_age == 0
+    assert lr.evaluate_working() != lr.evaluate()
+
+    lr.train_steps(1)  # one step too many without a merge (a node alone): the working copy is served
+    lr.evaluate()
+    work = lr.snapshot().params
+    assert all(np.array_equal(served()[k], work[k]) for k in work)
+    assert lr.unpublished_steps == 0 and lr.served_age == 11
+
+
+def test_publish_after_zero_serves_the_working_copy(data):
+    lr = learner(data)
+    lr.train_steps(3)
+    assert lr.evaluate() == lr.evaluate_working()

@@ -6,6 +6,7 @@ parameters goes through one lock. Parameters leave the Learner only as numpy cop
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -79,9 +80,20 @@ class Learner:
         batch_size: int = 32,
         weight: float = 1.0,
         device: str = "cpu",
+        publish_after_steps: int = 0,
     ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device)
+        # The served model: what evaluate() scores and what a node answers queries with. It is a copy of the
+        # working model taken at every merge, so it is the node's latest view of the network's consensus,
+        # not the working copy halfway through a run of local steps on local data (on skewed data those
+        # steps pull the working copy towards the local classes until the next merge). A node that has made
+        # more than ``publish_after_steps`` local steps since its last merge (alone, or cut off) serves its
+        # working copy instead; 0 always serves the working copy.
+        self.serving = copy.deepcopy(self.model).eval()
+        self.publish_after_steps = publish_after_steps
+        self.served_age = 0
+        self._unpublished_steps = 0
         self._named = dict(self.model.named_parameters())
         # Optimizer state (Adam's moments, SGD's momentum buffer) is kept across merges: partners' models
         # are close after averaging, so the running gradient statistics stay valid, and resetting them
@@ -125,6 +137,7 @@ class Learner:
                     p.copy_(torch.from_numpy(np.ascontiguousarray(params[name])))
             self.age, self.weight = age, float(weight)
             self.version += 1
+            self._publish()
             return before
 
     # -- training and evaluation -----------------------------------------------------------------
@@ -158,10 +171,33 @@ class Learner:
                 loss = self.task.train_step(self.model, self.optimizer, self._x[idx], self._y[idx])
                 self.age += 1
                 self.version += 1
+                self._unpublished_steps += 1
             total += loss
         return total / steps
 
+    def _publish(self) -> None:
+        """Copy the working model into the served one (caller holds the lock)."""
+        self.serving.load_state_dict(self.model.state_dict())
+        self.served_age = self.age
+        self._unpublished_steps = 0
+
+    def _refresh_serving(self) -> None:
+        if self._unpublished_steps > self.publish_after_steps:
+            self._publish()
+
+    @property
+    def unpublished_steps(self) -> int:
+        """Local steps the working copy has made since the served model was taken from it."""
+        return self._unpublished_steps
+
     def evaluate(self) -> Evaluation:
+        """Score the served model on the test split."""
+        with self._lock, torch.no_grad():
+            self._refresh_serving()
+            return self.task.evaluate(self.serving, self._x_test, self._y_test)
+
+    def evaluate_working(self) -> Evaluation:
+        """Score the working copy (the model local training is changing) on the test split."""
         with self._lock, torch.no_grad():
             self.model.eval()
             return self.task.evaluate(self.model, self._x_test, self._y_test)
