@@ -7,19 +7,14 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from . import wire
+from . import inference_api, modelfile, openapi, wire
 from .gossip import Busy
-from .httpio import TooLarge, read_limited
+from .httpio import NODE_KEY, TooLarge, error, read_limited
 
 if TYPE_CHECKING:
     from .node import Node
 
 log = logging.getLogger("gossipfl.api")
-NODE_KEY: web.AppKey[Node] = web.AppKey("node")
-
-
-def error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
 
 
 @web.middleware
@@ -42,7 +37,27 @@ async def get_status(request: web.Request) -> web.Response:
 
 async def get_model(request: web.Request) -> web.Response:
     node = request.app[NODE_KEY]
-    return web.Response(body=await node.model_payload(), content_type=wire.CONTENT_TYPE)
+    fmt = request.query.get("format", "msgpack")
+    if fmt == "msgpack":  # the gossip payload of the working model
+        return web.Response(body=await node.model_payload(), content_type=wire.CONTENT_TYPE)
+    if fmt == "safetensors":  # the served model, for torch
+        body = await node.model_file()
+        name = f"{node.task.name}-{node.id}.safetensors"
+        return web.Response(
+            body=body,
+            content_type=modelfile.CONTENT_TYPE,
+            headers={"Content-Disposition": f'attachment; filename="{name}"'},
+        )
+    return error(400, f"format {fmt!r}: expected msgpack or safetensors")
+
+
+async def get_metrics(request: web.Request) -> web.Response:
+    body, content_type = request.app[NODE_KEY].metrics.exposition(request.headers.get("Accept"))
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+async def get_openapi(request: web.Request) -> web.Response:
+    return web.json_response(openapi.document(request.app[NODE_KEY].task.name))
 
 
 async def post_gossip(request: web.Request) -> web.Response:
@@ -66,4 +81,7 @@ def build_app(node: Node) -> web.Application:
     app.router.add_get("/v1/status", get_status)
     app.router.add_get("/v1/model", get_model)
     app.router.add_post("/v1/gossip", post_gossip)
+    app.router.add_get("/v1/openapi.json", get_openapi)
+    app.router.add_get("/metrics", get_metrics)
+    inference_api.add_routes(app)
     return app

@@ -87,6 +87,16 @@ def build_parser() -> argparse.ArgumentParser:
     peers.add_argument("--mdns-interface", default="", help="IPv4 address(es), comma-separated (default: all)")
     peers.add_argument("--timeout", type=float, default=3.0, help="seconds to listen")
     peers.add_argument("--json", action="store_true")
+
+    pull = sub.add_parser("pull", help="save a node's served model as a safetensors file")
+    pull.add_argument("url", help="the node, e.g. http://127.0.0.1:8470")
+    pull.add_argument("-o", "--output", required=True, metavar="FILE", help="where to write the .safetensors file")
+
+    query = sub.add_parser("query", help="run inputs through a node's model (Open Inference Protocol v2)")
+    query.add_argument("url", help="the node, e.g. http://127.0.0.1:8470")
+    query.add_argument("--input", required=True, metavar="FILE", help=".npy or .json: rows of raw features")
+    query.add_argument("--model", help="model name (default: the node's task)")
+    query.add_argument("--json", action="store_true", help="print all outputs as JSON")
     return parser
 
 
@@ -180,14 +190,48 @@ def cmd_peers(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pull(args: argparse.Namespace) -> int:
+    from .client import pull
+
+    info = pull(args.url, args.output)
+    meta = info["metadata"]
+    print(
+        f"saved {info['file']} ({info['bytes']:,} bytes, {len(info['tensors'])} tensors): "
+        f"task={meta.get('task')} node={meta.get('node_id')} age={meta.get('age')}"
+    )
+    return 0
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    import json
+
+    from .client import load_input, query
+
+    out = query(args.url, load_input(args.input), model=args.model)
+    if args.json or "label" not in out:
+        print(json.dumps({k: v.tolist() for k, v in out.items()}))
+        return 0
+    probs = out.get("probabilities")
+    print("row  label  probability")
+    for i, label in enumerate(out["label"]):
+        p = "-" if probs is None else f"{probs[i][label]:.4f}"
+        print(f"{i:>3}  {label:>5}  {p:>11}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from .client import ClientError
+
     args = build_parser().parse_args(argv)
-    commands = {"node": cmd_node, "testbed": cmd_testbed, "peers": cmd_peers}
+    commands = {"node": cmd_node, "testbed": cmd_testbed, "peers": cmd_peers, "pull": cmd_pull, "query": cmd_query}
     try:
         return commands[args.command](args)
     except ConfigError as e:
         print(f"gossipfl: error: {e}", file=sys.stderr)
         return 2
+    except ClientError as e:
+        print(f"gossipfl: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

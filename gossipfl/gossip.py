@@ -14,6 +14,7 @@ import logging
 import random
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -84,6 +85,8 @@ class Gossiper:
         self.max_body = wire.max_message_size(self.spec)
         self.model_digest = wire.spec_digest(self.spec)
         self.stats = ExchangeStats()
+        # called with (result, seconds) after every exchange this node starts (metrics)
+        self.on_exchange: Callable[[str, float], None] | None = None
         self.timeout = aiohttp.ClientTimeout(total=request_timeout)
         self._busy = False
         self._closed = False
@@ -173,8 +176,14 @@ class Gossiper:
 
     async def exchange(self, session: aiohttp.ClientSession, peer: Peer) -> str:
         """One push-pull exchange with ``peer``; returns "ok", "busy" or "failed"."""
-        self._busy = True
         start = time.perf_counter()
+        result = await self._exchange(session, peer, start)
+        if self.on_exchange is not None:
+            self.on_exchange(result, time.perf_counter() - start)
+        return result
+
+    async def _exchange(self, session: aiohttp.ClientSession, peer: Peer, start: float) -> str:
+        self._busy = True
         try:
             sent = await asyncio.to_thread(self.learner.snapshot)
             body = self.encode_state(sent)

@@ -1,8 +1,22 @@
-"""Reading HTTP bodies with a size limit, for both sides of an exchange."""
+"""HTTP helpers shared by the routes and the gossip client: size-limited reads, the error shape, the
+app key under which routes find their node."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import aiohttp
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from .node import Node
+
+NODE_KEY: web.AppKey[Node] = web.AppKey("node")
+
+
+def error(status: int, message: str) -> web.Response:
+    """The one error shape of every route: ``{"error": "..."}``."""
+    return web.json_response({"error": message}, status=status)
 
 
 class TooLarge(Exception):

@@ -13,10 +13,12 @@ import time
 from typing import Any
 
 import aiohttp
+import numpy as np
 from aiohttp import web
 from zeroconf import NonUniqueNameException
 from zeroconf.asyncio import AsyncZeroconf
 
+from . import modelfile, serving
 from .api import build_app
 from .config import NodeConfig
 from .discovery import Identity, MdnsDiscovery, SeedDiscovery, advertised_addresses, make_zeroconf
@@ -26,6 +28,7 @@ from .learning.partition import class_histogram, partition
 from .learning.registry import build_checked, get_task, load_checked
 from .learning.task import Dataset, Evaluation, Task
 from .logs import node_logger
+from .metrics import NodeMetrics, Readings
 from .peers import PeerTable
 from .training import every
 
@@ -121,6 +124,7 @@ class Node:
         except ValueError as e:  # TaskError, or a partition that cannot be made
             raise StartError(str(e)) from None
         self.class_histogram = class_histogram(data.train.y, self.shard, data.num_classes)
+        self.signature = serving.signature(self.task, self.learner, data.num_classes)
 
         try:
             sock = bind_socket(cfg.host, cfg.port)
@@ -144,6 +148,8 @@ class Node:
         )
 
         self.identity = Identity(self.task.name, self.gossiper.model_digest, cfg.cluster)
+        self.metrics = NodeMetrics(self._readings, node_id=self.id, task=self.task.name)
+        self.gossiper.on_exchange = self.metrics.exchange
 
         self._runner = web.AppRunner(build_app(self), access_log=None, handle_signals=False)
         await self._runner.setup()
@@ -244,6 +250,34 @@ class Node:
     # -- read side --------------------------------------------------------------------------------
     async def model_payload(self) -> bytes:
         return self.gossiper.encode_state(await asyncio.to_thread(self.learner.snapshot))
+
+    async def model_file(self) -> bytes:
+        """The served model as a safetensors file (parameters and buffers; metadata: node, age, task)."""
+        state, age = await asyncio.to_thread(self.learner.served_state)
+        return modelfile.encode(state, node_id=self.id, age=age, task=self.task.name)
+
+    @property
+    def ready(self) -> bool:
+        """The model has been trained or merged at least once (it is no longer the bare initialisation)."""
+        return self.learner.version > 0
+
+    async def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return await asyncio.to_thread(serving.predict, self.task, self.learner, inputs)
+
+    def _readings(self) -> Readings:
+        st, ev = self.gossiper.stats, self.last_eval
+        return Readings(
+            initiated={"ok": st.ok, "failed": st.failed, "busy": st.busy},
+            answered={"ok": st.served, "rejected": st.rejected},
+            bytes_sent=st.bytes_sent,
+            bytes_received=st.bytes_received,
+            known_peers=len(self.peers),
+            ignored_peers=len(self.peers.ignored()),
+            model_age=self.learner.age,
+            train_steps=self.learner.steps,
+            accuracy=ev.accuracy if ev else None,
+            loss=ev.loss if ev else None,
+        )
 
     def status(self) -> dict[str, Any]:
         ev = self.last_eval

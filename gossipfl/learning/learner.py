@@ -10,6 +10,7 @@ import copy
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -18,6 +19,7 @@ from torch import nn
 from .task import Dataset, Evaluation, Task
 
 Params = dict[str, np.ndarray]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,7 @@ class Learner:
         self._cursor = 0
         self._lock = threading.Lock()
         self.age = 0
+        self.steps = 0  # local minibatch steps this learner made (age also counts merged-in steps)
         self.version = 0
         self.weight = float(weight)
 
@@ -170,6 +173,7 @@ class Learner:
                     group["lr"] = self.lr_at(self.age)
                 loss = self.task.train_step(self.model, self.optimizer, self._x[idx], self._y[idx])
                 self.age += 1
+                self.steps += 1
                 self.version += 1
                 self._unpublished_steps += 1
             total += loss
@@ -195,6 +199,22 @@ class Learner:
         with self._lock, torch.no_grad():
             self._refresh_serving()
             return self.task.evaluate(self.serving, self._x_test, self._y_test)
+
+    def with_served(self, fn: Callable[[nn.Module], T]) -> T:
+        """Run ``fn`` on the served model, under the lock and without gradients (inference, export)."""
+        with self._lock, torch.no_grad():
+            self._refresh_serving()
+            return fn(self.serving)
+
+    def served_state(self) -> tuple[Params, int]:
+        """The served model's full state dict (parameters and buffers) as CPU numpy copies, and its age."""
+
+        def copy_out(model: nn.Module) -> Params:
+            return {k: v.detach().to("cpu", copy=True).numpy() for k, v in model.state_dict().items()}
+
+        with self._lock, torch.no_grad():
+            self._refresh_serving()
+            return copy_out(self.serving), self.served_age
 
     def evaluate_working(self) -> Evaluation:
         """Score the working copy (the model local training is changing) on the test split."""

@@ -10,10 +10,13 @@ A task is any object with these members (see ``examples/my_task.py`` for a compl
 - ``build_model() -> torch.nn.Module`` — the caller seeds torch first, so nodes started with
   different ``--seed`` start from different parameters;
 - ``train_step(model, optimizer, x, y) -> float`` — one minibatch step, returns the loss;
-- ``evaluate(model, x, y) -> Evaluation`` — on the test split, in eval mode, without gradients.
+- ``evaluate(model, x, y) -> Evaluation`` — on the test split, in eval mode, without gradients;
+- optional, for inference clients: ``output_specs(num_classes) -> list[OutputSpec]`` and
+  ``predict(model, x) -> dict[str, Tensor]`` (one entry per output spec). Without them a node serves
+  the model's raw output as one FP32 tensor named ``output``.
 
-``ClassificationTask`` implements the last two (cross-entropy, accuracy); subclass it and write
-the first four.
+``ClassificationTask`` implements the last four (cross-entropy, accuracy, class probabilities and the
+predicted label); subclass it and write the first four.
 """
 
 from __future__ import annotations
@@ -53,6 +56,14 @@ class TaskData:
 class InputSpec:
     shape: tuple[int, ...]  # one sample, without the batch axis
     dtype: str  # numpy dtype name, e.g. "float32"
+    name: str = "input"  # the tensor's name for inference clients
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    name: str
+    dtype: str  # numpy dtype name
+    shape: tuple[int, ...]  # one sample, without the batch axis
 
 
 @dataclass(frozen=True)
@@ -102,6 +113,14 @@ class ClassificationTask:
             loss=float(nn.functional.cross_entropy(logits, y)),
             accuracy=float((logits.argmax(dim=1) == y).float().mean()),
         )
+
+    def output_specs(self, num_classes: int) -> list[OutputSpec]:
+        return [OutputSpec("probabilities", "float32", (num_classes,)), OutputSpec("label", "int64", ())]
+
+    def predict(self, model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What inference clients get: class probabilities and the predicted label."""
+        probs = torch.softmax(model(x).float(), dim=1)
+        return {"probabilities": probs, "label": probs.argmax(dim=1)}
 
 
 def split(x: np.ndarray, y: np.ndarray, data_seed: int, test_fraction: float = 0.2) -> tuple[Dataset, Dataset]:

@@ -1,0 +1,133 @@
+"""Client side of a node's model-serving API, for ``gossipfl pull`` and ``gossipfl query``.
+
+Plain HTTP with the standard library; the infer request uses the Open Inference Protocol's binary
+tensor data extension, as ``tritonclient`` does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import oip
+
+
+class ClientError(Exception):
+    """The node could not be reached or refused the request (one line, shown to the user)."""
+
+
+def base_url(url: str) -> str:
+    url = url.strip().rstrip("/")
+    return url if "://" in url else f"http://{url}"
+
+
+def _request(url: str, data: bytes | None = None, headers: dict[str, str] | None = None, timeout: float = 30.0):
+    req = urllib.request.Request(url, data=data, headers=headers or {}, method="POST" if data is not None else "GET")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.read(), resp.headers
+    except urllib.error.HTTPError as e:
+        body = e.read()
+        try:
+            detail = json.loads(body)["error"]
+        except (ValueError, KeyError, TypeError):
+            detail = body[:200].decode(errors="replace")
+        raise ClientError(f"{url}: HTTP {e.code}: {detail}") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise ClientError(f"{url}: {getattr(e, 'reason', e)}") from None
+
+
+def _get_json(url: str, timeout: float) -> Any:
+    body, _ = _request(url, timeout=timeout)
+    return json.loads(body)
+
+
+def pull(url: str, out: str | Path, timeout: float = 30.0) -> dict[str, Any]:
+    """Save a node's served model as a safetensors file; return its metadata and tensor count."""
+    from safetensors import safe_open
+
+    body, _ = _request(base_url(url) + "/v1/model?format=safetensors", timeout=timeout)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
+    with os.fdopen(fd, "wb") as f:
+        f.write(body)
+    os.replace(tmp, out)
+    with safe_open(str(out), framework="numpy") as f:
+        meta = dict(f.metadata() or {})
+        tensors = {k: f.get_slice(k).get_shape() for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    return {"file": str(out), "bytes": len(body), "metadata": meta, "tensors": tensors}
+
+
+def load_input(path: str | Path) -> np.ndarray:
+    """Rows of raw features from ``.npy`` (read without pickle) or ``.json`` (a list of rows, or one row)."""
+    path = Path(path)
+    try:
+        if path.suffix == ".npy":
+            x = np.load(path, allow_pickle=False)
+        elif path.suffix == ".json":
+            x = np.asarray(json.loads(path.read_text()), dtype=np.float64)
+        else:
+            raise ClientError(f"input {path}: expected a .npy or .json file")
+    except (OSError, ValueError) as e:
+        raise ClientError(f"input {path}: {e}") from None
+    if x.dtype.kind not in "biuf":
+        raise ClientError(f"input {path}: values must be numeric, got {x.dtype}")
+    return x
+
+
+def query(url: str, x: np.ndarray, model: str | None = None, timeout: float = 30.0) -> dict[str, np.ndarray]:
+    """Run ``x`` through a node's served model with one OIP v2 infer request (binary tensors both ways)."""
+    root = base_url(url)
+    name = model or _get_json(root + "/v1/status", timeout)["task"]
+    meta = _get_json(f"{root}/v2/models/{name}", timeout)
+    (spec,) = meta["inputs"]
+    sample = tuple(spec["shape"][1:])
+    if x.shape == sample:
+        x = x[None]  # one sample: make it a batch of one
+    if tuple(x.shape[1:]) != sample:
+        raise ClientError(f"input shape {list(x.shape)}: model {name!r} expects [batch, {', '.join(map(str, sample))}]")
+    raw = np.ascontiguousarray(x.astype(oip.DATATYPES[spec["datatype"]].newbyteorder("<"))).tobytes()
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": spec["name"],
+                    "datatype": spec["datatype"],
+                    "shape": list(x.shape),
+                    "parameters": {"binary_data_size": len(raw)},
+                }
+            ],
+            "parameters": {"binary_data_output": True},
+        }
+    ).encode()
+    body, headers = _request(
+        f"{root}/v2/models/{name}/infer",
+        data=header + raw,
+        headers={"Content-Type": "application/octet-stream", oip.HEADER: str(len(header))},
+        timeout=timeout,
+    )
+    return decode_response(body, headers.get(oip.HEADER))
+
+
+def decode_response(body: bytes, header_length: str | None) -> dict[str, np.ndarray]:
+    n = int(header_length) if header_length is not None else len(body)
+    doc, offset, out = json.loads(body[:n]), n, {}
+    for o in doc["outputs"]:
+        dtype = oip.DATATYPES[o["datatype"]].newbyteorder("<")
+        size = o.get("parameters", {}).get("binary_data_size")
+        if size is None:
+            out[o["name"]] = np.asarray(o["data"], dtype=dtype).reshape(o["shape"])
+        else:
+            out[o["name"]] = np.frombuffer(body, dtype=dtype, count=size // dtype.itemsize, offset=offset).reshape(
+                o["shape"]
+            )
+            offset += size
+    return out

@@ -1,0 +1,111 @@
+"""Open Inference Protocol v2 routes (KServe / Triton REST), thin: the codec is in ``oip``.
+
+The model's name is the task's name; its only version is "1" (the served model changes as the node
+learns; ``GET /v1/status`` says how old it is).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from . import __version__, oip
+from .httpio import NODE_KEY, TooLarge, error, read_limited
+
+if TYPE_CHECKING:
+    from .node import Node
+
+MAX_BATCH = 4096
+JSON_CHARS_PER_VALUE = 32  # generous: "-1.2345678901234567e-05, " is 25
+
+
+def max_infer_body(node: Node) -> int:
+    """Largest infer request accepted: MAX_BATCH rows as JSON text, plus room for the header."""
+    values = sum(math.prod(d for d in t.shape if d != -1) for t in node.signature.inputs)
+    return 64 * 1024 + MAX_BATCH * values * JSON_CHARS_PER_VALUE
+
+
+def _model(request: web.Request) -> tuple[Node, web.Response | None]:
+    node = request.app[NODE_KEY]
+    name = request.match_info["name"]
+    version = request.match_info.get("version")
+    if name != node.task.name:
+        return node, error(404, f"unknown model {name!r}; this node serves {node.task.name!r}")
+    if version is not None and version != "1":
+        return node, error(404, f"model {name!r} has no version {version!r}; its only version is '1'")
+    return node, None
+
+
+async def live(request: web.Request) -> web.Response:
+    return web.json_response({"live": True})
+
+
+async def ready(request: web.Request) -> web.Response:
+    if not request.app[NODE_KEY].ready:
+        return error(400, "not ready: the model has not been trained or merged yet")
+    return web.json_response({"ready": True})
+
+
+async def server_metadata(request: web.Request) -> web.Response:
+    return web.json_response(oip.server_metadata(__version__))
+
+
+async def model_metadata(request: web.Request) -> web.Response:
+    node, problem = _model(request)
+    if problem:
+        return problem
+    sig = node.signature
+    return web.json_response(oip.model_metadata(node.task.name, sig.inputs, sig.outputs))
+
+
+async def model_ready(request: web.Request) -> web.Response:
+    node, problem = _model(request)
+    if problem:
+        return problem
+    if not node.ready:
+        return error(400, f"model {node.task.name!r} is not ready: not trained or merged yet")
+    return web.json_response({"name": node.task.name, "ready": True})
+
+
+async def infer(request: web.Request) -> web.Response:
+    node, problem = _model(request)
+    if problem:
+        return problem
+    start = time.perf_counter()
+    response = await _infer(request, node)
+    metrics = node.metrics
+    metrics.inference_requests.labels(node.task.name, str(response.status)).inc()
+    if response.status == 200:
+        metrics.inference_duration.labels(node.task.name).observe(time.perf_counter() - start)
+    return response
+
+
+async def _infer(request: web.Request, node: Node) -> web.Response:
+    try:
+        body = await read_limited(request.content, request.content_length, max_infer_body(node))
+    except TooLarge as e:
+        return error(413, str(e))
+    sig = node.signature
+    try:
+        req = oip.parse_request(body, request.headers.get(oip.HEADER), sig.inputs, sig.outputs, max_batch=MAX_BATCH)
+    except oip.InferError as e:
+        return error(e.status, str(e))
+    results = await node.infer(req.inputs)
+    payload, header_length = oip.encode_response(node.task.name, req.id, results, req.outputs)
+    if header_length is None:
+        return web.Response(body=payload, content_type="application/json")
+    return web.Response(body=payload, content_type="application/octet-stream", headers={oip.HEADER: str(header_length)})
+
+
+def add_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_get("/v2/health/live", live)
+    r.add_get("/v2/health/ready", ready)
+    r.add_get("/v2", server_metadata)
+    for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
+        r.add_get(prefix, model_metadata)
+        r.add_get(prefix + "/ready", model_ready)
+        r.add_post(prefix + "/infer", infer)

@@ -1,0 +1,128 @@
+"""Prometheus metrics of one node: one registry per node (several nodes may share a process).
+
+Counters and gauges that mirror the node's own state (exchanges, bytes, peers, model age, accuracy,
+train steps) are read at scrape time by a collector, so nothing has to be kept in step; the two
+histograms (exchange and inference durations) and the inference counter are observed as events happen.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from . import __version__
+
+NAMESPACE = "gossipfl"
+EXCHANGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+INFERENCE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+@dataclass(frozen=True)
+class Readings:
+    """The node's state at scrape time."""
+
+    initiated: dict[str, int]  # result (ok, failed, busy) -> exchanges this node started
+    answered: dict[str, int]  # result (ok, rejected) -> exchanges peers started
+    bytes_sent: int
+    bytes_received: int
+    known_peers: int
+    ignored_peers: int
+    model_age: int
+    train_steps: int
+    accuracy: float | None
+    loss: float | None
+
+
+class _StateCollector(Collector):
+    def __init__(self, read: Callable[[], Readings]) -> None:
+        self.read = read
+
+    def collect(self) -> list[Metric]:
+        r = self.read()
+        exchanges = CounterMetricFamily(
+            f"{NAMESPACE}_exchanges",
+            "Gossip exchanges by role (initiator: this node started it) and result.",
+            labels=["role", "result"],
+        )
+        for result, n in r.initiated.items():
+            exchanges.add_metric(["initiator", result], n)
+        for result, n in r.answered.items():
+            exchanges.add_metric(["responder", result], n)
+        out: list[Metric] = [exchanges]
+        out.append(CounterMetricFamily(f"{NAMESPACE}_gossip_sent_bytes", "Gossip bytes sent.", value=r.bytes_sent))
+        out.append(
+            CounterMetricFamily(f"{NAMESPACE}_gossip_received_bytes", "Gossip bytes received.", value=r.bytes_received)
+        )
+        out.append(CounterMetricFamily(f"{NAMESPACE}_train_steps", "Local minibatch steps.", value=r.train_steps))
+        out.append(GaugeMetricFamily(f"{NAMESPACE}_known_peers", "Peers this node may gossip with.", r.known_peers))
+        out.append(
+            GaugeMetricFamily(
+                f"{NAMESPACE}_ignored_peers", "Peers seen but not gossiped with (other task, model or cluster).",
+                r.ignored_peers,
+            )
+        )  # fmt: skip
+        out.append(
+            GaugeMetricFamily(
+                f"{NAMESPACE}_model_age_steps", "Training steps the model embodies (max over merged ancestors).",
+                r.model_age,
+            )
+        )  # fmt: skip
+        if r.accuracy is not None:
+            out.append(
+                GaugeMetricFamily(f"{NAMESPACE}_test_accuracy_ratio", "Last test accuracy (0 to 1).", r.accuracy)
+            )
+        if r.loss is not None:
+            out.append(GaugeMetricFamily(f"{NAMESPACE}_test_loss", "Last test loss.", r.loss))
+        return out
+
+
+class NodeMetrics:
+    def __init__(self, read: Callable[[], Readings], *, node_id: str, task: str) -> None:
+        self.registry = CollectorRegistry()
+        self.exchange_duration = Histogram(
+            f"{NAMESPACE}_exchange_duration_seconds",
+            "Duration of exchanges this node started, by result.",
+            ["result"],
+            buckets=EXCHANGE_BUCKETS,
+            registry=self.registry,
+        )
+        for result in ("ok", "failed", "busy"):
+            self.exchange_duration.labels(result)  # every series exists from the first scrape
+        self.inference_requests = Counter(
+            f"{NAMESPACE}_inference_requests",
+            "Inference requests by model and HTTP status code.",
+            ["model", "code"],
+            registry=self.registry,
+        )
+        self.inference_duration = Histogram(
+            f"{NAMESPACE}_inference_duration_seconds",
+            "Duration of inference requests that ran the model.",
+            ["model"],
+            buckets=INFERENCE_BUCKETS,
+            registry=self.registry,
+        )
+        Info(f"{NAMESPACE}_build", "gossipfl build and node identity.", registry=self.registry).info(
+            {
+                "version": __version__,
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+                "node_id": node_id,
+                "task": task,
+            }
+        )
+        self.registry.register(_StateCollector(read))
+
+    def exchange(self, result: str, seconds: float) -> None:
+        self.exchange_duration.labels(result).observe(seconds)
+
+    def exposition(self, accept: str | None) -> tuple[bytes, str]:
+        """The exposition in the format the scraper asks for (Prometheus text or OpenMetrics)."""
+        encode, content_type = choose_encoder(accept or "")
+        return encode(self.registry), content_type

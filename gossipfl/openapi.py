@@ -1,0 +1,184 @@
+"""The OpenAPI 3.1 description of a node's HTTP API (served at ``GET /v1/openapi.json``).
+
+A test checks that every route the app serves is described here, and nothing else.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import __version__
+
+ERROR = {"$ref": "#/components/responses/Error"}
+JSON = "application/json"
+MSGPACK = "application/msgpack"
+
+
+def _json(description: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"description": description, "content": {JSON: {"schema": schema or {"type": "object"}}}}
+
+
+def _op(summary: str, responses: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {"summary": summary, "responses": responses, **extra}
+
+
+def _model_params(versioned: bool) -> list[dict[str, Any]]:
+    params = [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}]
+    if versioned:
+        params.append({"name": "version", "in": "path", "required": True, "schema": {"type": "string", "enum": ["1"]}})
+    return params
+
+
+def _v2_model_paths(versioned: bool) -> dict[str, Any]:
+    prefix = "/v2/models/{name}" + ("/versions/{version}" if versioned else "")
+    params = _model_params(versioned)
+    tensor = {"$ref": "#/components/schemas/Tensor"}
+    return {
+        prefix: {
+            "get": _op(
+                "Model metadata: input and output tensors (-1 = batch axis)",
+                {"200": _json("model metadata"), "404": ERROR},
+                parameters=params,
+            )
+        },
+        prefix + "/ready": {
+            "get": _op(
+                "Is the model ready (trained or merged at least once)",
+                {"200": _json("ready"), "400": ERROR, "404": ERROR},
+                parameters=params,
+            )
+        },
+        prefix + "/infer": {
+            "post": _op(
+                "Run the served model (JSON tensors, or the binary tensor data extension)",
+                {
+                    "200": {
+                        "description": "outputs; binary outputs follow a JSON header of "
+                        "Inference-Header-Content-Length bytes",
+                        "content": {JSON: {"schema": {"type": "object"}}, "application/octet-stream": {}},
+                    },
+                    "400": ERROR,
+                    "404": ERROR,
+                    "413": ERROR,
+                },
+                parameters=[
+                    *params,
+                    {
+                        "name": "Inference-Header-Content-Length",
+                        "in": "header",
+                        "required": False,
+                        "schema": {"type": "integer", "minimum": 0},
+                        "description": "length of the JSON header when binary tensor data follows it",
+                    },
+                ],
+                requestBody={
+                    "required": True,
+                    "content": {
+                        JSON: {
+                            "schema": {
+                                "type": "object",
+                                "required": ["inputs"],
+                                "properties": {
+                                    "id": {"type": "string"},
+                                    "inputs": {"type": "array", "items": tensor},
+                                    "outputs": {"type": "array", "items": {"type": "object"}},
+                                    "parameters": {"type": "object"},
+                                },
+                            }
+                        },
+                        "application/octet-stream": {},
+                    },
+                },
+            )
+        },
+    }
+
+
+def document(model_name: str) -> dict[str, Any]:
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "gossipfl node",
+            "version": __version__,
+            "description": f"One gossipfl node. It serves the model {model_name!r} (the task's name). Every "
+            "error answers with the Error shape.",
+        },
+        "paths": {
+            "/v1/status": {"get": _op("Node status: id, task, model age, peers, metrics", {"200": _json("status")})},
+            "/v1/model": {
+                "get": _op(
+                    "Download the model",
+                    {
+                        "200": {
+                            "description": "msgpack: the gossip payload of the working model; safetensors: the "
+                            "served model (metadata node_id, age, task)",
+                            "content": {MSGPACK: {}, "application/octet-stream": {}},
+                        },
+                        "400": ERROR,
+                    },
+                    parameters=[
+                        {
+                            "name": "format",
+                            "in": "query",
+                            "required": False,
+                            "schema": {"type": "string", "enum": ["msgpack", "safetensors"], "default": "msgpack"},
+                        }
+                    ],
+                )
+            },
+            "/v1/gossip": {
+                "post": _op(
+                    "One push-pull exchange: the body is this node's peer's model (msgpack wire message); the "
+                    "reply is this node's pre-merge model",
+                    {
+                        "200": {"description": "the pre-merge model", "content": {MSGPACK: {}}},
+                        "400": ERROR,
+                        "409": ERROR,
+                        "413": ERROR,
+                    },
+                    requestBody={"required": True, "content": {MSGPACK: {}}},
+                )
+            },
+            "/v1/openapi.json": {"get": _op("This document", {"200": _json("OpenAPI 3.1 document")})},
+            "/metrics": {
+                "get": _op(
+                    "Prometheus metrics (text format 0.0.4, or OpenMetrics when the Accept header asks)",
+                    {"200": {"description": "exposition", "content": {"text/plain": {}}}},
+                )
+            },
+            "/v2/health/live": {"get": _op("Liveness", {"200": _json("live")})},
+            "/v2/health/ready": {"get": _op("Readiness", {"200": _json("ready"), "400": ERROR})},
+            "/v2": {"get": _op("Server metadata and supported extensions", {"200": _json("server metadata")})},
+            **_v2_model_paths(versioned=False),
+            **_v2_model_paths(versioned=True),
+        },
+        "components": {
+            "schemas": {
+                "Error": {
+                    "type": "object",
+                    "required": ["error"],
+                    "properties": {"error": {"type": "string", "description": "what was wrong or expected"}},
+                },
+                "Tensor": {
+                    "type": "object",
+                    "required": ["name", "shape", "datatype"],
+                    "properties": {
+                        "name": {"type": "string"},
+                        "shape": {"type": "array", "items": {"type": "integer"}},
+                        "datatype": {"type": "string"},
+                        "data": {"type": "array", "description": "row-major values (may be nested)"},
+                        "parameters": {
+                            "type": "object",
+                            "properties": {"binary_data_size": {"type": "integer", "minimum": 0}},
+                        },
+                    },
+                },
+            },
+            "responses": {
+                "Error": {
+                    "description": "error",
+                    "content": {JSON: {"schema": {"$ref": "#/components/schemas/Error"}}},
+                }
+            },
+        },
+    }
