@@ -35,6 +35,11 @@ async def get_status(request: web.Request) -> web.Response:
     return web.json_response(request.app[NODE_KEY].status())
 
 
+async def get_peers(request: web.Request) -> web.Response:
+    """The peers this node knows (peer exchange reads this): id, url, task, source, liveness, last contact."""
+    return web.json_response({"id": request.app[NODE_KEY].id, "peers": request.app[NODE_KEY].peers.describe()})
+
+
 async def get_model(request: web.Request) -> web.Response:
     node = request.app[NODE_KEY]
     fmt = request.query.get("format", "msgpack")
@@ -67,7 +72,7 @@ async def post_gossip(request: web.Request) -> web.Response:
     except TooLarge as e:
         return error(413, str(e))
     try:
-        reply = await gossiper.respond(body)
+        reply = await gossiper.respond(body, remote=request.remote)
     except Busy as e:
         return error(409, str(e))
     except wire.WireError as e:
@@ -80,6 +85,7 @@ def build_app(node: Node) -> web.Application:
     app[NODE_KEY] = node
     app.router.add_get("/v1/status", get_status)
     app.router.add_get("/v1/model", get_model)
+    app.router.add_get("/v1/peers", get_peers)
     app.router.add_post("/v1/gossip", post_gossip)
     app.router.add_get("/v1/openapi.json", get_openapi)
     app.router.add_get("/metrics", get_metrics)

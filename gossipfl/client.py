@@ -6,6 +6,7 @@ tensor data extension, as ``tritonclient`` does.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import tempfile
@@ -40,18 +41,21 @@ def _request(url: str, data: bytes | None = None, headers: dict[str, str] | None
         except (ValueError, KeyError, TypeError):
             detail = body[:200].decode(errors="replace")
         raise ClientError(f"{url}: HTTP {e.code}: {detail}") from None
-    except (urllib.error.URLError, OSError) as e:
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
         raise ClientError(f"{url}: {getattr(e, 'reason', e)}") from None
 
 
 def _get_json(url: str, timeout: float) -> Any:
     body, _ = _request(url, timeout=timeout)
-    return json.loads(body)
+    try:
+        return json.loads(body)
+    except ValueError:
+        raise ClientError(f"{url}: the answer is not JSON (is this a gossipfl node?)") from None
 
 
 def pull(url: str, out: str | Path, timeout: float = 30.0) -> dict[str, Any]:
     """Save a node's served model as a safetensors file; return its metadata and tensor count."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     body, _ = _request(base_url(url) + "/v1/model?format=safetensors", timeout=timeout)
     out = Path(out)
@@ -59,10 +63,14 @@ def pull(url: str, out: str | Path, timeout: float = 30.0) -> dict[str, Any]:
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
     with os.fdopen(fd, "wb") as f:
         f.write(body)
+    try:
+        with safe_open(tmp, framework="numpy") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_slice(k).get_shape() for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    except (SafetensorError, OSError) as e:
+        os.unlink(tmp)
+        raise ClientError(f"{url}: the answer is not a safetensors file: {e}") from None
     os.replace(tmp, out)
-    with safe_open(str(out), framework="numpy") as f:
-        meta = dict(f.metadata() or {})
-        tensors = {k: f.get_slice(k).get_shape() for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
     return {"file": str(out), "bytes": len(body), "metadata": meta, "tensors": tensors}
 
 
@@ -86,9 +94,13 @@ def load_input(path: str | Path) -> np.ndarray:
 def query(url: str, x: np.ndarray, model: str | None = None, timeout: float = 30.0) -> dict[str, np.ndarray]:
     """Run ``x`` through a node's served model with one OIP v2 infer request (binary tensors both ways)."""
     root = base_url(url)
-    name = model or _get_json(root + "/v1/status", timeout)["task"]
-    meta = _get_json(f"{root}/v2/models/{name}", timeout)
-    (spec,) = meta["inputs"]
+    try:
+        name = model or _get_json(root + "/v1/status", timeout)["task"]
+        meta = _get_json(f"{root}/v2/models/{name}", timeout)
+        (spec,) = meta["inputs"]
+        spec["datatype"], spec["shape"], spec["name"]  # noqa: B018 - checked here, used below
+    except (KeyError, TypeError, ValueError):
+        raise ClientError(f"{root}: unexpected model metadata (only single-input models are supported)") from None
     sample = tuple(spec["shape"][1:])
     if x.shape == sample:
         x = x[None]  # one sample: make it a batch of one

@@ -20,7 +20,7 @@ from .learning.partition import parse_scheme
 from .merge import RULES
 
 ENV_PREFIX = "GOSSIPFL_"
-DISCOVERY_BACKENDS = ("mdns", "static")
+DISCOVERY_BACKENDS = ("mdns", "static", "dns")
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 
@@ -44,7 +44,10 @@ class NodeConfig:
         default="digits", metadata=_opt("digits, digits-cnn, synthetic[:dim=D,classes=C], tabular, or module:factory")
     )
     data: str | None = field(default=None, metadata=_opt("the node's own data file (.npz with x, y, or .csv)"))
-    partition: str = field(default="0/1", metadata=_opt("this node's shard K of N of the training data, 0-based"))
+    partition: str = field(
+        default="0/1",
+        metadata=_opt("this node's shard K of N of the training data, 0-based; auto/N: K from the replica's ordinal"),
+    )
     partition_scheme: str = field(
         default="iid", metadata=_opt("how the training split is cut: iid, dirichlet:ALPHA or shards:S")
     )
@@ -53,7 +56,15 @@ class NodeConfig:
     )
     seeds: tuple[str, ...] = field(default=(), metadata=_opt("static peers host:port, comma-separated"))
     discovery: tuple[str, ...] = field(
-        default=("mdns",), metadata=_opt("discovery backends, comma-separated: mdns, static (implied by --seeds)")
+        default=("mdns",),
+        metadata=_opt("discovery backends, comma-separated: mdns, static (implied by --seeds), dns (by --dns-name)"),
+    )
+    dns_name: str | None = field(
+        default=None, metadata=_opt("DNS name whose A records are the peers (a scaled service, a headless Service)")
+    )
+    dns_interval: float = field(default=5.0, metadata=_opt("seconds between lookups of --dns-name"))
+    pex_interval: float = field(
+        default=5.0, metadata=_opt("seconds between reads of a random peer's peer list (peer exchange)")
     )
     merge: str = field(default="average", metadata=_opt("merge rule: average, age, samples or pushsum"))
     gossip_interval: float = field(default=1.0, metadata=_opt("seconds between exchanges (+-20%% jitter)"))
@@ -77,19 +88,20 @@ class NodeConfig:
         validate(self)
 
     @property
-    def shard(self) -> tuple[int, int]:
+    def shard(self) -> tuple[int | None, int]:
         return parse_partition(self.partition)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-def parse_partition(text: str) -> tuple[int, int]:
-    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+def parse_partition(text: str) -> tuple[int | None, int]:
+    """(K, N) from "K/N"; K is None for "auto/N" (the replica's ordinal decides, see replica.py)."""
+    m = re.fullmatch(r"\s*(\d+|auto)\s*/\s*(\d+)\s*", text)
     if not m:
-        raise ConfigError(f"partition {text!r}: expected K/N, e.g. 0/8")
-    k, n = int(m.group(1)), int(m.group(2))
-    if n < 1 or not 0 <= k < n:
+        raise ConfigError(f"partition {text!r}: expected K/N (e.g. 0/8) or auto/N")
+    k, n = (None if m.group(1) == "auto" else int(m.group(1))), int(m.group(2))
+    if n < 1 or (k is not None and not 0 <= k < n):
         raise ConfigError(f"partition {text!r}: needs 0 <= K < N")
     return k, n
 
@@ -101,6 +113,8 @@ def parse_hostport(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port_s)
 
 
+_DNS_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_DNS_NAME_RE = re.compile(rf"^(?=.{{1,253}}$){_DNS_LABEL}(\.{_DNS_LABEL})*\.?$")
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
@@ -123,10 +137,14 @@ def validate(c: NodeConfig) -> None:
             raise ConfigError(f"mdns-interface {ip!r}: expected an IPv4 address") from None
     for s in c.seeds:
         parse_hostport(s)
+    if "dns" in c.discovery and not c.dns_name:
+        raise ConfigError("discovery dns needs --dns-name NAME")
+    if c.dns_name is not None and not _DNS_NAME_RE.match(c.dns_name):
+        raise ConfigError(f"dns-name {c.dns_name!r}: expected a host name such as gossipfl or nodes.ns.svc")
     unknown = sorted(set(c.discovery) - set(DISCOVERY_BACKENDS))
     if unknown:
         raise ConfigError(f"discovery {','.join(unknown)}: unknown backend (known: {', '.join(DISCOVERY_BACKENDS)})")
-    for name in ("gossip_interval", "train_interval", "eval_interval", "lr"):
+    for name in ("gossip_interval", "train_interval", "eval_interval", "lr", "dns_interval", "pex_interval"):
         if not getattr(c, name) > 0:
             raise ConfigError(f"{name.replace('_', '-')} must be > 0")
     if c.merge not in RULES:

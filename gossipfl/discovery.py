@@ -1,4 +1,4 @@
-"""Discovery backends feeding the PeerTable: mDNS (zeroconf) and static seeds."""
+"""Discovery backends feeding the PeerTable: mDNS (zeroconf) and static seeds (DNS: ``dns.py``)."""
 
 from __future__ import annotations
 
@@ -6,15 +6,18 @@ import asyncio
 import ipaddress
 import logging
 import socket
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import aiohttp
 from zeroconf import IPVersion, ServiceStateChange, get_all_addresses
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from .config import parse_hostport
 from .peers import PeerTable
+
+if TYPE_CHECKING:
+    from .probing import Prober
 
 SERVICE_TYPE = "_gossipfl._tcp.local."
 PROTO = "1"
@@ -189,47 +192,17 @@ async def browse(interfaces: Sequence[str], timeout: float) -> list[dict]:
 
 
 class SeedDiscovery:
-    """Static peers: learn each seed's id and task from its /v1/status, retrying until it answers."""
+    """Static peers: learn each seed's id and task from its /v1/status, retrying until it answers. A seed was
+    named explicitly, so one of another task or cluster is listed under ignored peers with the reason."""
 
-    def __init__(
-        self,
-        seeds: Iterable[str],
-        *,
-        identity: Identity,
-        peers: PeerTable,
-        session_factory: Callable[[], aiohttp.ClientSession],
-        log: logging.LoggerAdapter,
-        retry_interval: float = 5.0,
-    ) -> None:
+    def __init__(self, seeds: Iterable[str], *, prober: Prober, retry_interval: float = 5.0) -> None:
         self.urls = [f"http://{h}:{p}" for h, p in map(parse_hostport, seeds)]
-        self.identity = identity
-        self.peers = peers
-        self.session_factory = session_factory
-        self.log = log
+        self.prober = prober
         self.retry_interval = retry_interval
 
     async def run(self) -> None:
         pending = list(self.urls)
         while pending:
-            pending = [u for u in pending if not await self._probe(u)]
+            pending = [u for u in pending if await self.prober.probe(u, "static") == "unreachable"]
             if pending:
                 await asyncio.sleep(self.retry_interval)
-
-    async def _probe(self, url: str) -> bool:
-        try:
-            async with self.session_factory().get(url + "/v1/status") as resp:
-                status = await resp.json()
-            peer_id, task = str(status["id"]), str(status["task"])
-            model, cluster = status.get("model"), status.get("cluster", "default")
-        except (TimeoutError, aiohttp.ClientError, ValueError, KeyError, TypeError) as e:
-            self.log.debug("seed %s not reachable yet: %s", url, e)
-            return False
-        # a seed was named explicitly, so even one of another cluster is listed with the reason
-        reason = self.identity.mismatch(PROTO, task, None if model is None else str(model), str(cluster))
-        if reason:
-            if self.peers.ignore(peer_id, url, reason):
-                self.log.warning("ignoring seed %s (%s): %s", url, peer_id, reason)
-            return True
-        if self.peers.upsert(peer_id, url, task, "static"):
-            self.log.info("peer found (seed): %s at %s", peer_id, url)
-        return True

@@ -70,6 +70,7 @@ class Gossiper:
         rng: random.Random,
         log: logging.LoggerAdapter,
         request_timeout: float = 10.0,
+        port: int | None = None,
     ) -> None:
         self.node_id = node_id
         self.task = task
@@ -87,6 +88,9 @@ class Gossiper:
         self.stats = ExchangeStats()
         # called with (result, seconds) after every exchange this node starts (metrics)
         self.on_exchange: Callable[[str, float], None] | None = None
+        # called with (sender id, url) when a peer this node does not know starts an exchange with it
+        self.on_inbound: Callable[[str, str], None] | None = None
+        self.port = port
         self.timeout = aiohttp.ClientTimeout(total=request_timeout)
         self._busy = False
         self._closed = False
@@ -109,6 +113,7 @@ class Gossiper:
             self.learner.train_size,
             state.weight,
             self.cluster,
+            self.port,
         )
         return wire.encode(msg)
 
@@ -132,8 +137,9 @@ class Gossiper:
         return merge.Side(msg.params, msg.age, msg.samples or 0, msg.weight or 1.0)
 
     # -- responder --------------------------------------------------------------------------------
-    async def respond(self, body: bytes) -> bytes:
-        """Handle an incoming exchange. Raises Busy or wire.WireError; the model is untouched then."""
+    async def respond(self, body: bytes, remote: str | None = None) -> bytes:
+        """Handle an incoming exchange from address ``remote``. Raises Busy or wire.WireError; the model is
+        untouched then."""
         if self._closed:
             raise Busy("node is stopping")
         if self._busy:
@@ -156,6 +162,9 @@ class Gossiper:
             self.stats.bytes_received += len(body)
             self.stats.bytes_sent += len(reply)
             self.log.debug("served exchange from %s", msg.sender)
+            if remote and msg.port and msg.sender not in self.peers and self.on_inbound is not None:
+                host = f"[{remote}]" if ":" in remote else remote
+                self.on_inbound(msg.sender, f"http://{host}:{msg.port}")
             return reply
         finally:
             self._busy = False

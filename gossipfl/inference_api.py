@@ -6,10 +6,13 @@ learns; ``GET /v1/status`` says how old it is).
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
+import numpy as np
 from aiohttp import web
 
 from . import __version__, oip
@@ -18,6 +21,7 @@ from .httpio import NODE_KEY, TooLarge, error, read_limited
 if TYPE_CHECKING:
     from .node import Node
 
+T = TypeVar("T")
 MAX_BATCH = 4096
 JSON_CHARS_PER_VALUE = 32  # generous: "-1.2345678901234567e-05, " is 25
 
@@ -89,15 +93,33 @@ async def _infer(request: web.Request, node: Node) -> web.Response:
     except TooLarge as e:
         return error(413, str(e))
     sig = node.signature
-    try:
-        req = oip.parse_request(body, request.headers.get(oip.HEADER), sig.inputs, sig.outputs, max_batch=MAX_BATCH)
-    except oip.InferError as e:
-        return error(e.status, str(e))
-    results = await node.infer(req.inputs)
-    payload, header_length = oip.encode_response(node.task.name, req.id, results, req.outputs)
+    header = request.headers.get(oip.HEADER)
+    async with node.inference_slots:  # a burst of queries must not take every worker thread from training
+        try:
+            req = await _maybe_in_thread(
+                len(body), oip.parse_request, body, header, sig.inputs, sig.outputs, max_batch=MAX_BATCH
+            )
+        except oip.InferError as e:
+            return error(e.status, str(e))
+        results = await node.infer(req.inputs)
+        bad = [name for name, arr in results.items() if arr.dtype.kind == "f" and not np.isfinite(arr).all()]
+        if bad:
+            return error(400, f"the model's {', '.join(bad)} are not finite for this input (values too large?)")
+        payload, header_length = await _maybe_in_thread(
+            len(body), oip.encode_response, node.task.name, req.id, results, req.outputs
+        )
     if header_length is None:
         return web.Response(body=payload, content_type="application/json")
     return web.Response(body=payload, content_type="application/octet-stream", headers={oip.HEADER: str(header_length)})
+
+
+INLINE_BYTES = 64 * 1024  # smaller requests are parsed on the event loop: a thread hop costs more
+
+
+async def _maybe_in_thread(size: int, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    if size <= INLINE_BYTES:
+        return fn(*args, **kwargs)
+    return await asyncio.to_thread(fn, *args, **kwargs)
 
 
 def add_routes(app: web.Application) -> None:

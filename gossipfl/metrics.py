@@ -35,6 +35,7 @@ class Readings:
     known_peers: int
     ignored_peers: int
     model_age: int
+    served_age: int
     train_steps: int
     accuracy: float | None
     loss: float | None
@@ -70,8 +71,14 @@ class _StateCollector(Collector):
         )  # fmt: skip
         out.append(
             GaugeMetricFamily(
-                f"{NAMESPACE}_model_age_steps", "Training steps the model embodies (max over merged ancestors).",
+                f"{NAMESPACE}_model_age_steps", "Steps the working model embodies (max over merged ancestors).",
                 r.model_age,
+            )
+        )  # fmt: skip
+        out.append(
+            GaugeMetricFamily(
+                f"{NAMESPACE}_served_model_age_steps", "Age of the served model (the working model at the last merge).",
+                r.served_age,
             )
         )  # fmt: skip
         if r.accuracy is not None:

@@ -18,4 +18,4 @@ def encode(state: dict[str, np.ndarray], *, node_id: str, age: int, task: str) -
     """A safetensors file of ``state``; metadata (strings only, as the format requires): node_id, age,
     task, gossipfl version, and ``format: pt`` (what Hugging Face loaders look for)."""
     metadata = {"format": "pt", "node_id": node_id, "age": str(age), "task": task, "gossipfl": __version__}
-    return save({k: np.ascontiguousarray(v) for k, v in state.items()}, metadata=metadata)
+    return save({k: np.require(v, requirements="C") for k, v in state.items()}, metadata=metadata)  # keeps 0-d shapes

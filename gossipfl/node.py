@@ -18,10 +18,11 @@ from aiohttp import web
 from zeroconf import NonUniqueNameException
 from zeroconf.asyncio import AsyncZeroconf
 
-from . import modelfile, serving
+from . import modelfile, replica, serving
 from .api import build_app
 from .config import NodeConfig
 from .discovery import Identity, MdnsDiscovery, SeedDiscovery, advertised_addresses, make_zeroconf
+from .dns import DnsDiscovery, DnsError
 from .gossip import Gossiper
 from .learning.learner import Learner, build_seeded, resolve_device
 from .learning.partition import class_histogram, partition
@@ -30,9 +31,12 @@ from .learning.task import Dataset, Evaluation, Task
 from .logs import node_logger
 from .metrics import NodeMetrics, Readings
 from .peers import PeerTable
+from .pex import PeerExchange
+from .probing import Prober
 from .training import every
 
 STOP_GRACE_S = 15.0
+INFERENCE_CONCURRENCY = 2  # inference requests running at once; others wait their turn
 
 
 class StartError(Exception):
@@ -66,6 +70,8 @@ def build_learner(task: Task, train: Dataset, test: Dataset, cfg: NodeConfig, *,
 def publish_after_steps(cfg: NodeConfig) -> int:
     """Local steps after which a node that has not merged serves its working copy: three gossip
     intervals' worth of training (0 with --no-train, where there are no local steps)."""
+    if cfg.no_train:
+        return 0
     return round(PUBLISH_AFTER_INTERVALS * cfg.gossip_interval * cfg.steps_per_round / cfg.train_interval)
 
 
@@ -100,6 +106,10 @@ class Node:
         self._mdns: MdnsDiscovery | None = None
         self._started = False
         self.last_eval: Evaluation | None = None
+        self.inference_slots = asyncio.Semaphore(INFERENCE_CONCURRENCY)
+        self._probing: set[str] = set()  # addresses of inbound peers being identified
+        self.partition = config.partition  # K/N, resolved at start when it is auto/N
+        self.partition_source: str | None = None  # the name whose ordinal gave K (auto/N)
         self.train_loss: float | None = None
         self.started_at: float | None = None
 
@@ -116,7 +126,7 @@ class Node:
         cfg = self.config
         try:
             data = await asyncio.to_thread(load_checked, self.task, cfg.data_seed)
-            k, n = cfg.shard
+            k, n = await self._shard()
             self.shard = partition(data.train.y, n, cfg.partition_scheme, cfg.data_seed)[k]
             local = data.train.subset(self.shard)
             # push-sum weight = local sample count: the consensus becomes the data-weighted mean
@@ -145,6 +155,7 @@ class Node:
             cluster=cfg.cluster,
             rng=random.Random(f"{cfg.seed}/gossip/{self.id}"),
             log=self.log,
+            port=self.port,
         )
 
         self.identity = Identity(self.task.name, self.gossiper.model_digest, cfg.cluster)
@@ -158,15 +169,27 @@ class Node:
 
         if "mdns" in cfg.discovery:
             await self._start_mdns()
+        prober = Prober(identity=self.identity, peers=self.peers, session_factory=lambda: self._session, log=self.log)
         if cfg.seeds:
-            seeds = SeedDiscovery(
-                cfg.seeds,
-                identity=self.identity,
-                peers=self.peers,
-                session_factory=lambda: self._session,
-                log=self.log,
+            self._spawn(SeedDiscovery(cfg.seeds, prober=prober).run())
+        if cfg.dns_name:
+            dns = DnsDiscovery(
+                cfg.dns_name, self.port, prober=prober, peers=self.peers, log=self.log, interval=cfg.dns_interval
             )
-            self._spawn(seeds.run())
+            try:
+                await dns.check()
+            except DnsError as e:
+                raise StartError(str(e)) from None
+            self._spawn(dns.run(self._stopping))
+        pex = PeerExchange(
+            prober=prober,
+            peers=self.peers,
+            session_factory=lambda: self._session,
+            rng=random.Random(f"{cfg.seed}/pex/{self.id}"),
+            log=self.log,
+        )
+        self._spawn(every(cfg.pex_interval, self._stopping, pex.round))
+        self.gossiper.on_inbound = lambda sender, url: self._learn_inbound(prober, url)
 
         self.started_at = time.monotonic()
         self._spawn(self.gossiper.run(self._session, self._stopping))
@@ -177,10 +200,39 @@ class Node:
             "node up at %s: task=%s partition=%s samples=%d discovery=%s",
             self.url,
             self.task.name,
-            cfg.partition,
+            self.partition,
             len(local),
             ",".join(cfg.discovery),
         )
+
+    def _learn_inbound(self, prober: Prober, url: str) -> None:
+        """A peer we did not know exchanged with us: check who it is (once at a time per address)."""
+        if url in self._probing or self._stopping.is_set():
+            return
+        self._probing.add(url)
+
+        async def probe() -> None:
+            try:
+                await prober.probe(url, "inbound")
+            finally:
+                self._probing.discard(url)
+
+        self._spawn(probe())
+
+    async def _shard(self) -> tuple[int, int]:
+        k, n = self.config.shard
+        if k is not None:
+            return k, n
+        names = await asyncio.to_thread(replica.own_names)
+        found = replica.shard_index(names, n)
+        if found is None:
+            raise StartError(
+                f"partition auto/{n}: no replica ordinal in this host's names ({', '.join(names)}); "
+                "give --partition K/N"
+            )
+        self.partition = f"{found[0]}/{n}"
+        self.partition_source = found[1]
+        return found[0], n
 
     async def _start_mdns(self) -> None:
         cfg = self.config
@@ -258,8 +310,8 @@ class Node:
 
     @property
     def ready(self) -> bool:
-        """The model has been trained or merged at least once (it is no longer the bare initialisation)."""
-        return self.learner.version > 0
+        """The served model has been trained or merged at least once (it is no longer the bare initialisation)."""
+        return self.learner.trained
 
     async def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return await asyncio.to_thread(serving.predict, self.task, self.learner, inputs)
@@ -274,6 +326,7 @@ class Node:
             known_peers=len(self.peers),
             ignored_peers=len(self.peers.ignored()),
             model_age=self.learner.age,
+            served_age=self.learner.served_age,
             train_steps=self.learner.steps,
             accuracy=ev.accuracy if ev else None,
             loss=ev.loss if ev else None,
@@ -287,7 +340,8 @@ class Node:
             "cluster": self.config.cluster,
             "url": self.url,
             "age": self.learner.age,
-            "partition": self.config.partition,
+            "partition": self.partition,
+            "partition_from": self.partition_source,
             "partition_scheme": self.config.partition_scheme,
             "samples": self.learner.train_size,
             "class_histogram": self.class_histogram,

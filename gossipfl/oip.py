@@ -102,8 +102,10 @@ def parse_request(
     """Validate an infer request against the model's input and output specs and decode its tensors."""
     header, binary = _split(body, header_length)
     try:
-        doc = json.loads(header)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        doc = json.loads(header, parse_constant=_no_constant)
+    except RecursionError:
+        raise InferError("request header nests too deeply") from None
+    except ValueError as e:  # also UnicodeDecodeError, and ints longer than Python converts
         raise InferError(f"request header is not valid JSON: {e}") from None
     if not isinstance(doc, dict):
         raise InferError("request must be a JSON object with an 'inputs' list")
@@ -148,14 +150,14 @@ def parse_request(
                     f"input {name!r}: binary_data_size {size} runs past the end of the body "
                     f"({len(binary) - offset} bytes left)"
                 )
-            tensors[name] = np.frombuffer(binary, dtype=dtype.newbyteorder("<"), count=count, offset=offset).reshape(
-                shape
+            tensors[name] = _finite(
+                np.frombuffer(binary, dtype=dtype.newbyteorder("<"), count=count, offset=offset).reshape(shape), name
             )
             offset += size
         else:
             if "data" not in item:
                 raise InferError(f"input {name!r}: no 'data' and no binary_data_size")
-            tensors[name] = _from_json(item["data"], shape, dtype, name)
+            tensors[name] = _finite(_from_json(item["data"], shape, dtype, name), name)
     if offset != len(binary):
         raise InferError(f"{len(binary) - offset} bytes of binary data follow the inputs that no input claims")
     missing = [t.name for t in inputs if t.name not in tensors]
@@ -165,6 +167,10 @@ def parse_request(
     if len(batches) > 1:
         raise InferError(f"inputs disagree on the batch size: {sorted(batches)}")
     return InferRequest(req_id, tensors, _requested(doc, params, outputs))
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a number JSON allows; inputs must be finite numbers")
 
 
 def _split(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
@@ -206,6 +212,12 @@ def _shape(item: dict, spec: TensorSpec, max_batch: int) -> tuple[int, ...]:
     return tuple(shape)
 
 
+def _finite(arr: np.ndarray, name: str) -> np.ndarray:
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise InferError(f"input {name!r}: NaN or infinite value, expected finite numbers")
+    return arr
+
+
 def _flatten(data: Any) -> Iterator[Any]:
     if isinstance(data, list):
         for v in data:
@@ -225,12 +237,12 @@ def _from_json(data: Any, shape: tuple[int, ...], dtype: np.dtype, name: str) ->
         if not ok:
             kind = "true/false" if want_bool else "numbers"
             raise InferError(f"input {name!r}: non-numeric value {v!r} in 'data', expected {kind}")
-        if dtype.kind in "iu" and not float(v).is_integer():
+        if dtype.kind in "iu" and isinstance(v, float) and not v.is_integer():
             raise InferError(f"input {name!r}: value {v!r} is not an integer, expected {datatype_of(dtype)}")
     try:
         with np.errstate(over="raise", invalid="raise"):
             arr = np.asarray(values, dtype=dtype)
-    except (OverflowError, FloatingPointError, ValueError):
+    except (OverflowError, FloatingPointError, ValueError, TypeError):
         raise InferError(f"input {name!r}: a value does not fit in {datatype_of(dtype)}") from None
     return arr.reshape(shape)
 
@@ -248,7 +260,7 @@ def _requested(doc: dict, params: dict, outputs: Sequence[TensorSpec]) -> tuple[
     asked: list[Requested] = []
     for item in raw:
         name = item.get("name") if isinstance(item, dict) else None
-        if name not in known:
+        if not isinstance(name, str) or name not in known:
             raise InferError(f"unknown output {name!r}; expected {_names(outputs)}")
         p = _parameters(item, f"output {name!r}")
         if p.get("classification", 0):

@@ -105,6 +105,13 @@ def document(model_name: str) -> dict[str, Any]:
         },
         "paths": {
             "/v1/status": {"get": _op("Node status: id, task, model age, peers, metrics", {"200": _json("status")})},
+            "/v1/peers": {
+                "get": _op(
+                    "Peers this node knows: id, url, task, source (mdns, static, dns, pex), alive, failures, "
+                    "last_ok_s_ago (last contact); peer exchange reads it",
+                    {"200": _json("peer list")},
+                )
+            },
             "/v1/model": {
                 "get": _op(
                     "Download the model",

@@ -17,7 +17,8 @@ class Peer:
     id: str
     url: str
     task: str | None
-    source: str  # how we learned it: "mdns" or "static"
+    # how we learned it: "mdns", "static", "dns", "pex" (a partner's peer list) or "inbound" (it called us)
+    source: str
     last_ok: float | None = None  # clock time of the last successful exchange
     failures: int = 0  # consecutive failures
     retry_at: float = 0.0  # not chosen before this clock time
@@ -75,6 +76,16 @@ class PeerTable:
 
     def ignored(self) -> list[dict[str, str]]:
         return [self._ignored[k] for k in sorted(self._ignored)]
+
+    def all(self) -> list[Peer]:
+        return list(self._peers.values())
+
+    def expire(self, sources: tuple[str, ...], max_failures: int) -> list[str]:
+        """Forget peers learned from ``sources`` that failed ``max_failures`` times in a row; their ids."""
+        gone = [p.id for p in self._peers.values() if p.source in sources and p.failures >= max_failures]
+        for peer_id in gone:
+            del self._peers[peer_id]
+        return gone
 
     def remove(self, peer_id: str) -> bool:
         self._ignored.pop(peer_id, None)

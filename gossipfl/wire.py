@@ -4,7 +4,8 @@ A message is a msgpack map::
 
     {"v": 1, "sender": str, "age": int, "params": {name: {"dtype": "<f4", "shape": [..], "data": bin}},
      optional: "task": str, "merge": str (rule name), "samples": int (sender's local data size),
-               "weight": float (push-sum weight), "cluster": str}
+               "weight": float (push-sum weight), "cluster": str,
+               "port": int (the sender's HTTP port: the receiver can reach it at its source address)}
 
 ``decode`` validates everything against the receiver's :data:`ModelSpec` and raises :class:`WireError`
 with a message naming the problem; nothing here touches a model.
@@ -54,6 +55,7 @@ class GossipMessage:
     samples: int | None = None
     weight: float | None = None
     cluster: str | None = None
+    port: int | None = None
 
 
 def spec_of(params: Params) -> dict[str, TensorSpec]:
@@ -83,7 +85,7 @@ def encode(msg: GossipMessage) -> bytes:
         data = memoryview(a.reshape(-1).view(np.uint8))
         params[name] = {"dtype": a.dtype.str, "shape": list(a.shape), "data": data}
     body: dict[str, object] = {"v": PROTOCOL_VERSION, "sender": msg.sender, "age": int(msg.age), "params": params}
-    for key in ("task", "merge", "samples", "weight", "cluster"):
+    for key in ("task", "merge", "samples", "weight", "cluster", "port"):
         if (value := getattr(msg, key)) is not None:
             body[key] = value
     return msgpack.packb(body, use_bin_type=True)
@@ -155,6 +157,9 @@ def decode(body: bytes, spec: ModelSpec, task: str | None = None) -> GossipMessa
     weight = _optional(obj, "weight", float)
     if weight is not None and not (np.isfinite(weight) and 0 < weight <= MAX_WEIGHT):
         raise WireError(f"field 'weight' must be a positive finite number of at most {MAX_WEIGHT:g}")
+    port = _optional(obj, "port", int)
+    if port is not None and not 0 < port < 65536:
+        raise WireError("field 'port' must be from 1 to 65535")
     params = _field(obj, "params", dict)
     missing = sorted(set(spec) - set(params))
     unknown = sorted(set(params) - set(spec), key=str)
@@ -164,5 +169,5 @@ def decode(body: bytes, spec: ModelSpec, task: str | None = None) -> GossipMessa
         raise WireError(f"unknown parameters: {', '.join(map(str, unknown))}")
     decoded = {name: _decode_tensor(name, params[name], spec[name]) for name in spec}
     return GossipMessage(
-        sender, age, decoded, task=msg_task, merge=rule, samples=samples, weight=weight, cluster=cluster
+        sender, age, decoded, task=msg_task, merge=rule, samples=samples, weight=weight, cluster=cluster, port=port
     )

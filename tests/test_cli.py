@@ -147,7 +147,7 @@ async def test_peers_command_lists_nodes_on_the_lan(make_config, zc):
             "--mdns-interface",
             "127.0.0.1",
             "--timeout",
-            "2",
+            "4",
             "--json",
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

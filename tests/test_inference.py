@@ -216,6 +216,12 @@ def _binary(x: np.ndarray, size: int | None = None, header_len: int | None = Non
     return header + raw, {"Inference-Header-Content-Length": str(length)}
 
 
+def _state(url: str) -> tuple:
+    """What a request must not change: model age and version of both models, readiness."""
+    status = json.loads(_get(url + "/v1/status")[1])
+    return status["age"], status["served"], _get(url + "/v2/health/ready")[0], status["exchanges"]["rejected"]
+
+
 def _weights(url: str) -> dict[str, torch.Tensor]:
     return load_safetensors(_get(url + "/v1/model?format=safetensors")[1])
 
@@ -239,18 +245,26 @@ BAD_REQUESTS = {
     "header cut mid-JSON": ("", _infer_body(X2), {"Inference-Header-Content-Length": "10"}, 400, "not valid JSON"),
     "unclaimed bytes": ("", _binary(X2)[0] + b"xx", _binary(X2)[1], 400, "2 bytes of binary data follow"),
     "batch too large": ("", _infer_body(X2, shape=[5000, 64]), {}, 400, "batch size 5000, expected 1 to 4096"),
+    "NaN literal": ("", _infer_body(X2).replace(b"16.0", b"NaN"), {}, 400, "NaN is not a number JSON allows"),
+    "overflows FP32": ("", _infer_body(X2).replace(b"16.0", b"1e39"), {}, 400, "does not fit in FP32"),
+    "infinite": ("", _infer_body(X2).replace(b"16.0", b"1e400"), {}, 400, "NaN or infinite value"),
+    "binary NaN": ("", *_binary(np.full((2, 64), np.nan, np.float32)), 400, "NaN or infinite value"),
+    "deep nesting": ("", b"[" * 200_000, {}, 400, "nests too deeply"),
+    "huge integer": ("", _infer_body(X2).replace(b"16.0", b"1" * 5000), {}, 400, "not valid JSON"),
+    "output name is a list": ("", _infer_body(X2)[:-1] + b', "outputs": [{"name": [1]}]}', {}, 400, "unknown output"),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD_REQUESTS), ids=list(BAD_REQUESTS))
 def test_bad_infer_requests_are_4xx_and_change_nothing(served, case):
     path, body, headers, code, fragment = BAD_REQUESTS[case]
-    before = _weights(served)
+    before, state = _weights(served), _state(served)
     status, reply, _ = _post(served + (path or "/v2/models/digits/infer"), body, headers)
     assert status == code, reply
     assert fragment in json.loads(reply)["error"]
     after = _weights(served)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert _state(served) == state
     assert _post(served + "/v2/models/digits/infer", _infer_body(X2))[0] == 200  # still serving
 
 
@@ -263,6 +277,13 @@ def test_unknown_output_name_and_oversized_bodies(served):
     huge = b"[" + b"1.0," * 3_000_000 + b"1.0]"
     status, reply, _ = _post(served + "/v2/models/digits/infer", huge)
     assert status == 413 and "exceeds" in json.loads(reply)["error"]
+    import http.client
+
+    conn = http.client.HTTPConnection(served.removeprefix("http://"), timeout=10)
+    conn.request("POST", "/v2/models/digits/infer", body=(b"1.0," * 65536 for _ in range(64)), encode_chunked=True)
+    resp = conn.getresponse()  # no Content-Length: the limit is enforced while reading, not after
+    assert resp.status == 413 and "exceeds" in json.loads(resp.read())["error"]
+    conn.close()
     status, reply, _ = _get(served + "/v1/model?format=onnx")
     assert status == 400 and "expected msgpack or safetensors" in json.loads(reply)["error"]
 
@@ -281,4 +302,15 @@ async def test_not_ready_until_trained_or_merged(make_config):
         status, reply, _ = await asyncio.to_thread(_get, node.url + "/v2/health/ready")
         assert status == 400 and "not ready" in json.loads(reply)["error"]
         node.learner.train_steps(1)
+        assert await asyncio.to_thread(_probe, node.url) == (True, True, True)
+
+
+async def test_ready_means_the_served_model_is_not_the_initial_one(make_config):
+    # a node waiting for its first merge serves its initial model (its local steps are not published
+    # until three gossip intervals' worth have passed), so it is not ready yet; a merge makes it ready
+    async with running(make_config(gossip_interval=1000)) as (node,):
+        await asyncio.sleep(0.5)
+        assert node.learner.steps > 0 and not node.ready
+        assert await asyncio.to_thread(_probe, node.url) == (True, False, False)
+        node.learner.update(lambda s: (s.params, s.age, s.weight))  # what a merge does to the learner
         assert await asyncio.to_thread(_probe, node.url) == (True, True, True)

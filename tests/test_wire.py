@@ -152,9 +152,9 @@ def test_max_message_size_bounds_real_messages():
 
 
 def test_optional_fields_roundtrip():
-    msg = wire.GossipMessage("a", 1, good_params(), task="digits", merge="pushsum", samples=180, weight=12.5)
+    msg = wire.GossipMessage("a", 1, good_params(), task="digits", merge="pushsum", samples=180, weight=12.5, port=8470)
     out = wire.decode(wire.encode(msg), SPEC, task="digits")
-    assert (out.merge, out.samples, out.weight) == ("pushsum", 180, 12.5)
+    assert (out.merge, out.samples, out.weight, out.port) == ("pushsum", 180, 12.5, 8470)
     assert wire.decode(pack(raw(weight=3)), SPEC).weight == 3.0  # an integer weight is accepted
 
 
@@ -168,6 +168,9 @@ def test_optional_fields_roundtrip():
         ({"weight": float("inf")}, "'weight' must be a positive finite number"),
         ({"weight": "heavy"}, "field 'weight' must be float"),
         ({"weight": 1e300}, "at most 1e\\+15"),
+        ({"port": 0}, "'port' must be from 1 to 65535"),
+        ({"port": 70000}, "'port' must be from 1 to 65535"),
+        ({"port": "80"}, "field 'port' must be an integer"),
         ({"merge": 5}, "field 'merge' must be str"),
     ],
 )

@@ -95,6 +95,7 @@ class Learner:
         self.serving = copy.deepcopy(self.model).eval()
         self.publish_after_steps = publish_after_steps
         self.served_age = 0
+        self._published = False  # the served model is still the bare initialisation
         self._unpublished_steps = 0
         self._named = dict(self.model.named_parameters())
         # Optimizer state (Adam's moments, SGD's momentum buffer) is kept across merges: partners' models
@@ -183,11 +184,20 @@ class Learner:
         """Copy the working model into the served one (caller holds the lock)."""
         self.serving.load_state_dict(self.model.state_dict())
         self.served_age = self.age
+        self._published = True
         self._unpublished_steps = 0
 
     def _refresh_serving(self) -> None:
         if self._unpublished_steps > self.publish_after_steps:
             self._publish()
+
+    @property
+    def trained(self) -> bool:
+        """The served model has been trained or merged at least once (readiness to answer queries)."""
+        with self._lock:
+            if self._unpublished_steps > 0:
+                self._refresh_serving()
+            return self._published
 
     @property
     def unpublished_steps(self) -> int:

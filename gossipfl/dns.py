@@ -1,0 +1,89 @@
+"""DNS discovery: every few seconds, resolve a name to all its A records; each address is a peer on the
+same port. This covers a compose service scaled to N replicas and a Kubernetes headless Service, where
+multicast does not reach. A name that stops resolving is logged and retried, never fatal."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+
+from .peers import PeerTable
+from .probing import Prober
+
+Resolver = Callable[[str], Awaitable[list[str]]]
+SOURCE = "dns"
+
+
+class DnsError(Exception):
+    """The name does not resolve (raised only by the check at start)."""
+
+
+async def resolve_ipv4(name: str) -> list[str]:
+    """All IPv4 addresses of ``name`` (the system resolver: /etc/hosts, then DNS), sorted."""
+    infos = await asyncio.get_running_loop().getaddrinfo(name, None, family=socket.AF_INET, type=socket.SOCK_STREAM)
+    return sorted({info[4][0] for info in infos})
+
+
+class DnsDiscovery:
+    def __init__(
+        self,
+        name: str,
+        port: int,
+        *,
+        prober: Prober,
+        peers: PeerTable,
+        log: logging.LoggerAdapter,
+        interval: float = 5.0,
+        resolve: Resolver = resolve_ipv4,
+    ) -> None:
+        self.name = name
+        self.port = port
+        self.prober = prober
+        self.peers = peers
+        self.log = log
+        self.interval = interval
+        self.resolve = resolve
+        self._self_urls: set[str] = set()
+        self._failing = False
+
+    async def check(self) -> list[str]:
+        """Resolve once at start; an unresolvable name is a configuration error."""
+        try:
+            addrs = await self.resolve(self.name)
+        except OSError as e:
+            raise DnsError(f"dns-name {self.name!r} does not resolve: {e.strerror or e}") from None
+        if not addrs:
+            raise DnsError(f"dns-name {self.name!r} has no IPv4 address")
+        return addrs
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        while not stopping.is_set():
+            await self.round()
+            try:
+                await asyncio.wait_for(stopping.wait(), timeout=self.interval)
+            except TimeoutError:
+                pass
+
+    async def round(self) -> None:
+        """One lookup: add the addresses not known yet, drop DNS-learned peers whose address is gone."""
+        try:
+            addrs = await self.resolve(self.name)
+        except OSError as e:
+            if not self._failing:
+                self.log.warning("dns-name %s does not resolve (retrying): %s", self.name, e.strerror or e)
+            self._failing = True
+            return
+        if self._failing:
+            self.log.info("dns-name %s resolves again", self.name)
+            self._failing = False
+        urls = {f"http://{a}:{self.port}" for a in addrs}
+        for peer in self.peers.all():
+            if peer.source == SOURCE and peer.url not in urls:
+                self.peers.remove(peer.id)
+                self.log.info("peer %s left %s (%s)", peer.id, self.name, peer.url)
+        known = {p.url for p in self.peers.all()} | self._self_urls
+        for url in sorted(urls - known):
+            if await self.prober.probe(url, SOURCE) == "self":
+                self._self_urls.add(url)

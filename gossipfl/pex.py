@@ -1,0 +1,78 @@
+"""Peer exchange: now and then a node reads a random partner's ``GET /v1/peers`` and probes the peers it
+did not know, so one static seed is enough to reach a whole network that multicast does not span.
+Peers learned this way (or from DNS) that keep failing are forgotten."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import Callable
+
+import aiohttp
+
+from .httpio import TooLarge, read_limited
+from .peers import PeerTable
+from .probing import Prober
+
+SOURCE = "pex"
+MAX_LIST_BYTES = 1 << 20
+FORGET_AFTER_FAILURES = 5  # with backoff 1, 2, 4, 8, 16 s: about half a minute of silence
+FORGETTABLE = ("pex", "dns", "inbound")  # not peers named by a person (static) or announced over mDNS
+
+
+class PeerExchange:
+    def __init__(
+        self,
+        *,
+        prober: Prober,
+        peers: PeerTable,
+        session_factory: Callable[[], aiohttp.ClientSession],
+        rng: random.Random,
+        log: logging.LoggerAdapter,
+        max_new: int = 8,
+    ) -> None:
+        self.prober = prober
+        self.peers = peers
+        self.session_factory = session_factory
+        self.rng = rng
+        self.log = log
+        self.max_new = max_new
+
+    async def round(self) -> None:
+        for peer_id in self.peers.expire(FORGETTABLE, FORGET_AFTER_FAILURES):
+            self.log.info("forgot peer %s: no answer after %d tries", peer_id, FORGET_AFTER_FAILURES)
+        partner = self.peers.choose(self.rng)
+        if partner is None:
+            return
+        entries = await self._fetch(partner.url)
+        ignored = {p["id"] for p in self.peers.ignored()}
+        fresh = [
+            e["url"]
+            for e in entries
+            if e["id"] != self.peers.self_id and e["id"] not in self.peers and e["id"] not in ignored
+        ]
+        for url in fresh[: self.max_new]:
+            await self.prober.probe(url, SOURCE)
+
+    async def _fetch(self, url: str) -> list[dict[str, str]]:
+        """The partner's peer list, keeping only well-formed http entries; [] when it cannot be read."""
+        try:
+            async with self.session_factory().get(url + "/v1/peers") as resp:
+                if resp.status != 200:
+                    return []
+                doc = json.loads(await read_limited(resp.content, resp.content_length, MAX_LIST_BYTES))
+        except (TimeoutError, aiohttp.ClientError, TooLarge, ValueError) as e:
+            self.log.debug("peer list of %s unreadable: %s", url, str(e) or type(e).__name__)
+            return []
+        rows = doc.get("peers") if isinstance(doc, dict) else None
+        if not isinstance(rows, list):
+            return []
+        return [
+            {"id": r["id"], "url": r["url"].rstrip("/")}
+            for r in rows
+            if isinstance(r, dict)
+            and isinstance(r.get("id"), str)
+            and isinstance(r.get("url"), str)
+            and r["url"].startswith("http://")
+        ]

@@ -1,0 +1,51 @@
+"""Learning a peer's identity from its ``GET /v1/status``: shared by static seeds, DNS discovery and
+peer exchange, which only know an address."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import aiohttp
+
+from .discovery import PROTO, Identity
+from .peers import PeerTable
+
+
+class Prober:
+    def __init__(
+        self,
+        *,
+        identity: Identity,
+        peers: PeerTable,
+        session_factory: Callable[[], aiohttp.ClientSession],
+        log: logging.LoggerAdapter,
+    ) -> None:
+        self.identity = identity
+        self.peers = peers
+        self.session_factory = session_factory
+        self.log = log
+
+    async def probe(self, url: str, source: str) -> str:
+        """Ask ``url`` who it is and add it to the peer table as learned from ``source``. Returns "added",
+        "known" (already in the table at this URL), "self", "ignored" (another task, model shape or
+        cluster: listed under ignored peers with the reason) or "unreachable"."""
+        try:
+            async with self.session_factory().get(url + "/v1/status") as resp:
+                status = await resp.json()
+            peer_id, task = str(status["id"]), str(status["task"])
+            model, cluster = status.get("model"), status.get("cluster", "default")
+        except (TimeoutError, aiohttp.ClientError, ValueError, KeyError, TypeError) as e:
+            self.log.debug("%s peer %s not reachable: %s", source, url, str(e) or type(e).__name__)
+            return "unreachable"
+        if peer_id == self.peers.self_id:
+            return "self"
+        reason = self.identity.mismatch(PROTO, task, None if model is None else str(model), str(cluster))
+        if reason:
+            if self.peers.ignore(peer_id, url, reason):
+                self.log.warning("ignoring %s peer %s (%s): %s", source, url, peer_id, reason)
+            return "ignored"
+        if self.peers.upsert(peer_id, url, task, source):
+            self.log.info("peer found (%s): %s at %s", source, peer_id, url)
+            return "added"
+        return "known"

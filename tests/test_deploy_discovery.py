@@ -1,0 +1,208 @@
+"""Discovery where multicast does not reach: DNS (A records of one name), static seeds plus peer exchange,
+and `--partition auto/N` from the replica's ordinal. Everything on loopback or in a private network
+namespace the test creates (no traffic leaves this machine)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from gossipfl.config import ConfigError, NodeConfig
+from gossipfl.dns import DnsDiscovery
+from gossipfl.peers import PeerTable
+from gossipfl.replica import ordinal_of, shard_index
+
+from .helpers import running, wait_for
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_replica_ordinals():
+    assert ordinal_of("gossipfl-3") == 3
+    assert ordinal_of("docker-node-12.docker_default") == 12
+    assert ordinal_of("web_2") == 2
+    assert ordinal_of("3f2a9b0c1d2e") is None and ordinal_of("node") is None
+    # compose counts from 1, Kubernetes from 0: N consecutive replicas get N distinct shards either way
+    assert sorted(shard_index([f"x-{i}"], 4)[0] for i in range(1, 5)) == [0, 1, 2, 3]
+    assert sorted(shard_index([f"x-{i}"], 4)[0] for i in range(4)) == [0, 1, 2, 3]
+    assert shard_index(["3f2a9b", "proj-node-2.net"], 4) == (2, "proj-node-2.net")
+    assert shard_index(["abc"], 4) is None
+
+
+@pytest.mark.parametrize(
+    ("kw", "fragment"),
+    [
+        ({"discovery": ("dns",)}, "discovery dns needs --dns-name"),
+        ({"dns_name": "not a name"}, "dns-name 'not a name'"),
+        ({"dns_name": "-bad.example"}, "dns-name '-bad.example'"),
+        ({"partition": "auto/0"}, "needs 0 <= K < N"),
+        ({"partition": "any/4"}, "expected K/N (e.g. 0/8) or auto/N"),
+        ({"pex_interval": 0}, "pex-interval must be > 0"),
+    ],
+)
+def test_bad_discovery_configuration(kw, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        NodeConfig(**kw)
+
+
+def test_forgettable_peers_age_out():
+    now = [0.0]
+    table = PeerTable("me", clock=lambda: now[0])
+    for pid, source in [("a", "pex"), ("b", "dns"), ("c", "static"), ("d", "mdns"), ("e", "pex")]:
+        table.upsert(pid, f"http://{pid}:1", "digits", source)
+    for _ in range(5):
+        for pid in "abcd":
+            table.mark_failed(pid)
+    assert table.expire(("pex", "dns"), 5) == ["a", "b"]  # explicit seeds and mDNS peers stay
+    assert sorted(p.id for p in table.all()) == ["c", "d", "e"]
+
+
+async def test_dns_discovery_adds_every_address_and_follows_the_answer(make_config):
+    """Three real nodes on 127.0.0.1-3, same port; a resolver stub plays the DNS server."""
+    port = _free_port()
+    configs = [make_config(host=f"127.0.0.{i}", port=port, id=f"dns-{i}") for i in (1, 2, 3)]
+    async with running(*configs) as nodes:
+        a = nodes[0]
+        answer: list[str] | OSError = ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
+
+        async def resolve(name: str) -> list[str]:
+            assert name == "gossipfl-nodes"
+            if isinstance(answer, OSError):
+                raise answer
+            return list(answer)
+
+        from gossipfl.probing import Prober
+
+        prober = Prober(identity=a.identity, peers=a.peers, session_factory=lambda: a._session, log=a.log)
+        log = logging.LoggerAdapter(logging.getLogger("test"), {})
+        dns = DnsDiscovery("gossipfl-nodes", port, prober=prober, peers=a.peers, log=log, resolve=resolve)
+        assert await dns.check() == ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
+        await dns.round()
+        assert {p.id: p.source for p in a.peers.all()} == {"dns-2": "dns", "dns-3": "dns"}  # itself skipped
+
+        answer = ["127.0.0.1", "127.0.0.2"]  # a replica went away: its record is gone
+        await dns.round()
+        assert [p.id for p in a.peers.all()] == ["dns-2"]
+
+        answer = OSError(-2, "Name or service not known")  # the name stops resolving: logged, kept, retried
+        await dns.round()
+        assert [p.id for p in a.peers.all()] == ["dns-2"]
+
+        answer = ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
+        await dns.round()
+        assert sorted(p.id for p in a.peers.all()) == ["dns-2", "dns-3"]
+        assert await wait_for(lambda: a.gossiper.stats.ok > 0, 10)  # and they gossip
+
+        answer = []
+        with pytest.raises(Exception, match="has no IPv4 address"):
+            await dns.check()
+
+
+async def test_one_static_seed_reaches_the_whole_network_by_peer_exchange(make_config, http):
+    """A chain of seeds (b and c know a, d knows b): peer exchange gives every node every other one."""
+    fast = {"pex_interval": 0.3, "gossip_interval": 0.2}
+    async with running(make_config(id="pex-a", **fast)) as (a,):
+        seed_a = (f"127.0.0.1:{a.port}",)
+        async with running(
+            make_config(id="pex-b", seeds=seed_a, **fast), make_config(id="pex-c", seeds=seed_a, **fast)
+        ) as (b, c):
+            async with running(make_config(id="pex-d", seeds=(f"127.0.0.1:{b.port}",), **fast)) as (d,):
+                nodes = [a, b, c, d]
+                assert await wait_for(lambda: all(len(n.peers) == 3 for n in nodes), 30), [
+                    (n.id, sorted(p.id for p in n.peers.all())) for n in nodes
+                ]
+                sources = {p.id: p.source for p in d.peers.all()}
+                assert sources["pex-b"] == "static" and sources["pex-c"] in ("pex", "inbound")
+                assert {p.source for p in a.peers.all()} <= {"pex", "inbound"}  # a was given no address at all
+                async with http.get(d.url + "/v1/peers") as r:
+                    listed = await r.json()
+                assert listed["id"] == "pex-d"
+                assert {p["id"] for p in listed["peers"]} == {"pex-a", "pex-b", "pex-c"}
+                assert all({"url", "task", "source", "last_ok_s_ago"} <= p.keys() for p in listed["peers"])
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+NAMESPACE_DRIVER = textwrap.dedent(
+    """
+    import json, subprocess, sys, time, urllib.request
+    py = sys.executable
+    def status(ip):
+        with urllib.request.urlopen(f"http://{ip}:8470/v1/status", timeout=2) as r:
+            return json.load(r)
+    # an unresolvable name is a one-line error at start
+    bad = subprocess.run([py, "-m", "gossipfl", "node", "--host", "127.0.0.1", "--discovery", "dns",
+                          "--dns-name", "nowhere-to-be-found"], capture_output=True, text=True, timeout=60)
+    procs = [subprocess.Popen([py, "-m", "gossipfl", "node", "--host", f"127.0.0.{i}", "--port", "8470",
+                               "--id", f"ns-{i}", "--discovery", "dns", "--dns-name", "gossipfl-nodes",
+                               "--dns-interval", "0.5", "--gossip-interval", "0.3", "--partition", "auto/3"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i in (11, 12, 13)]
+    out = {"bad_rc": bad.returncode, "bad_err": bad.stderr.strip()}
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                states = {ip: status(ip) for ip in ("127.0.0.11", "127.0.0.12", "127.0.0.13")}
+                if all(len(s["peers"]) == 2 and s["exchanges"]["ok"] >= 2 for s in states.values()):
+                    break
+            except OSError:
+                pass
+            time.sleep(0.3)
+        out["states"] = {ip: {"peers": sorted((p["id"], p["source"]) for p in s["peers"]),
+                              "ok": s["exchanges"]["ok"], "partition": s["partition"],
+                              "partition_from": s["partition_from"]} for ip, s in states.items()}
+    finally:
+        for p in procs:
+            p.terminate()
+        out["exit"] = [p.wait(timeout=30) for p in procs]
+    print(json.dumps(out))
+    """
+)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare")
+def test_dns_discovery_end_to_end_in_a_private_namespace(tmp_path):
+    """Real processes, the system resolver, an /etc/hosts that gives one name three addresses (as a scaled
+    compose service or a headless Service would), inside mount+network+UTS namespaces of this test's own;
+    the hostname ends in -2, so --partition auto/3 gives shard 2."""
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 localhost\n" + "".join(f"127.0.0.{i} gossipfl-nodes\n" for i in (11, 12, 13)))
+    driver = tmp_path / "driver.py"
+    driver.write_text(NAMESPACE_DRIVER)
+    script = f"mount --bind {hosts} /etc/hosts && ip link set lo up && hostname gossipfl-2 && exec {sys.executable} "
+    script += str(driver)
+    r = subprocess.run(
+        ["unshare", "--mount", "--net", "--uts", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=110,
+        cwd=os.getcwd(),
+    )
+    if r.returncode != 0 and "Operation not permitted" in r.stderr:
+        pytest.skip("namespaces not permitted here: " + r.stderr.strip())
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["bad_rc"] == 2 and out["bad_err"].count("\n") == 0
+    assert "dns-name 'nowhere-to-be-found' does not resolve" in out["bad_err"]
+    sources = set()
+    for ip, state in out["states"].items():
+        others = sorted(f"ns-{i}" for i in (11, 12, 13) if f"127.0.0.{i}" != ip)
+        assert [peer for peer, _ in state["peers"]] == others and state["ok"] >= 2, out
+        sources |= {source for _, source in state["peers"]}
+        assert state["partition"] == "2/3" and state["partition_from"] == "gossipfl-2"
+    # a node that DNS has not shown to a peer yet may be learned first when it calls that peer ("inbound")
+    assert "dns" in sources and sources <= {"dns", "inbound"}, out
+    assert out["exit"] == [0, 0, 0]
