@@ -12,7 +12,7 @@ bytes sent per node. References, trained here with the nodes' own recipe (`NodeC
         [--rules average age samples pushsum] [--duration 90] [--gossip-interval 0.25]
 
 Writes benchmarks/results/convergence.md (table), convergence.png (plots) and the raw results.json
-files under benchmarks/results/convergence/.
+files under benchmarks/results/convergence/ (about 14 MB for the full grid, not committed).
 """
 
 from __future__ import annotations
