@@ -162,9 +162,11 @@ class Gossiper:
             self.stats.bytes_received += len(body)
             self.stats.bytes_sent += len(reply)
             self.log.debug("served exchange from %s", msg.sender)
-            if remote and msg.port and msg.sender not in self.peers and self.on_inbound is not None:
+            if remote and msg.port and self.on_inbound is not None:
                 host = f"[{remote}]" if ":" in remote else remote
-                self.on_inbound(msg.sender, f"http://{host}:{msg.port}")
+                url, known = f"http://{host}:{msg.port}", self.peers.get(msg.sender)
+                if known is None or known.url != url:  # a new peer, or one that came back at a new address
+                    self.on_inbound(msg.sender, url)
             return reply
         finally:
             self._busy = False

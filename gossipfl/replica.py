@@ -1,7 +1,8 @@
 """``--partition auto/N``: a replica's shard from its ordinal, so a scaled deployment needs no per-node
-configuration. Kubernetes StatefulSet pods are named ``<set>-<ordinal>`` (their hostname); Docker
-Compose names replicas ``<project>-<service>-<index>``, which the container learns by reverse DNS of
-its own address (its hostname is the container id)."""
+configuration. Kubernetes StatefulSet pods are named ``<set>-<ordinal>`` (their hostname); compose
+names replicas ``<project>-<service>-<index>``, which a podman container finds among the names of its
+own address (its hostname is the container id). Under Docker, /etc/hosts maps the address to the
+container id only, so there ``auto/N`` needs ``hostname:`` set or an explicit ``K/N``."""
 
 from __future__ import annotations
 
@@ -39,7 +40,8 @@ def own_names() -> list[str]:
         if addr.startswith("127."):
             continue
         try:
-            names.append(socket.gethostbyaddr(addr)[0])
+            name, aliases, _ = socket.gethostbyaddr(addr)
         except OSError:
             continue
+        names += [name, *aliases]  # podman lists the container's name as an alias of its address
     return names

@@ -206,3 +206,12 @@ def test_dns_discovery_end_to_end_in_a_private_namespace(tmp_path):
     # a node that DNS has not shown to a peer yet may be learned first when it calls that peer ("inbound")
     assert "dns" in sources and sources <= {"dns", "inbound"}, out
     assert out["exit"] == [0, 0, 0]
+
+
+async def test_a_peer_that_calls_from_a_new_address_is_found_there(make_config):
+    """b knows a at a stale address (as after a container got a new IP); a's next call gives b the right one."""
+    async with running(make_config(id="moved-b", gossip_interval=1000)) as (b,):
+        async with running(make_config(id="moved-a", seeds=(f"127.0.0.1:{b.port}",), gossip_interval=0.2)) as (a,):
+            b.peers.upsert("moved-a", "http://127.0.0.1:1", "digits", "static")  # stale: nothing listens there
+            assert await wait_for(lambda: b.peers.get("moved-a").url == a.url, 10)
+            assert b.peers.get("moved-a").source == "inbound"

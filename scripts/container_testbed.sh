@@ -1,0 +1,377 @@
+#!/usr/bin/env bash
+# Container testbed (not part of CI): build the image from docker/Dockerfile with podman, run N node
+# containers on a podman bridge network, let them train and gossip for a while, then check that they
+# agree and that they stop cleanly on SIGTERM.
+#
+#   scripts/container_testbed.sh [--nodes N] [--duration S] [--discovery mdns|dns|both] [--keep]
+#                                [--no-build] [--image NAME] [--base IMAGE] [--tolerance T]
+#                                [--out FILE] [-- NODE OPTIONS as GOSSIPFL_*=VALUE ...]
+#
+# Per discovery mode (mdns, then dns with --discovery both, the default):
+#   - a podman network gossipfl-tb-<mode> (--internal: no route out of this host), N containers
+#     gossipfl-tb-<mode>-<i>, i = 1..N, hostname = name, each with GOSSIPFL_PARTITION=auto/N
+#     (shard i mod N, from the ordinal in its hostname, as for StatefulSet pods);
+#     mdns: GOSSIPFL_DISCOVERY=mdns, mDNS on the container's own interface, i.e. on that network only;
+#     dns:  GOSSIPFL_DISCOVERY=dns, GOSSIPFL_DNS_NAME=gossipfl-nodes, the network alias all share;
+#   - waits until every node answers and knows the N-1 others, runs DURATION seconds, reads every
+#     node's /v1/status from this host (bridge addresses; published ports when rootless), checks
+#     /v2/health/ready and the image's HEALTHCHECK, prints accuracy per node and the spread
+#     (fails when max - min > TOLERANCE, default 0.02);
+#   - `podman stop` (SIGTERM), checks every exit code is 0, keeps the logs under
+#     benchmarks/results/container_testbed/<mode>/, removes containers and network (unless --keep).
+# The tables go to benchmarks/results/container_testbed.md (--out). Exit 0 only if every check passed.
+#
+# Base image: --base, else python:3.11-slim when it is already present locally, else
+# localhost/gossipfl-base:bookworm (built with mmdebstrap from this machine's Debian sources when
+# missing and mmdebstrap is installed), else python:3.11-slim (pulled). Machine-specific build mounts
+# are applied only where their paths exist: the CA bundle named by $PIP_CERT and a torch wheel folder
+# named by $PIP_FIND_LINKS (then torch comes from there, not from download.pytorch.org).
+# PODMAN overrides the podman command (default: podman; as root without systemd, e.g. in a CI
+# container: podman --runtime runc --cgroup-manager cgroupfs with a containers.conf without default
+# ulimits, and builds with --isolation=chroot).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+nodes=4 duration=60 discovery=both keep=0 build=1 image=localhost/gossipfl:testbed base="" tolerance=0.02
+out=benchmarks/results/container_testbed.md
+extra_env=()
+die() { echo "container_testbed: $*" >&2; exit 2; }
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --nodes) nodes="$2"; shift 2 ;;
+        --duration) duration="$2"; shift 2 ;;
+        --discovery) discovery="$2"; shift 2 ;;
+        --keep) keep=1; shift ;;
+        --no-build) build=0; shift ;;
+        --image) image="$2"; shift 2 ;;
+        --base) base="$2"; shift 2 ;;
+        --tolerance) tolerance="$2"; shift 2 ;;
+        --out) out="$2"; shift 2 ;;
+        -h|--help) sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+        --) shift; extra_env=("$@"); break ;;
+        *) die "unknown option $1 (see --help)" ;;
+    esac
+done
+case "$discovery" in mdns) modes=(mdns) ;; dns) modes=(dns) ;; both) modes=(mdns dns) ;;
+    *) die "--discovery: mdns, dns or both" ;; esac
+[[ "$nodes" =~ ^[1-9][0-9]*$ ]] || die "--nodes: a positive integer"
+for e in "${extra_env[@]}"; do [[ "$e" == GOSSIPFL_*=* ]] || die "after --: GOSSIPFL_OPTION=VALUE, not $e"; done
+command -v podman >/dev/null || die "podman is not installed (apt-get install podman)"
+
+work="$(mktemp -d /tmp/gossipfl-testbed.XXXXXX)"
+results_dir="benchmarks/results/container_testbed"
+mkdir -p "$results_dir"
+
+# ---- podman on this host ------------------------------------------------------------------------
+run_flags=() build_flags=()
+if [ -n "${PODMAN:-}" ]; then
+    read -r -a P <<<"$PODMAN"
+elif [ "$(id -u)" = 0 ] && [ ! -d /run/systemd/system ]; then
+    # root without systemd (a VM or CI container): no systemd cgroups, no crun, and container ulimits
+    # above the host's fail; RUN steps need chroot isolation.
+    P=(podman --cgroup-manager cgroupfs)
+    command -v crun >/dev/null || P+=(--runtime runc)
+    if [ -z "${CONTAINERS_CONF:-}" ]; then
+        printf '[containers]\ndefault_ulimits = []\n' >"$work/containers.conf"
+        export CONTAINERS_CONF="$work/containers.conf"
+    fi
+    run_flags+=(--ulimit host --health-interval disable)  # no systemd timers: health is checked by hand
+    build_flags+=(--isolation=chroot)
+else
+    P=(podman)
+fi
+rootless=0; [ "$(id -u)" = 0 ] || rootless=1
+
+containers=()
+# shellcheck disable=SC2329  # called by the EXIT trap
+cleanup() {
+    if [ "$keep" = 0 ]; then
+        [ ${#containers[@]} -gt 0 ] && "${P[@]}" rm -f -v -t 0 "${containers[@]}" >/dev/null 2>&1 || true
+        for m in "${modes[@]}"; do "${P[@]}" network rm -f "gossipfl-tb-$m" >/dev/null 2>&1 || true; done
+    fi
+    rm -rf "$work"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# ---- image --------------------------------------------------------------------------------------
+have_image() { "${P[@]}" image exists "$1"; }
+if [ "$build" = 1 ]; then
+    if [ -z "$base" ]; then
+        if have_image python:3.11-slim; then base=python:3.11-slim
+        elif have_image localhost/gossipfl-base:bookworm; then base=localhost/gossipfl-base:bookworm
+        elif command -v mmdebstrap >/dev/null && [ -f /etc/apt/sources.list.d/debian.sources ]; then
+            echo "== building the base image localhost/gossipfl-base:bookworm with mmdebstrap (no registry needed)"
+            mmdebstrap --quiet --variant=minbase --include=python3,python3-venv,python3-pip bookworm \
+                "$work/base.tar" </etc/apt/sources.list.d/debian.sources
+            "${P[@]}" import --change 'CMD ["python3"]' "$work/base.tar" localhost/gossipfl-base:bookworm >/dev/null
+            rm -f "$work/base.tar"
+            base=localhost/gossipfl-base:bookworm
+        else
+            base=python:3.11-slim
+        fi
+    fi
+    build_args=(--build-arg "BASE_IMAGE=$base")
+    # Machine-specific build inputs reach pip through a stand-in for root's home (pip reads
+    # ~/.config/pip/pip.conf): files mounted onto /root leave nothing behind in the image.
+    home="$work/build-home" pip_conf=""
+    mkdir -p "$home/.config/pip"
+    if [ -n "${PIP_CERT:-}" ] && [ -f "$PIP_CERT" ]; then  # this host's CA bundle
+        : >"$home/host-ca.crt"
+        build_flags+=(-v "$PIP_CERT:/root/host-ca.crt:ro"); pip_conf+=$'cert = /root/host-ca.crt\n'
+    fi
+    if [ -n "${PIP_FIND_LINKS:-}" ] && [ -d "$PIP_FIND_LINKS" ] && compgen -G "$PIP_FIND_LINKS/torch-*.whl" >/dev/null; then
+        # a local folder with the CPU torch wheel: no extra index needed
+        mkdir -p "$home/host-wheels"
+        build_flags+=(-v "$PIP_FIND_LINKS:/root/host-wheels:ro"); pip_conf+=$'find-links = /root/host-wheels\n'
+        build_args+=(--build-arg "TORCH_INDEX=")
+    fi
+    if [ -n "$pip_conf" ]; then
+        printf '[global]\n%s' "$pip_conf" >"$home/.config/pip/pip.conf"
+        build_flags=(-v "$home:/root" "${build_flags[@]}")
+    fi
+    echo "== building $image from docker/Dockerfile (base $base)"
+    t0=$SECONDS
+    "${P[@]}" build "${build_flags[@]}" --format docker -f docker/Dockerfile -t "$image" "${build_args[@]}" . \
+        >"$work/build.log" 2>&1 || { tail -n 30 "$work/build.log" >&2; die "image build failed"; }
+    echo "   built in $((SECONDS - t0)) s"
+fi
+have_image "$image" || die "no image $image (drop --no-build)"
+image_id="$("${P[@]}" image inspect -f '{{.Id}}' "$image" | cut -c1-12)"
+
+# What the package in the image supports (the image may predate auto/N or DNS discovery).
+probe() { "${P[@]}" run --rm --network none "${run_flags[@]}" --entrypoint python3 "$image" -c "$1" >/dev/null 2>&1; }
+auto_ok=0; probe "from gossipfl.config import parse_partition; parse_partition('auto/2')" && auto_ok=1
+dns_ok=0; probe "from gossipfl.config import NodeConfig; NodeConfig(discovery=('dns',), dns_name='x')" && dns_ok=1
+[ "$auto_ok" = 1 ] || echo "!! this image's gossipfl has no --partition auto/N: FALLBACK to explicit K/N per container"
+
+# ---- the measuring side (runs on this host, talks HTTP to the containers) ------------------------
+cat >"$work/tb.py" <<'EOF'
+import json, sys, time, urllib.request
+
+def get(url, timeout=3.0):
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return r.status, json.loads(r.read() or b"null")
+
+def status(url):
+    try:
+        return get(url + "/v1/status")[1]
+    except Exception:
+        return None
+
+def wait(nodes, timeout):
+    """Until every node answers and knows all others (alive); prints the seconds it took."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        st = [status(u) for u in nodes.values()]
+        if all(st) and all(sum(1 for p in s["peers"] if p.get("alive", True)) >= len(nodes) - 1 for s in st):
+            print(f"{time.monotonic() - t0:.1f}")
+            return 0
+        time.sleep(0.5)
+    for name, u in nodes.items():
+        s = status(u)
+        print(f"  {name}: " + ("no answer" if s is None else f"{len(s['peers'])} peers"), file=sys.stderr)
+    return 1
+
+def progress(nodes):
+    accs = [(s or {}).get("metrics", {}).get("accuracy") for s in map(status, nodes.values())]
+    accs = [a for a in accs if a is not None]
+    if accs:
+        print(f"   accuracy min {min(accs):.4f} max {max(accs):.4f}", flush=True)
+
+def collect(nodes, out):
+    rows = []
+    for name, u in nodes.items():
+        s = status(u) or {}
+        try:
+            ready = get(u + "/v2/health/ready")[0] == 200
+        except Exception:
+            ready = False
+        m, ex = s.get("metrics") or {}, s.get("exchanges") or {}
+        rows.append({
+            "container": name, "id": s.get("id"), "partition": s.get("partition"),
+            "partition_from": s.get("partition_from"), "samples": s.get("samples"),
+            "peers": sum(1 for p in s.get("peers", []) if p.get("alive", True)),
+            "accuracy": m.get("accuracy"), "loss": m.get("loss"), "age": s.get("age"), "ready": ready,
+            "exchanges": ex,
+        })
+    json.dump(rows, open(out, "w"), indent=1)
+
+if __name__ == "__main__":
+    cmd, args = sys.argv[1], sys.argv[2:]
+    if cmd == "wait":
+        sys.exit(wait(json.loads(args[0]), float(args[1])))
+    if cmd == "progress":
+        progress(json.loads(args[0]))
+    if cmd == "collect":
+        collect(json.loads(args[0]), args[1])
+EOF
+
+cat >"$work/report.py" <<'EOF'
+import json, sys
+rows, stops, mode, tol, out = json.load(open(sys.argv[1])), json.load(open(sys.argv[2])), sys.argv[3], float(sys.argv[4]), sys.argv[5]
+health = json.load(open(sys.argv[6]))
+def ok_ex(e):
+    return e.get("ok", e.get("completed", "?")) if isinstance(e, dict) else "?"
+def failed_ex(e):
+    return e.get("failed", "?") if isinstance(e, dict) else "?"
+lines = ["| container | node id | partition | samples | peers | accuracy | loss | exchanges ok | failed | ready | healthcheck | exit code |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+for r in rows:
+    acc = "-" if r["accuracy"] is None else f"{r['accuracy']:.4f}"
+    loss = "-" if r["loss"] is None else f"{r['loss']:.4f}"
+    part = f"{r['partition']}" + (f" (from {r['partition_from']})" if r.get("partition_from") else "")
+    lines.append(f"| {r['container']} | {r['id']} | {part} | {r['samples']} | {r['peers']} | {acc} | {loss} | "
+                 f"{ok_ex(r['exchanges'])} | {failed_ex(r['exchanges'])} | {r['ready']} | {health.get(r['container'])} | "
+                 f"{stops.get(r['container'])} |")
+accs = [r["accuracy"] for r in rows if r["accuracy"] is not None]
+problems = []
+if len(accs) < len(rows):
+    problems.append("a node reported no accuracy")
+spread = max(accs) - min(accs) if accs else float("nan")
+if not accs or spread > tol:
+    problems.append(f"accuracy spread {spread:.4f} > {tol}")
+shards = [r["partition"] for r in rows]
+if len(set(shards)) != len(shards):
+    problems.append(f"partitions not distinct: {shards}")
+if any(r["peers"] < len(rows) - 1 for r in rows):
+    problems.append("a node does not know all others")
+if any(not r["ready"] for r in rows):
+    problems.append("a node is not ready")
+if any(h != "healthy" for h in health.values()):
+    problems.append("a healthcheck failed")
+if any(c != 0 for c in stops.values()):
+    problems.append(f"exit codes after SIGTERM: {stops}")
+summary = (f"mean {sum(accs)/len(accs):.4f}, min {min(accs):.4f}, max {max(accs):.4f}, spread {spread:.4f} "
+           f"(tolerance {tol})") if accs else "no accuracy"
+verdict = "PASS" if not problems else "FAIL: " + "; ".join(problems)
+text = "\n".join(lines) + f"\n\n{summary}\n\n**{mode}: {verdict}**\n"
+open(out, "w").write(text)
+print(text)
+sys.exit(0 if not problems else 1)
+EOF
+
+# ---- one discovery mode -------------------------------------------------------------------------
+run_mode() {
+    local mode="$1" net="gossipfl-tb-$1" alias_name=gossipfl-nodes i name
+    local -A urls=()
+    local names=()
+    echo
+    echo "== $mode: $nodes nodes on podman network $net, ${duration} s"
+    for i in $(seq 1 "$nodes"); do names+=("gossipfl-tb-$mode-$i"); done
+    "${P[@]}" rm -f -v -t 0 "${names[@]}" >/dev/null 2>&1 || true
+    "${P[@]}" network rm -f "$net" >/dev/null 2>&1 || true
+    local net_flags=()
+    # --internal: no route out of this host. (Rootless, the host reaches containers by published ports
+    # instead.) DNS stays on in both modes: an internal network without DNS gets no host-side gateway
+    # address (netavark 1.4), so this host could not reach the nodes; in mdns mode no node asks it.
+    [ "$rootless" = 0 ] && net_flags+=(--internal)
+    "${P[@]}" network create "${net_flags[@]}" "$net" >/dev/null
+
+    local env=(-e GOSSIPFL_DISCOVERY="$mode" -e GOSSIPFL_CLUSTER="testbed-$mode" -e GOSSIPFL_LOG_LEVEL=info)
+    [ "$mode" = dns ] && env+=(-e "GOSSIPFL_DNS_NAME=$alias_name" -e GOSSIPFL_DNS_INTERVAL=2)
+    for e in "${extra_env[@]}"; do env+=(-e "$e"); done
+    for i in $(seq 1 "$nodes"); do
+        name="gossipfl-tb-$mode-$i"
+        local part="auto/$nodes"
+        [ "$auto_ok" = 1 ] || part="$((i % nodes))/$nodes"   # FALLBACK: explicit shard per container
+        local flags=(--name "$name" --hostname "$name" --network "$net" "${run_flags[@]}")
+        [ "$mode" = dns ] && flags+=(--network-alias "$alias_name")
+        [ "$rootless" = 1 ] && flags+=(-p 127.0.0.1::8470)
+        # (stderr kept aside: podman without systemd complains that it cannot time the healthcheck)
+        "${P[@]}" run -d "${flags[@]}" "${env[@]}" -e GOSSIPFL_PARTITION="$part" "$image" >/dev/null 2>"$work/run.err" \
+            || { cat "$work/run.err" >&2; return 1; }
+        containers+=("$name")
+    done
+    for name in "${names[@]}"; do
+        if [ "$rootless" = 1 ]; then
+            urls[$name]="http://$("${P[@]}" port "$name" 8470 | head -n1)"
+        else
+            urls[$name]="http://$("${P[@]}" inspect -f "{{(index .NetworkSettings.Networks \"$net\").IPAddress}}" "$name"):8470"
+        fi
+    done
+    local nodes_json="{" sep=""
+    for name in "${names[@]}"; do nodes_json+="$sep\"$name\": \"${urls[$name]}\""; sep=", "; done
+    nodes_json+="}"
+
+    local t_up
+    if ! t_up="$(python3 "$work/tb.py" wait "$nodes_json" 120)"; then
+        echo "!! $mode: the nodes did not all find each other within 120 s" >&2
+        for name in "${names[@]}"; do echo "--- $name"; "${P[@]}" logs --tail 5 "$name" 2>&1; done >&2
+        return 1
+    fi
+    echo "   all $nodes nodes up and known to each other after ${t_up} s (after the containers started)"
+    local t_end=$((SECONDS + ${duration%.*}))
+    while [ $SECONDS -lt $t_end ]; do
+        sleep $(( t_end - SECONDS < 10 ? t_end - SECONDS : 10 ))
+        python3 "$work/tb.py" progress "$nodes_json"
+    done
+    python3 "$work/tb.py" collect "$nodes_json" "$work/$mode-rows.json"
+
+    # the image's HEALTHCHECK, run once by hand
+    local health="{" stops="{" sep="" st
+    for name in "${names[@]}"; do
+        st=unhealthy
+        "${P[@]}" healthcheck run "$name" >/dev/null 2>&1 && st=healthy
+        health+="$sep\"$name\": \"$st\""; sep=", "
+    done
+    health+="}"
+    echo "$health" >"$work/$mode-health.json"
+
+    # SIGTERM all at once, then the exit codes
+    local t0=$SECONDS
+    "${P[@]}" stop -t 30 "${names[@]}" >/dev/null 2>"$work/stop.err" || cat "$work/stop.err" >&2
+    echo "   podman stop (SIGTERM) of $nodes containers took $((SECONDS - t0)) s"
+    sep=""
+    mkdir -p "$results_dir/$mode"
+    for name in "${names[@]}"; do
+        stops+="$sep\"$name\": $("${P[@]}" inspect -f '{{.State.ExitCode}}' "$name")"; sep=", "
+        "${P[@]}" logs "$name" >"$results_dir/$mode/$name.log" 2>&1 || true
+    done
+    stops+="}"
+    echo "$stops" >"$work/$mode-stops.json"
+    if [ "$keep" = 0 ]; then
+        "${P[@]}" rm -f -v "${names[@]}" >/dev/null 2>&1  # -v: and their anonymous /var/lib/gossipfl volumes
+        "${P[@]}" network rm -f "$net" >/dev/null 2>&1
+    fi
+    python3 "$work/report.py" "$work/$mode-rows.json" "$work/$mode-stops.json" "$mode" "$tolerance" \
+        "$work/$mode-table.md" "$work/$mode-health.json" || return 1
+}
+
+rc=0
+ran=()
+for mode in "${modes[@]}"; do
+    if [ "$mode" = dns ] && [ "$dns_ok" = 0 ]; then
+        echo "!! this image's gossipfl has no DNS discovery (--dns-name): dns skipped" >&2; rc=1; continue
+    fi
+    run_mode "$mode" || rc=1
+    ran+=("$mode")
+done
+
+{
+    echo "# Container testbed"
+    echo
+    echo "Run $(date -u '+%Y-%m-%d %H:%M UTC') on $(hostname) ($(nproc) cores), $("${P[@]}" --version), command:"
+    echo "\`scripts/container_testbed.sh --nodes $nodes --duration $duration --discovery $discovery\`"
+    echo
+    echo "Image \`$image\` ($image_id, built from docker/Dockerfile on \`${base:-(not rebuilt)}\`, package at commit"
+    echo "$(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet HEAD -- gossipfl pyproject.toml 2>/dev/null || echo ' + local changes')). One container"
+    echo "per node on a podman bridge network (\`--internal\`), options from \`GOSSIPFL_*\` env only:"
+    echo "partition \`$([ "$auto_ok" = 1 ] && echo "auto/$nodes" || echo "K/$nodes per container (FALLBACK: no auto/N in this image)")\`"
+    echo "(container i = 1..N has hostname gossipfl-tb-<mode>-i, shard i mod N), task digits, iid shards."
+    echo "Accuracy is on the shared 360-image test split, read from each node's /v1/status over HTTP"
+    echo "after ${duration} s of training (counted from the moment all nodes knew each other). Exit codes"
+    echo "are those of \`podman stop\` (SIGTERM). Node logs: benchmarks/results/container_testbed/<mode>/."
+    for mode in "${ran[@]}"; do
+        echo
+        case "$mode" in
+            mdns) echo "## mDNS discovery (GOSSIPFL_DISCOVERY=mdns)" ;;
+            dns) echo "## DNS discovery (GOSSIPFL_DISCOVERY=dns, GOSSIPFL_DNS_NAME=gossipfl-nodes, a network alias of every container; aardvark-dns)" ;;
+        esac
+        echo
+        if [ -f "$work/$mode-table.md" ]; then cat "$work/$mode-table.md"; else echo "**$mode: FAIL** (no result; see the script's output)"; fi
+    done
+} >"$out"
+echo
+echo "results: $out"
+exit $rc
