@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--lr-decay-steps", type=float, default=1000)
     ap.add_argument("--steps", type=int, default=5, help="local steps per round")
     ap.add_argument("--rounds", type=int, default=360)
+    ap.add_argument("--batch", type=int, default=32, help="minibatch size of every node")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     torch.set_num_threads(1)
@@ -53,6 +54,7 @@ def main() -> None:
             lr=a.lr,
             momentum=a.momentum,
             lr_decay_steps=a.lr_decay_steps,
+            batch_size=a.batch,
         )
         for k, idx in enumerate(shards)
     ]
