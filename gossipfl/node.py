@@ -37,6 +37,7 @@ from .training import every
 
 STOP_GRACE_S = 15.0
 INFERENCE_CONCURRENCY = 2  # inference requests running at once; others wait their turn
+MAX_INBOUND_PROBES = 16  # unknown callers being identified at once; more wait for their next call
 
 
 class StartError(Exception):
@@ -207,7 +208,7 @@ class Node:
 
     def _learn_inbound(self, prober: Prober, url: str) -> None:
         """A peer we did not know exchanged with us: check who it is (once at a time per address)."""
-        if url in self._probing or self._stopping.is_set():
+        if url in self._probing or len(self._probing) >= MAX_INBOUND_PROBES or self._stopping.is_set():
             return
         self._probing.add(url)
 
@@ -256,6 +257,7 @@ class Node:
             raise StartError(f"mDNS on {where}: {e.strerror or e}") from None
 
     def _spawn(self, coro: Any) -> None:
+        self._tasks = [t for t in self._tasks if not t.done()]  # short-lived probes must not pile up
         self._tasks.append(asyncio.get_running_loop().create_task(coro))
 
     async def stop(self) -> None:
