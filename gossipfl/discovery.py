@@ -200,9 +200,12 @@ class SeedDiscovery:
         self.prober = prober
         self.retry_interval = retry_interval
 
-    async def run(self) -> None:
+    async def run(self, stopping: asyncio.Event) -> None:
         pending = list(self.urls)
-        while pending:
+        while pending and not stopping.is_set():
             pending = [u for u in pending if await self.prober.probe(u, "static") == "unreachable"]
             if pending:
-                await asyncio.sleep(self.retry_interval)
+                try:
+                    await asyncio.wait_for(stopping.wait(), timeout=self.retry_interval)
+                except TimeoutError:
+                    pass

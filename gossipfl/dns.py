@@ -60,7 +60,10 @@ class DnsDiscovery:
 
     async def run(self, stopping: asyncio.Event) -> None:
         while not stopping.is_set():
-            await self.round()
+            try:
+                await self.round()
+            except Exception:  # a bug here must not end DNS discovery for the node's lifetime
+                self.log.exception("DNS discovery round failed")
             try:
                 await asyncio.wait_for(stopping.wait(), timeout=self.interval)
             except TimeoutError:

@@ -172,7 +172,7 @@ class Node:
             await self._start_mdns()
         prober = Prober(identity=self.identity, peers=self.peers, session_factory=lambda: self._session, log=self.log)
         if cfg.seeds:
-            self._spawn(SeedDiscovery(cfg.seeds, prober=prober).run())
+            self._spawn(SeedDiscovery(cfg.seeds, prober=prober).run(self._stopping))
         if cfg.dns_name:
             dns = DnsDiscovery(
                 cfg.dns_name, self.port, prober=prober, peers=self.peers, log=self.log, interval=cfg.dns_interval

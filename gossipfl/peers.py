@@ -11,6 +11,9 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+LEARNED = ("dns", "pex", "inbound")  # sources that are forgotten when the peer stops answering
+MAX_IGNORED = 256
+
 
 @dataclass
 class Peer:
@@ -62,6 +65,12 @@ class PeerTable:
         if old is not None and old.url == url:
             old.task = task or old.task
             return False
+        if old is not None and source in LEARNED and old.source not in LEARNED:
+            # a seed or an mDNS peer seen at another address: move it only if its own address is not
+            # known to work, and keep its source (it stays a peer that is never forgotten)
+            if old.last_ok is not None and old.failures == 0:
+                return False
+            source = old.source
         self._peers[peer_id] = Peer(peer_id, url, task, source)
         return True
 
@@ -70,6 +79,8 @@ class PeerTable:
         if peer_id == self.self_id:
             return False
         self._peers.pop(peer_id, None)
+        if len(self._ignored) >= MAX_IGNORED and peer_id not in self._ignored:
+            self._ignored.pop(next(iter(self._ignored)))  # the oldest entry
         new = self._ignored.get(peer_id, {}).get("reason") != reason
         self._ignored[peer_id] = {"id": peer_id, "url": url or "", "reason": reason}
         return new

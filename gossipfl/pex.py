@@ -8,17 +8,19 @@ import json
 import logging
 import random
 from collections.abc import Callable
+from urllib.parse import urlsplit
 
 import aiohttp
 
 from .httpio import TooLarge, read_limited
-from .peers import PeerTable
+from .peers import LEARNED, PeerTable
 from .probing import Prober
 
 SOURCE = "pex"
 MAX_LIST_BYTES = 1 << 20
 FORGET_AFTER_FAILURES = 5  # with backoff 1, 2, 4, 8, 16 s: about half a minute of silence
-FORGETTABLE = ("pex", "dns", "inbound")  # not peers named by a person (static) or announced over mDNS
+MAX_PEERS = 256  # peer exchange stops adding peers beyond this many
+FORGETTABLE = LEARNED  # not peers named by a person (static) or announced over mDNS
 
 
 class PeerExchange:
@@ -40,10 +42,16 @@ class PeerExchange:
         self.max_new = max_new
 
     async def round(self) -> None:
+        try:
+            await self._round()
+        except Exception:  # a bug here must not end peer exchange for the node's lifetime
+            self.log.exception("peer exchange round failed")
+
+    async def _round(self) -> None:
         for peer_id in self.peers.expire(FORGETTABLE, FORGET_AFTER_FAILURES):
             self.log.info("forgot peer %s: no answer after %d tries", peer_id, FORGET_AFTER_FAILURES)
         partner = self.peers.choose(self.rng)
-        if partner is None:
+        if partner is None or len(self.peers) >= MAX_PEERS:
             return
         entries = await self._fetch(partner.url)
         ignored = {p["id"] for p in self.peers.ignored()}
@@ -58,21 +66,33 @@ class PeerExchange:
     async def _fetch(self, url: str) -> list[dict[str, str]]:
         """The partner's peer list, keeping only well-formed http entries; [] when it cannot be read."""
         try:
-            async with self.session_factory().get(url + "/v1/peers") as resp:
+            async with self.session_factory().get(url + "/v1/peers", allow_redirects=False) as resp:
                 if resp.status != 200:
                     return []
                 doc = json.loads(await read_limited(resp.content, resp.content_length, MAX_LIST_BYTES))
-        except (TimeoutError, aiohttp.ClientError, TooLarge, ValueError) as e:
+        except (TimeoutError, aiohttp.ClientError, TooLarge, ValueError, RecursionError) as e:
             self.log.debug("peer list of %s unreadable: %s", url, str(e) or type(e).__name__)
             return []
         rows = doc.get("peers") if isinstance(doc, dict) else None
         if not isinstance(rows, list):
             return []
-        return [
-            {"id": r["id"], "url": r["url"].rstrip("/")}
-            for r in rows
-            if isinstance(r, dict)
-            and isinstance(r.get("id"), str)
-            and isinstance(r.get("url"), str)
-            and r["url"].startswith("http://")
-        ]
+        out = []
+        for r in rows[:MAX_PEERS]:
+            if isinstance(r, dict) and isinstance(r.get("id"), str) and (base := _base_url(r.get("url"))):
+                out.append({"id": r["id"], "url": base})
+        return out
+
+
+def _base_url(url: object) -> str | None:
+    """``http://host:port`` of a listed peer, or None for anything else (paths, credentials, queries)."""
+    if not isinstance(url, str):
+        return None
+    try:
+        u = urlsplit(url)
+        port = u.port
+    except ValueError:
+        return None
+    if u.scheme != "http" or not u.hostname or port is None or u.username or u.path.strip("/") or u.query:
+        return None
+    host = f"[{u.hostname}]" if ":" in u.hostname else u.hostname
+    return f"http://{host}:{port}"

@@ -3,13 +3,17 @@ peer exchange, which only know an address."""
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 
 import aiohttp
 
 from .discovery import PROTO, Identity
+from .httpio import TooLarge, read_limited
 from .peers import PeerTable
+
+MAX_STATUS_BYTES = 256 * 1024
 
 
 class Prober:
@@ -31,17 +35,23 @@ class Prober:
         "known" (already in the table at this URL), "self", "ignored" (another task, model shape or
         cluster: listed under ignored peers with the reason) or "unreachable"."""
         try:
-            async with self.session_factory().get(url + "/v1/status") as resp:
-                status = await resp.json()
+            async with self.session_factory().get(url + "/v1/status", allow_redirects=False) as resp:
+                if resp.status != 200:
+                    raise ValueError(f"HTTP {resp.status}")
+                status = json.loads(await read_limited(resp.content, resp.content_length, MAX_STATUS_BYTES))
             peer_id, task = str(status["id"]), str(status["task"])
             model, cluster = status.get("model"), status.get("cluster", "default")
-        except (TimeoutError, aiohttp.ClientError, ValueError, KeyError, TypeError) as e:
+        except (TimeoutError, aiohttp.ClientError, TooLarge, ValueError, KeyError, TypeError, RecursionError) as e:
             self.log.debug("%s peer %s not reachable: %s", source, url, str(e) or type(e).__name__)
             return "unreachable"
         if peer_id == self.peers.self_id:
             return "self"
         reason = self.identity.mismatch(PROTO, task, None if model is None else str(model), str(cluster))
         if reason:
+            known = self.peers.get(peer_id)
+            if known is not None and known.url != url:  # someone else claims a peer's id: keep the peer
+                self.log.warning("%s address %s claims to be %s but %s; ignored", source, url, peer_id, reason)
+                return "ignored"
             if self.peers.ignore(peer_id, url, reason):
                 self.log.warning("ignoring %s peer %s (%s): %s", source, url, peer_id, reason)
             return "ignored"

@@ -17,6 +17,7 @@ import pytest
 from gossipfl.config import ConfigError, NodeConfig
 from gossipfl.dns import DnsDiscovery
 from gossipfl.peers import PeerTable
+from gossipfl.pex import FORGETTABLE, _base_url
 from gossipfl.replica import ordinal_of, shard_index
 
 from .helpers import running, wait_for
@@ -60,7 +61,7 @@ def test_forgettable_peers_age_out():
     for _ in range(5):
         for pid in "abcd":
             table.mark_failed(pid)
-    assert table.expire(("pex", "dns"), 5) == ["a", "b"]  # explicit seeds and mDNS peers stay
+    assert table.expire(FORGETTABLE, 5) == ["a", "b"]  # explicit seeds and mDNS peers stay
     assert sorted(p.id for p in table.all()) == ["c", "d", "e"]
 
 
@@ -145,14 +146,15 @@ NAMESPACE_DRIVER = textwrap.dedent(
             return json.load(r)
     # an unresolvable name is a one-line error at start
     bad = subprocess.run([py, "-m", "gossipfl", "node", "--host", "127.0.0.1", "--discovery", "dns",
-                          "--dns-name", "nowhere-to-be-found"], capture_output=True, text=True, timeout=60)
+                          "--dns-name", "nowhere-to-be-found"], capture_output=True, text=True, timeout=30)
     procs = [subprocess.Popen([py, "-m", "gossipfl", "node", "--host", f"127.0.0.{i}", "--port", "8470",
                                "--id", f"ns-{i}", "--discovery", "dns", "--dns-name", "gossipfl-nodes",
                                "--dns-interval", "0.5", "--gossip-interval", "0.3", "--partition", "auto/3"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i in (11, 12, 13)]
     out = {"bad_rc": bad.returncode, "bad_err": bad.stderr.strip()}
+    states = {}
     try:
-        deadline = time.time() + 60
+        deadline = time.time() + 45
         while time.time() < deadline:
             try:
                 states = {ip: status(ip) for ip in ("127.0.0.11", "127.0.0.12", "127.0.0.13")}
@@ -167,7 +169,7 @@ NAMESPACE_DRIVER = textwrap.dedent(
     finally:
         for p in procs:
             p.terminate()
-        out["exit"] = [p.wait(timeout=30) for p in procs]
+        out["exit"] = [p.wait(timeout=15) for p in procs]
     print(json.dumps(out))
     """
 )
@@ -214,4 +216,22 @@ async def test_a_peer_that_calls_from_a_new_address_is_found_there(make_config):
         async with running(make_config(id="moved-a", seeds=(f"127.0.0.1:{b.port}",), gossip_interval=0.2)) as (a,):
             b.peers.upsert("moved-a", "http://127.0.0.1:1", "digits", "static")  # stale: nothing listens there
             assert await wait_for(lambda: b.peers.get("moved-a").url == a.url, 10)
-            assert b.peers.get("moved-a").source == "inbound"
+            assert b.peers.get("moved-a").source == "static"  # still a seed: never forgotten
+
+
+def test_learned_sources_do_not_displace_a_working_seed_or_mdns_peer():
+    table = PeerTable("me")
+    table.upsert("s", "http://10.0.0.1:1", "digits", "static")
+    table.mark_ok("s")
+    assert not table.upsert("s", "http://6.6.6.6:1", "digits", "inbound")  # a working seed stays where it is
+    assert table.get("s").url == "http://10.0.0.1:1"
+    table.mark_failed("s")
+    assert table.upsert("s", "http://10.0.0.2:1", "digits", "pex")  # a failing one may move, and stays a seed
+    assert (table.get("s").url, table.get("s").source) == ("http://10.0.0.2:1", "static")
+
+
+def test_peer_lists_only_yield_plain_base_urls():
+    assert _base_url("http://10.0.0.1:8470") == "http://10.0.0.1:8470"
+    assert _base_url("http://10.0.0.1:8470/") == "http://10.0.0.1:8470"
+    for bad in ("http://10.0.0.1:8470/x", "http://u:p@h:1", "https://h:1", "http://h", "http://h:1?q", 7, "http://h:x"):
+        assert _base_url(bad) is None, bad
