@@ -3,6 +3,7 @@ app key under which routes find their node."""
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -33,3 +34,17 @@ async def read_limited(content: aiohttp.StreamReader, declared: int | None, limi
         if len(buf) > limit:
             raise TooLarge(f"body exceeds {limit} bytes")
     return bytes(buf)
+
+
+async def get_json(session: aiohttp.ClientSession, url: str, limit: int) -> object:
+    """GET ``url`` from a peer and parse its JSON body, read whole up to ``limit`` bytes; no redirects.
+    Raises aiohttp.ClientError, TimeoutError, TooLarge, or ValueError (not 200, not JSON, nested too
+    deeply to parse)."""
+    async with session.get(url, allow_redirects=False) as resp:
+        if resp.status != 200:
+            raise ValueError(f"HTTP {resp.status}")
+        body = await read_limited(resp.content, resp.content_length, limit)
+    try:
+        return json.loads(body)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None

@@ -4,7 +4,6 @@ Peers learned this way (or from DNS) that keep failing are forgotten."""
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from collections.abc import Callable
@@ -12,7 +11,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from .httpio import TooLarge, read_limited
+from .httpio import TooLarge, get_json
 from .peers import LEARNED, PeerTable
 from .probing import Prober
 
@@ -66,11 +65,8 @@ class PeerExchange:
     async def _fetch(self, url: str) -> list[dict[str, str]]:
         """The partner's peer list, keeping only well-formed http entries; [] when it cannot be read."""
         try:
-            async with self.session_factory().get(url + "/v1/peers", allow_redirects=False) as resp:
-                if resp.status != 200:
-                    return []
-                doc = json.loads(await read_limited(resp.content, resp.content_length, MAX_LIST_BYTES))
-        except (TimeoutError, aiohttp.ClientError, TooLarge, ValueError, RecursionError) as e:
+            doc = await get_json(self.session_factory(), url + "/v1/peers", MAX_LIST_BYTES)
+        except (TimeoutError, aiohttp.ClientError, TooLarge, ValueError) as e:
             self.log.debug("peer list of %s unreadable: %s", url, str(e) or type(e).__name__)
             return []
         rows = doc.get("peers") if isinstance(doc, dict) else None

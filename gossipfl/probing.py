@@ -3,14 +3,13 @@ peer exchange, which only know an address."""
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 
 import aiohttp
 
 from .discovery import PROTO, Identity
-from .httpio import TooLarge, read_limited
+from .httpio import TooLarge, get_json
 from .peers import PeerTable
 
 MAX_STATUS_BYTES = 256 * 1024
@@ -35,13 +34,10 @@ class Prober:
         "known" (already in the table at this URL), "self", "ignored" (another task, model shape or
         cluster: listed under ignored peers with the reason) or "unreachable"."""
         try:
-            async with self.session_factory().get(url + "/v1/status", allow_redirects=False) as resp:
-                if resp.status != 200:
-                    raise ValueError(f"HTTP {resp.status}")
-                status = json.loads(await read_limited(resp.content, resp.content_length, MAX_STATUS_BYTES))
+            status = await get_json(self.session_factory(), url + "/v1/status", MAX_STATUS_BYTES)
             peer_id, task = str(status["id"]), str(status["task"])
             model, cluster = status.get("model"), status.get("cluster", "default")
-        except (TimeoutError, aiohttp.ClientError, TooLarge, ValueError, KeyError, TypeError, RecursionError) as e:
+        except (TimeoutError, aiohttp.ClientError, TooLarge, ValueError, KeyError, TypeError) as e:
             self.log.debug("%s peer %s not reachable: %s", source, url, str(e) or type(e).__name__)
             return "unreachable"
         if peer_id == self.peers.self_id:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -28,6 +28,11 @@ class State:
     age: int  # local training steps the model embodies (max over merged ancestors)
     version: int  # bumped by every change: a train step or a merge
     weight: float  # push-sum weight, changed only by merges
+
+
+def _cpu_copies(tensors: Mapping[str, torch.Tensor]) -> Params:
+    """Numpy copies on the CPU (parameters leave a Learner only as copies)."""
+    return {name: t.detach().to("cpu", copy=True).numpy() for name, t in tensors.items()}
 
 
 def build_seeded(factory: Callable[[], nn.Module], seed: int) -> nn.Module:
@@ -122,7 +127,7 @@ class Learner:
 
     # -- parameters -------------------------------------------------------------------------------
     def _params_copy(self) -> Params:
-        return {n: p.detach().to("cpu", copy=True).numpy() for n, p in self._named.items()}
+        return _cpu_copies(self._named)
 
     def _state(self) -> State:
         return State(self._params_copy(), self.age, self.version, self.weight)
@@ -195,8 +200,7 @@ class Learner:
     def trained(self) -> bool:
         """The served model has been trained or merged at least once (readiness to answer queries)."""
         with self._lock:
-            if self._unpublished_steps > 0:
-                self._refresh_serving()
+            self._refresh_serving()
             return self._published
 
     @property
@@ -218,13 +222,9 @@ class Learner:
 
     def served_state(self) -> tuple[Params, int]:
         """The served model's full state dict (parameters and buffers) as CPU numpy copies, and its age."""
-
-        def copy_out(model: nn.Module) -> Params:
-            return {k: v.detach().to("cpu", copy=True).numpy() for k, v in model.state_dict().items()}
-
         with self._lock, torch.no_grad():
             self._refresh_serving()
-            return copy_out(self.serving), self.served_age
+            return _cpu_copies(self.serving.state_dict()), self.served_age
 
     def evaluate_working(self) -> Evaluation:
         """Score the working copy (the model local training is changing) on the test split."""
