@@ -7,6 +7,7 @@ import asyncio
 import signal
 import sys
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from .config import ConfigError, NodeConfig, load_config, option_fields
@@ -64,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument("--gossip-interval", type=float, default=1.0)
     tb.add_argument("--sample-interval", type=float, default=1.0, help="seconds between measurements")
     tb.add_argument("--task", default="digits")
+    tb.add_argument(
+        "--data", default=None, help="data file every node reads (--task tabular or your own); each keeps its shard"
+    )
     tb.add_argument("--seed", type=int, default=0, help="node i gets seed SEED+i")
     tb.add_argument("--quiet", action="store_true", help="no live table")
     tb.add_argument(
@@ -145,8 +149,10 @@ def cmd_testbed(args: argparse.Namespace) -> int:
         extra = extra[1:]
     from .learning.registry import get_task
 
+    if "--data" in extra or any(a.startswith("--data=") for a in extra):
+        raise ConfigError("give --data to the testbed, before --: it reads the file too (the model's shape)")
     try:
-        get_task(args.task)
+        get_task(args.task, args.data)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if args.nodes < 1:
@@ -163,6 +169,7 @@ def cmd_testbed(args: argparse.Namespace) -> int:
         gossip_interval=args.gossip_interval,
         sample_interval=args.sample_interval,
         task=args.task,
+        data=args.data and str(Path(args.data).resolve()),
         seed=args.seed,
         live=not args.quiet,
         extra_node_args=tuple(extra),

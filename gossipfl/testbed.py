@@ -60,6 +60,7 @@ class TestbedOptions:
     gossip_interval: float = 1.0
     sample_interval: float = 1.0
     task: str = "digits"
+    data: str | None = None  # --data of every node (tabular or a user's task): one file, cut by --partition
     seed: int = 0
     live: bool = True
     extra_node_args: tuple[str, ...] = ()
@@ -116,6 +117,8 @@ def node_args(opts: TestbedOptions, index: int, node_id: str, port: int, cluster
         "--cluster",  # a run of its own: other testbeds or nodes on this host stay out
         cluster,
     ]
+    if opts.data is not None:
+        args += ["--data", opts.data]
     if opts.no_train:
         args.append("--no-train")
     return args + list(opts.extra_node_args)
@@ -432,6 +435,7 @@ def summarize(
             "accuracy": s.get("metrics", {}).get("accuracy"),
             "loss": s.get("metrics", {}).get("loss"),
             "age": s.get("age"),
+            "samples": s.get("samples"),
             "peers": len(s.get("peers", [])),
             "exchanges": s.get("exchanges"),
             "merge": s.get("merge"),
@@ -494,7 +498,7 @@ async def run_testbed(opts: TestbedOptions) -> int:
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     launcher = make_launcher(opts, out)
-    task = get_task(opts.task)
+    task = get_task(opts.task, opts.data)
     spec = wire.spec_of({k: v.detach().numpy() for k, v in build_seeded(task.build_model, 0).named_parameters()})
     tag = secrets.token_hex(2)
     ids = [f"node{i}-{tag}" for i in range(opts.nodes)]
