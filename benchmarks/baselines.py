@@ -21,7 +21,7 @@ from gossipfl.node import build_learner
 
 
 def train_eval(train: Dataset, test: Dataset, seed: int, steps: int) -> float:
-    learner = build_learner(DigitsTask(), train, test, replace(NodeConfig(), seed=seed))
+    learner = build_learner(DigitsTask(), train, test, replace(NodeConfig(), seed=seed, init_seed=seed))
     learner.train_steps(steps)
     return learner.evaluate().accuracy
 

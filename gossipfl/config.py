@@ -69,7 +69,14 @@ class NodeConfig:
     merge: str = field(default="average", metadata=_opt("merge rule: average, age, samples or pushsum"))
     gossip_interval: float = field(default=1.0, metadata=_opt("seconds between exchanges (+-20%% jitter)"))
     no_train: bool = field(default=False, metadata=_opt("do not train: pure averaging"))
-    seed: int = field(default=0, metadata=_opt("seed of this node's model init and training randomness"))
+    seed: int = field(default=0, metadata=_opt("this node's seed: minibatch order, peer choice"))
+    init_seed: int | None = field(
+        default=None,
+        metadata=_opt(
+            "seed of the initial model: nodes that share it start from the same parameters (default: "
+            "--data-seed, the same on every node; with --no-train this node's --seed, so there is something to average)"
+        ),
+    )
     data_seed: int = field(default=2026, metadata=_opt("cluster-wide seed of the train/test split and partition"))
     optimizer: str = field(default="sgd", metadata=_opt("sgd (with momentum) or adam"))
     lr: float = field(default=0.1, metadata=_opt("learning rate (at age 0, see lr-decay-steps)"))
@@ -170,7 +177,7 @@ def _field_kind(f: dataclasses.Field) -> str:
     t = str(f.type)
     if t == "bool":
         return "bool"
-    if t == "int":
+    if t in ("int", "int | None"):
         return "int"
     if t == "float":
         return "float"

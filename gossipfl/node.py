@@ -48,9 +48,10 @@ PUBLISH_AFTER_INTERVALS = 3
 
 
 def build_learner(task: Task, train: Dataset, test: Dataset, cfg: NodeConfig, *, weight: float = 1.0) -> Learner:
-    """The Learner a node with this configuration trains: model seeded by ``cfg.seed``, optimizer and
-    schedule from ``cfg`` (benchmarks use it too, for reference models trained the same way)."""
-    model = build_seeded(lambda: build_checked(task), cfg.seed)
+    """The Learner a node with this configuration trains: model initialised from ``init_seed(cfg)``,
+    minibatch order from ``cfg.seed``, optimizer and schedule from ``cfg`` (benchmarks use it too, for
+    reference models trained the same way)."""
+    model = build_seeded(lambda: build_checked(task), init_seed(cfg))
     return Learner(
         task,
         model,
@@ -66,6 +67,17 @@ def build_learner(task: Task, train: Dataset, test: Dataset, cfg: NodeConfig, *,
         device=resolve_device(cfg.device),
         publish_after_steps=publish_after_steps(cfg),
     )
+
+
+def init_seed(cfg: NodeConfig) -> int:
+    """The seed of a node's initial model. By default every node of a training cluster starts from the
+    same parameters (seeded by the cluster-wide ``--data-seed``), as a federated server's first broadcast
+    would make them: averaging independently initialised networks mixes unrelated hidden units (they are
+    only defined up to a permutation) and shrinks the weights. Pure averaging (``--no-train``) starts
+    each node from its own ``--seed`` instead, so that there is something to average."""
+    if cfg.init_seed is not None:
+        return cfg.init_seed
+    return cfg.seed if cfg.no_train else cfg.data_seed
 
 
 def publish_after_steps(cfg: NodeConfig) -> int:

@@ -466,6 +466,9 @@ def summarize(
             "accuracy_spread": float(np.max(accs) - np.min(accs)) if accs else None,
             "consensus_distance_first": first["consensus_distance"] if first else None,
             "consensus_distance_last": last["consensus_distance"] if last else None,
+            # the spread as a fraction of the size of the model: nodes that train from one shared initial
+            # model start close, so this, not the first-to-last ratio, says whether gossip holds them together
+            "consensus_distance_relative_last": relative(last),
             # only meaningful for pure averaging: training moves the mean on purpose
             "mean_shift_relative": series[-1].get("mean_shift_relative") if series and opts.no_train else None,
             "all_exited_cleanly": all(c == 0 for c in exit_codes.values()),
@@ -473,6 +476,13 @@ def summarize(
         },
         "resources": resources,
     }
+
+
+def relative(row: dict | None) -> float | None:
+    """Consensus distance over the norm of the network mean (None when either is missing or zero)."""
+    if not row or row.get("consensus_distance") is None or not row.get("mean_norm"):
+        return None
+    return row["consensus_distance"] / row["mean_norm"]
 
 
 def final_table(result: dict) -> str:
@@ -489,7 +499,11 @@ def final_table(result: dict) -> str:
             f"max {s['accuracy_max']:.4f}  spread {s['accuracy_spread']:.4f}"
         )
     if s["consensus_distance_first"] is not None and s["consensus_distance_last"] is not None:
-        lines.append(f"consensus distance {s['consensus_distance_first']:.3e} -> {s['consensus_distance_last']:.3e}")
+        rel = s.get("consensus_distance_relative_last")
+        share = f" ({100 * rel:.2g}% of the mean model's norm)" if rel is not None else ""
+        lines.append(
+            f"consensus distance {s['consensus_distance_first']:.3e} -> {s['consensus_distance_last']:.3e}{share}"
+        )
     return "\n".join(lines)
 
 

@@ -180,11 +180,13 @@ def test_testbed_runs_nodes_and_writes_results(tmp_path):
     assert all(f["exit_code"] == 0 for f in res["final"].values())
     series = [row for row in res["consensus"] if row["consensus_distance"] is not None]
     assert len(series) >= 5 and all(row["nodes_sampled"] == 3 for row in series)
-    assert series[-1]["consensus_distance"] < series[0]["consensus_distance"]
+    # the nodes start from one shared model and train on different shards: gossip keeps them within a few
+    # percent of the model's norm (measured 1.5-5%; without exchanges they drift apart to about 23% in 8 s)
+    assert res["summary"]["consensus_distance_relative_last"] < 0.08
     for node in res["nodes"].values():
         accs = [a for _, a in node["accuracy"] if a is not None]
         assert accs[-1] > accs[0]
-    assert "accuracy mean" in r.stdout
+    assert "accuracy mean" in r.stdout and "of the mean model's norm" in r.stdout
 
 
 async def test_a_taken_node_id_is_refused(make_config, zc):

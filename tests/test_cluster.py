@@ -21,7 +21,8 @@ pytestmark = pytest.mark.timeout(120)
 
 async def test_three_training_nodes_learn_and_agree(make_config):
     n = 3
-    configs = [make_config(seed=i, partition=f"{i}/{n}", discovery=("mdns",)) for i in range(n)]
+    # distinct initial models (the default is one shared model), so agreeing is gossip's doing
+    configs = [make_config(seed=i, init_seed=i, partition=f"{i}/{n}", discovery=("mdns",)) for i in range(n)]
     spread0 = consensus_distance([flatten(initial_params(i)) for i in range(n)])
     assert max(initial_accuracy(i) for i in range(n)) < 0.3  # untrained models are near chance
     async with running(*configs) as nodes:

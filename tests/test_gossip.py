@@ -26,6 +26,26 @@ async def test_seed_sets_the_initial_model(make_config):
         np.testing.assert_array_equal(flatten(params_of(b)), flatten(initial_params(4)))
 
 
+def test_training_nodes_share_one_initial_model_unless_told_otherwise(make_config):
+    from gossipfl.node import build_learner, init_seed
+
+    task = DigitsTask()
+    data = task.load_data(2026)
+
+    def start(**kw):
+        return flatten(build_learner(task, data.train, data.test, make_config(**kw)).snapshot().params)
+
+    # training: the cluster-wide --data-seed seeds the initial model, --seed only the node's randomness
+    assert [init_seed(make_config(seed=s)) for s in (0, 7)] == [2026, 2026]
+    np.testing.assert_array_equal(start(seed=0), start(seed=7))
+    np.testing.assert_array_equal(start(seed=0), flatten(initial_params(2026)))
+    assert not np.array_equal(start(seed=0), start(seed=0, data_seed=5))
+    # --init-seed overrides; pure averaging starts each node from its own --seed
+    np.testing.assert_array_equal(start(seed=0, init_seed=9), flatten(initial_params(9)))
+    assert init_seed(make_config(seed=4, no_train=True)) == 4
+    assert init_seed(make_config(seed=4, no_train=True, init_seed=1)) == 1
+
+
 async def test_one_exchange_leaves_both_partners_at_the_exact_average(make_config, http):
     a_cfg = make_config(no_train=True, seed=1, gossip_interval=1000)
     async with running(a_cfg) as (a,):
