@@ -2,17 +2,25 @@
 
 For every N, partition scheme and merge rule, runs the in-process testbed on `digits` (real HTTP and
 mDNS on loopback) and records test accuracy (mean and min over nodes) against wall time and against
-bytes sent per node. References, trained here with the nodes' own recipe (`NodeConfig` defaults):
+bytes sent per node. References, trained here with the nodes' own recipe (`NodeConfig` defaults plus
+any `--node-args`):
 - centralized: one model on the union of the data, for the same total number of minibatch steps as
   the whole network made (N x the steps of one node: the same total epochs);
+- data-parallel: one model on the union of the data with batch N x the nodes' batch, for the steps
+  one node made (also the same total epochs): what synchronous all-reduce SGD over N workers computes,
+  the usual centralized counterpart in the decentralized-SGD literature;
 - local only: each node's model on its own shard alone, for the steps one node made.
 
     .venv/bin/pip install -e '.[bench]'
     .venv/bin/python benchmarks/convergence.py [--nodes 8 16 32] [--schemes iid dirichlet:0.5 dirichlet:0.1]
-        [--rules average age samples pushsum] [--duration 90] [--gossip-interval 0.25]
+        [--rules average age samples pushsum] [--duration 90] [--gossip-interval 0.25] [--repeats 1]
+        [--reuse] [--name convergence] [--node-args "--lr 0.3"]
 
-Writes benchmarks/results/convergence.md (table), convergence.png (plots) and the raw results.json
-files under benchmarks/results/convergence/ (about 14 MB for the full grid, not committed).
+Writes benchmarks/results/NAME.md (table), NAME.png (plots) and the raw results.json files under
+benchmarks/results/convergence/ (about 14 MB for the full grid, not committed). With --repeats R every
+gossip cell runs R times (node seeds 0.., 1000.., ...) and the table gives the mean and the standard
+deviation over runs; --reuse takes a cell's results.json from an earlier run with the same options
+instead of running it again.
 """
 
 from __future__ import annotations
@@ -21,14 +29,16 @@ import argparse
 import asyncio
 import json
 import platform
+import shlex
 import statistics
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from gossipfl.cli import node_config_from_args
 from gossipfl.config import NodeConfig
 from gossipfl.learning.digits import DigitsTask
 from gossipfl.learning.partition import label_skew, partition
@@ -40,21 +50,36 @@ RESULTS = Path(__file__).parent / "results"
 TASK = DigitsTask()
 
 
-def train_alone(train: Dataset, test: Dataset, steps: int, seed: int) -> float:
-    learner = build_learner(TASK, train, test, replace(NodeConfig(), seed=seed))
+def train_alone(train: Dataset, test: Dataset, steps: int, cfg: NodeConfig) -> float:
+    """A reference model: ``cfg.seed`` seeds its initialisation as well as its minibatch order."""
+    learner = build_learner(TASK, train, test, replace(cfg, init_seed=cfg.seed))
     learner.train_steps(steps)
     return learner.evaluate().accuracy or 0.0
 
 
-def gossip(n: int, scheme: str, rule: str, duration: float, interval: float) -> dict:
-    out = RESULTS / "convergence" / f"n{n}-{scheme.replace(':', '')}-{rule}"
+def gossip(n: int, scheme: str, rule: str, repeat: int, args: argparse.Namespace) -> dict:
+    """One testbed run (node seeds 1000 x repeat + i); an earlier run with the same options when --reuse."""
+    cell = f"n{n}-{scheme.replace(':', '')}-{rule}" + (f"-r{repeat}" if repeat else "")
+    out = RESULTS / "convergence" / cell
+    node_args = ("--partition-scheme", scheme, "--merge", rule, "--gossip-interval", str(args.gossip_interval))
     opts = TestbedOptions(
-        nodes=n, duration=duration, out=str(out), live=False, mode="inproc",
-        extra_node_args=("--partition-scheme", scheme, "--merge", rule, "--gossip-interval", str(interval)),
+        nodes=n, duration=args.duration, out=str(out), live=False, mode="inproc", seed=1000 * repeat,
+        extra_node_args=node_args + tuple(shlex.split(args.node_args)),
     )  # fmt: skip
+    found = out / "results.json"
+    if args.reuse and found.exists():
+        earlier = json.loads(found.read_text())
+        if same_options(earlier["options"], opts):
+            print(f"reusing {found}", flush=True)
+            return earlier
     if asyncio.run(run_testbed(opts)) != 0:
-        raise SystemExit(f"testbed failed: N={n} {scheme} {rule}")
-    return json.loads((out / "results.json").read_text())
+        raise SystemExit(f"testbed failed: N={n} {scheme} {rule} repeat {repeat}")
+    return json.loads(found.read_text())
+
+
+def same_options(earlier: dict, opts: TestbedOptions) -> bool:
+    mine = json.loads(json.dumps(asdict(opts)))  # tuples as lists, as results.json has them
+    return all(earlier.get(k, v) == v for k, v in mine.items() if k not in ("out", "inproc_workers"))
 
 
 def curves(res: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -74,60 +99,85 @@ def main() -> None:
     ap.add_argument("--rules", nargs="+", default=["average", "age", "samples", "pushsum"])
     ap.add_argument("--duration", type=float, default=90.0)
     ap.add_argument("--gossip-interval", type=float, default=0.25, help="seconds between a node's exchanges")
-    ap.add_argument("--seeds", type=int, default=5, help="seeds for the centralized reference")
+    ap.add_argument("--seeds", type=int, default=5, help="seeds for the centralized and data-parallel references")
+    ap.add_argument("--repeats", type=int, default=1, help="runs of every gossip cell (node seeds differ)")
+    ap.add_argument("--reuse", action="store_true", help="take a cell's earlier results.json if its options match")
+    ap.add_argument("--name", default="convergence", help="results/NAME.md and NAME.png")
+    ap.add_argument("--node-args", default="", help='node options for the nodes and the references, e.g. "--lr 0.3"')
     args = ap.parse_args()
     torch.set_num_threads(1)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    data = TASK.load_data(NodeConfig().data_seed)
+    cfg = node_config_from_args(shlex.split(args.node_args))
+    data = TASK.load_data(cfg.data_seed)
     rows, panels, spreads = [], [], []
-    cfg = NodeConfig()
     for n in args.nodes:
         for scheme in args.schemes:
-            shards = partition(data.train.y, n, scheme, NodeConfig().data_seed)
+            shards = partition(data.train.y, n, scheme, cfg.data_seed)
             skew = label_skew(data.train.y, shards, data.num_classes)
-            runs = {rule: gossip(n, scheme, rule, args.duration, args.gossip_interval) for rule in args.rules}
-            steps = int(statistics.median(f["age"] for r in runs.values() for f in r["final"].values()))
-            seeded = [train_alone(data.train, data.test, n * steps, s) for s in range(args.seeds)]
+            runs = {rule: [gossip(n, scheme, rule, r, args) for r in range(args.repeats)] for rule in args.rules}
+            ages = [f["age"] for rs in runs.values() for r in rs for f in r["final"].values()]
+            steps = int(statistics.median(ages))
+            seeded = [train_alone(data.train, data.test, n * steps, replace(cfg, seed=s)) for s in range(args.seeds)]
+            wide = replace(cfg, batch_size=n * cfg.batch_size)
+            parallel = [train_alone(data.train, data.test, steps, replace(wide, seed=s)) for s in range(args.seeds)]
             central = statistics.mean(seeded)
-            spreads.append(f"N={n} {scheme}: {min(seeded):.4f}-{max(seeded):.4f} ({n * steps:,} steps)")
-            local = [train_alone(data.train.subset(idx), data.test, steps, k) for k, idx in enumerate(shards)]
-            rows.append((n, scheme, skew, "centralized (same total epochs)", central, central, None))
-            rows.append((n, scheme, skew, "local only", statistics.mean(local), min(local), 0.0))
-            for rule, res in runs.items():
-                t, mean, low, sent = curves(res)
-                s = res["summary"]
-                rows.append((n, scheme, skew, f"gossip, {rule}", s["accuracy_mean"], s["accuracy_min"], sent[-1]))
+            spreads.append(
+                f"N={n} {scheme}: centralized {min(seeded):.4f}-{max(seeded):.4f} ({n * steps:,} steps), "
+                f"data-parallel {min(parallel):.4f}-{max(parallel):.4f} ({steps:,} steps of batch {wide.batch_size})"
+            )
+            local = [
+                train_alone(data.train.subset(idx), data.test, steps, replace(cfg, seed=k))
+                for k, idx in enumerate(shards)
+            ]
+            rows.append((n, scheme, skew, "centralized (same total epochs)", [central], [central], None))
+            dp = statistics.mean(parallel)
+            rows.append((n, scheme, skew, f"data-parallel, batch {wide.batch_size}", [dp], [dp], None))
+            rows.append((n, scheme, skew, "local only", [statistics.mean(local)], [min(local)], 0.0))
+            for rule, results in runs.items():
+                means = [r["summary"]["accuracy_mean"] for r in results]
+                lows = [r["summary"]["accuracy_min"] for r in results]
+                t, mean, low, sent = curves(results[0])
+                rows.append((n, scheme, skew, f"gossip, {rule}", means, lows, sent[-1]))
                 panels.append((n, scheme, rule, t, mean, low, sent, central, statistics.mean(local)))
-            for row in rows[-2 - len(runs) :]:
+            for row in rows[-3 - len(runs) :]:
                 print(fmt(row, central), flush=True)
     head = (
-        "| N | partition | label skew | training | accuracy mean | accuracy min | vs centralized (mean / min) "
-        "| MB sent per node |\n|---|---|---|---|---|---|---|---|"
+        "| N | partition | label skew | training | runs | accuracy mean | accuracy min "
+        "| vs centralized (mean / min) | MB sent per node |\n|---|---|---|---|---|---|---|---|---|"
     )
-    centrals = {(r[0], r[1]): r[4] for r in rows if r[3].startswith("centralized")}
+    centrals = {(r[0], r[1]): r[4][0] for r in rows if r[3].startswith("centralized")}
     table = "\n".join([head] + [fmt(r, centrals[(r[0], r[1])]) for r in rows])
+    command = (
+        f"python benchmarks/convergence.py --nodes {' '.join(map(str, args.nodes))} --schemes {' '.join(args.schemes)} "
+        f"--rules {' '.join(args.rules)} --duration {args.duration:g} --gossip-interval {args.gossip_interval:g}"
+        + (f" --repeats {args.repeats}" if args.repeats > 1 else "")
+        + (f" --name {args.name}" if args.name != "convergence" else "")
+        + (f' --node-args "{args.node_args}"' if args.node_args else "")
+    )
+    several = args.repeats > 1
     report = f"""# Convergence: gossip against centralized and local-only training
 
-Run {started} on {platform.node()} ({platform.machine()}, Python {platform.python_version()}): \
-`python benchmarks/convergence.py --nodes {" ".join(map(str, args.nodes))} --schemes {" ".join(args.schemes)} \
---rules {" ".join(args.rules)} --duration {args.duration:g} --gossip-interval {args.gossip_interval:g}`
+Run {started} on {platform.node()} ({platform.machine()}, Python {platform.python_version()}): `{command}`
 
 `digits` (1,437 training and 360 test images; one test image is 0.28 points), MLP 64-64-10, the node
-defaults: {recipe(cfg)}; {cfg.steps_per_round / cfg.train_interval:g} steps/s per node, gossip interval
+recipe: {recipe(cfg)}; {cfg.steps_per_round / cfg.train_interval:g} steps/s per node, gossip interval
 {args.gossip_interval:g} s (so about {cfg.steps_per_round / cfg.train_interval * args.gossip_interval:g}
 local steps per exchange); in-process testbed, {args.duration:g} s from the moment all nodes know each
 other. Label skew = mean total-variation distance between a node's class distribution and the global one.
 Centralized and local-only models are trained here with the same recipe. Centralized: mean of
-{args.seeds} seeds, for N x the median model age of the gossip runs in steps (same total epochs); range
-over seeds: {"; ".join(spreads)}.
+{args.seeds} seeds, for N x the median model age of the gossip runs in steps (same total epochs).
+Data-parallel: batch N x {cfg.batch_size} for the median model age in steps (same total epochs), mean of
+{args.seeds} seeds. Ranges over seeds: {"; ".join(spreads)}.
+{"Gossip rows: mean over runs ± standard deviation over runs; the plots show the first run. " if several else ""}\
+Local only: mean and worst of the nodes' models.
 
 {table}
 
-![accuracy over time and over bytes](convergence.png)
+![accuracy over time and over bytes]({args.name}.png)
 """
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "convergence.md").write_text(report)
-    plot(panels, args, RESULTS / "convergence.png")
+    (RESULTS / f"{args.name}.md").write_text(report)
+    plot(panels, args, RESULTS / f"{args.name}.png")
     print(report)
 
 
@@ -138,10 +188,18 @@ def recipe(cfg: NodeConfig) -> str:
 
 
 def fmt(row: tuple, central: float) -> str:
-    n, scheme, skew, name, mean, low, mb = row
+    """A table row; accuracy cells are the mean over runs, +- the standard deviation when several."""
+    n, scheme, skew, name, means, lows, mb = row
+    runs = len(means) if name.startswith("gossip") else "-"
+
+    def cell(values: list[float]) -> str:
+        sd = f" ± {statistics.stdev(values):.4f}" if len(values) > 1 else ""
+        return f"{statistics.mean(values):.4f}{sd}"
+
+    mean, low = statistics.mean(means), statistics.mean(lows)
     delta = f"{100 * (mean - central):+.1f} / {100 * (low - central):+.1f} pt"
     sent = "-" if mb is None else f"{mb:.1f}"
-    return f"| {n} | {scheme} | {skew:.2f} | {name} | {mean:.4f} | {low:.4f} | {delta} | {sent} |"
+    return f"| {n} | {scheme} | {skew:.2f} | {name} | {runs} | {cell(means)} | {cell(lows)} | {delta} | {sent} |"
 
 
 def plot(panels: list, args: argparse.Namespace, path: Path) -> None:

@@ -37,6 +37,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=360)
     ap.add_argument("--batch", type=int, default=32, help="minibatch size of every node")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--distinct-inits", action="store_true", help="each node its own initial model (default: one)")
     a = ap.parse_args()
     torch.set_num_threads(1)
     task = DigitsTask()
@@ -46,10 +47,10 @@ def main() -> None:
     nodes = [
         Learner(
             task,
-            build_seeded(task.build_model, 1000 * a.seed + k),
+            build_seeded(task.build_model, 1000 * a.seed + (k if a.distinct_inits else 0)),
             Dataset(data.train.x[idx], data.train.y[idx]),
             data.test,
-            seed=k,
+            seed=1000 * a.seed + k,
             optimizer=a.optimizer,
             lr=a.lr,
             momentum=a.momentum,
