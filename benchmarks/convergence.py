@@ -138,7 +138,7 @@ def main() -> None:
                 lows = [r["summary"]["accuracy_min"] for r in results]
                 t, mean, low, sent = curves(results[0])
                 rows.append((n, scheme, skew, f"gossip, {rule}", means, lows, sent[-1]))
-                panels.append((n, scheme, rule, t, mean, low, sent, central, statistics.mean(local)))
+                panels.append((n, scheme, rule, t, mean, low, sent, central, statistics.mean(local), dp))
             for row in rows[-3 - len(runs) :]:
                 print(fmt(row, central), flush=True)
     head = (
@@ -160,8 +160,8 @@ def main() -> None:
 Run {started} on {platform.node()} ({platform.machine()}, Python {platform.python_version()}): `{command}`
 
 `digits` (1,437 training and 360 test images; one test image is 0.28 points), MLP 64-64-10, the node
-recipe: {recipe(cfg)}; {cfg.steps_per_round / cfg.train_interval:g} steps/s per node, gossip interval
-{args.gossip_interval:g} s (so about {cfg.steps_per_round / cfg.train_interval * args.gossip_interval:g}
+recipe: {recipe(cfg)}; {cfg.steps_per_round / cfg.train_interval:g} steps/s per node, gossip interval \
+{args.gossip_interval:g} s (so about {cfg.steps_per_round / cfg.train_interval * args.gossip_interval:g} \
 local steps per exchange); in-process testbed, {args.duration:g} s from the moment all nodes know each
 other. Label skew = mean total-variation distance between a node's class distribution and the global one.
 Centralized and local-only models are trained here with the same recipe. Centralized: mean of
@@ -213,20 +213,21 @@ def plot(panels: list, args: argparse.Namespace, path: Path) -> None:
     for col, (n, scheme) in enumerate(keys):
         top, bottom = axes[0][col], axes[1][col]
         mine = [p for p in panels if (p[0], p[1]) == (n, scheme)]
-        for _, _, rule, t, mean, low, sent, _, _ in mine:
+        for _, _, rule, t, mean, low, sent, *_ in mine:
             color = f"C{args.rules.index(rule)}"
             top.plot(t, mean, color=color, label=rule)
             top.plot(t, low, color=color, ls=":", lw=1)
             bottom.plot(sent, mean, color=color, label=rule)
-        central, local = mine[0][7], mine[0][8]
+        central, local, dp = mine[0][7], mine[0][8], mine[0][9]
         for ax in (top, bottom):
             ax.axhline(central, color="black", ls="--", lw=1, label="centralized")
+            ax.axhline(dp, color="black", ls=":", lw=1, label=f"data-parallel (batch N x {NodeConfig().batch_size})")
             ax.axhline(local, color="grey", ls="-.", lw=1, label="local only")
         top.set(title=f"N={n}, {scheme}", xlabel="seconds", ylabel="test accuracy (dotted: min)", ylim=(0, 1))
         bottom.set(xlabel="MB sent per node", ylabel="mean test accuracy (zoomed)", ylim=(0.85, 1))
     handles, labels = axes[0][0].get_legend_handles_labels()
     unique = dict(zip(labels, handles, strict=False))
-    fig.legend(unique.values(), unique.keys(), loc="lower center", ncol=6)
+    fig.legend(unique.values(), unique.keys(), loc="lower center", ncol=7)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path, dpi=100)
 

@@ -5,6 +5,9 @@ averages with a uniformly random partner (push-pull, atomic). Prints one JSON li
 accuracy of the nodes' models after the last exchange round, and the accuracy of the average of all
 models (the consensus). Fast (seconds), so it is where training recipes were compared before running
 the real testbed (`convergence.py`); it leaves out timing, asynchrony and the served-model rule.
+``--allreduce`` replaces the pairwise exchanges by the exact mean of all models every round
+(synchronous data-parallel SGD when ``--steps 1``), which separates what imperfect mixing costs from
+what a large effective batch costs.
 
     .venv/bin/python benchmarks/learning_sim.py --nodes 16 --scheme iid --steps 5 --rounds 1440
     .venv/bin/python benchmarks/learning_sim.py --nodes 1 --scheme iid --steps 20 --rounds 1440  # centralized
@@ -38,6 +41,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32, help="minibatch size of every node")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--distinct-inits", action="store_true", help="each node its own initial model (default: one)")
+    ap.add_argument(
+        "--allreduce", action="store_true", help="every round all nodes take the exact mean (no gossip): data-parallel"
+    )
     a = ap.parse_args()
     torch.set_num_threads(1)
     task = DigitsTask()
@@ -62,6 +68,12 @@ def main() -> None:
     for _ in range(a.rounds):
         for node in nodes:
             node.train_steps(a.steps)
+        if a.allreduce:
+            params = [node.snapshot().params for node in nodes]
+            mean = {k: np.mean([p[k] for p in params], axis=0) for k in params[0]}
+            for node in nodes:
+                node.update(lambda s, mean=mean: (mean, s.age, s.weight))
+            continue
         order = list(range(a.nodes)) if a.nodes > 1 else []
         rng.shuffle(order)
         for i in order:

@@ -54,9 +54,11 @@ def training_table(res: dict) -> str:
             f"| {ex.get('busy', 0)} |"
         )
     s = res["summary"]
+    rel = s.get("consensus_distance_relative_last")
     lines.append(
         f"\nmean {s['accuracy_mean']:.4f}, min {s['accuracy_min']:.4f}, max {s['accuracy_max']:.4f}, "
         f"spread {s['accuracy_spread']:.4f}"
+        + (f"; final consensus distance {100 * rel:.2g}% of the mean model's norm" if rel is not None else "")
     )
     return "\n".join(lines)
 
@@ -86,10 +88,17 @@ def plot(train: dict, avg: dict, path: Path) -> None:
         axes[0].plot([p[0] for p in pts], [p[1] for p in pts], lw=1, label=node_id)
     axes[0].set(title="training: test accuracy per node", xlabel="seconds", ylabel="accuracy", ylim=(0, 1))
     axes[0].axhline(0.93, color="grey", ls=":", lw=1)
-    for res, ax, title in ((train, axes[1], "training"), (avg, axes[2], "pure averaging (--no-train)")):
-        rows = [r for r in res["consensus"] if r["consensus_distance"]]
-        ax.semilogy([r["t"] for r in rows], [r["consensus_distance"] for r in rows], marker=".")
-        ax.set(title=f"{title}: consensus distance", xlabel="seconds", ylabel="RMS distance to mean")
+    rows = [r for r in train["consensus"] if r["consensus_distance"] and r.get("mean_norm")]
+    axes[1].plot([r["t"] for r in rows], [100 * r["consensus_distance"] / r["mean_norm"] for r in rows], marker=".")
+    axes[1].set(
+        title="training: consensus distance / mean model's norm",
+        xlabel="seconds",
+        ylabel="% (nodes start from one model)",
+        ylim=(0, None),
+    )
+    rows = [r for r in avg["consensus"] if r["consensus_distance"]]
+    axes[2].semilogy([r["t"] for r in rows], [r["consensus_distance"] for r in rows], marker=".")
+    axes[2].set(title="pure averaging (--no-train): consensus distance", xlabel="seconds", ylabel="RMS distance")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -117,8 +126,9 @@ Run {started} on {platform.node()} ({platform.machine()}, {platform.python_versi
 --averaging-duration {args.averaging_duration:g} --gossip-interval {args.gossip_interval:g}`
 
 Each node is its own process on 127.0.0.1 (mDNS on loopback, HTTP gossip), training the `digits` MLP
-on a stratified IID shard (1/{args.nodes} of the 1437 training images) and evaluated on the shared
-360-image test split. Times count from the moment all nodes answer HTTP and have found each other.
+on a stratified IID shard (1/{args.nodes} of the 1437 training images), all starting from one initial
+model, and evaluated on the shared 360-image test split. Times count from the moment all nodes answer
+HTTP and have found each other.
 
 ## Training, {args.nodes} nodes, {args.duration:g} s
 
