@@ -29,6 +29,7 @@ import argparse
 import asyncio
 import json
 import platform
+import re
 import shlex
 import statistics
 import time
@@ -59,7 +60,10 @@ def train_alone(train: Dataset, test: Dataset, steps: int, cfg: NodeConfig) -> f
 
 def gossip(n: int, scheme: str, rule: str, repeat: int, args: argparse.Namespace) -> dict:
     """One testbed run (node seeds 1000 x repeat + i); an earlier run with the same options when --reuse."""
-    cell = f"n{n}-{scheme.replace(':', '')}-{rule}" + (f"-r{repeat}" if repeat else "")
+    variant = "" if args.gossip_interval == 0.25 else f"-gi{args.gossip_interval:g}"
+    if args.node_args:  # e.g. "--lr 0.3" -> "-lr0.3"
+        variant += "-" + re.sub(r"[^A-Za-z0-9.]+", "", args.node_args)
+    cell = f"n{n}-{scheme.replace(':', '')}-{rule}{variant}" + (f"-r{repeat}" if repeat else "")
     out = RESULTS / "convergence" / cell
     node_args = ("--partition-scheme", scheme, "--merge", rule, "--gossip-interval", str(args.gossip_interval))
     opts = TestbedOptions(
@@ -110,13 +114,18 @@ def main() -> None:
     cfg = node_config_from_args(shlex.split(args.node_args))
     data = TASK.load_data(cfg.data_seed)
     rows, panels, spreads = [], [], []
+    counts: set[str] = set()
     for n in args.nodes:
         for scheme in args.schemes:
             shards = partition(data.train.y, n, scheme, cfg.data_seed)
             skew = label_skew(data.train.y, shards, data.num_classes)
             runs = {rule: [gossip(n, scheme, rule, r, args) for r in range(args.repeats)] for rule in args.rules}
-            ages = [f["age"] for rs in runs.values() for r in rs for f in r["final"].values()]
-            steps = int(statistics.median(ages))
+            finals = [f for rs in runs.values() for r in rs for f in r["final"].values()]
+            # a node's own steps; older results have only the model's age (the most among its merged
+            # ancestors, ahead of a node's own count), which gives the references more steps
+            counted = "steps" if all(f.get("steps") is not None for f in finals) else "age"
+            steps = int(statistics.median(f[counted] for f in finals))
+            counts.add(counted)
             seeded = [train_alone(data.train, data.test, n * steps, replace(cfg, seed=s)) for s in range(args.seeds)]
             wide = replace(cfg, batch_size=n * cfg.batch_size)
             parallel = [train_alone(data.train, data.test, steps, replace(wide, seed=s)) for s in range(args.seeds)]
@@ -165,8 +174,9 @@ recipe: {recipe(cfg)}; {cfg.steps_per_round / cfg.train_interval:g} steps/s per 
 local steps per exchange); in-process testbed, {args.duration:g} s from the moment all nodes know each
 other. Label skew = mean total-variation distance between a node's class distribution and the global one.
 Centralized and local-only models are trained here with the same recipe. Centralized: mean of
-{args.seeds} seeds, for N x the median model age of the gossip runs in steps (same total epochs).
-Data-parallel: batch N x {cfg.batch_size} for the median model age in steps (same total epochs), mean of
+{args.seeds} seeds, for N x S steps (same total epochs), S the median over nodes of {" or ".join(sorted(counts))} \
+(`steps`: a node's own minibatch steps; `age`: the model's, the most among its merged ancestors).
+Data-parallel: batch N x {cfg.batch_size} for S steps (same total epochs), mean of
 {args.seeds} seeds. Ranges over seeds: {"; ".join(spreads)}.
 {"Gossip rows: mean over runs ± standard deviation over runs; the plots show the first run. " if several else ""}\
 Local only: mean and worst of the nodes' models.

@@ -353,7 +353,8 @@ class Node:
             "task": self.task.name,
             "cluster": self.config.cluster,
             "url": self.url,
-            "age": self.learner.age,
+            "age": self.learner.age,  # steps the model embodies: the most among its merged ancestors
+            "steps": self.learner.steps,  # minibatch steps this node made itself
             "partition": self.partition,
             "partition_from": self.partition_source,
             "partition_scheme": self.config.partition_scheme,

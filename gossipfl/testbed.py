@@ -435,6 +435,7 @@ def summarize(
             "accuracy": s.get("metrics", {}).get("accuracy"),
             "loss": s.get("metrics", {}).get("loss"),
             "age": s.get("age"),
+            "steps": s.get("steps"),
             "samples": s.get("samples"),
             "peers": len(s.get("peers", [])),
             "exchanges": s.get("exchanges"),

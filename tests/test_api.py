@@ -40,7 +40,7 @@ async def test_status_has_the_documented_fields(node, http):
     async with http.get(node.url + "/v1/status") as r:
         assert r.status == 200
         s = await r.json()
-    assert s["id"] == node.id and s["task"] == "digits" and s["age"] == 0
+    assert s["id"] == node.id and s["task"] == "digits" and s["age"] == 0 and s["steps"] == 0
     assert s["peers"] == []
     assert set(s["metrics"]) >= {"accuracy", "loss"}
     assert set(s["exchanges"]) >= {"ok", "failed"}
