@@ -20,7 +20,8 @@ Writes benchmarks/results/NAME.md (table), NAME.png (plots) and the raw results.
 benchmarks/results/convergence/ (about 14 MB for the full grid, not committed). With --repeats R every
 gossip cell runs R times (node seeds 0.., 1000.., ...) and the table gives the mean and the standard
 deviation over runs; --reuse takes a cell's results.json from an earlier run with the same options
-instead of running it again.
+instead of running it again (results.json does not record the code: move old results away after
+changing how nodes train).
 """
 
 from __future__ import annotations
