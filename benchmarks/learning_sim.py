@@ -28,6 +28,12 @@ from gossipfl.learning.partition import partition
 from gossipfl.learning.task import Dataset
 
 
+def mean_params(nodes: list[Learner]) -> dict[str, np.ndarray]:
+    """The mean of all nodes' parameters, name by name (the network's consensus model)."""
+    params = [node.snapshot().params for node in nodes]
+    return {k: np.mean([p[k] for p in params], axis=0) for k in params[0]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nodes", type=int, default=16)
@@ -69,8 +75,7 @@ def main() -> None:
         for node in nodes:
             node.train_steps(a.steps)
         if a.allreduce:
-            params = [node.snapshot().params for node in nodes]
-            mean = {k: np.mean([p[k] for p in params], axis=0) for k in params[0]}
+            mean = mean_params(nodes)
             for node in nodes:
                 node.update(lambda s, mean=mean: (mean, s.age, s.weight))
             continue
@@ -84,8 +89,7 @@ def main() -> None:
             for node in (nodes[i], nodes[j]):
                 node.update(lambda s, avg=avg, age=age: (avg, age, s.weight))
     accs = [node.evaluate_working().accuracy for node in nodes]
-    params = [node.snapshot().params for node in nodes]
-    mean = {k: np.mean([p[k] for p in params], axis=0) for k in params[0]}
+    mean = mean_params(nodes)
     nodes[0].update(lambda s: (mean, s.age, s.weight))
     consensus = nodes[0].evaluate_working().accuracy
     print(json.dumps({**vars(a), "mean": round(float(np.mean(accs)), 4), "min": round(float(min(accs)), 4),

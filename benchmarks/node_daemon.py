@@ -21,7 +21,7 @@ import platform
 import time
 from pathlib import Path
 
-from gossipfl.testbed import TestbedOptions, run_testbed
+from gossipfl.testbed import TestbedOptions, relative, run_testbed
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -88,8 +88,9 @@ def plot(train: dict, avg: dict, path: Path) -> None:
         axes[0].plot([p[0] for p in pts], [p[1] for p in pts], lw=1, label=node_id)
     axes[0].set(title="training: test accuracy per node", xlabel="seconds", ylabel="accuracy", ylim=(0, 1))
     axes[0].axhline(0.93, color="grey", ls=":", lw=1)
-    rows = [r for r in train["consensus"] if r["consensus_distance"] and r.get("mean_norm")]
-    axes[1].plot([r["t"] for r in rows], [100 * r["consensus_distance"] / r["mean_norm"] for r in rows], marker=".")
+    rows = [(r["t"], relative(r)) for r in train["consensus"]]
+    rows = [(t, rel) for t, rel in rows if rel]
+    axes[1].plot([t for t, _ in rows], [100 * rel for _, rel in rows], marker=".")
     axes[1].set(
         title="training: consensus distance / mean model's norm",
         xlabel="seconds",
