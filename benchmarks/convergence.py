@@ -18,10 +18,14 @@ any `--node-args`):
 
 Writes benchmarks/results/NAME.md (table), NAME.png (plots) and the raw results.json files under
 benchmarks/results/convergence/ (about 14 MB for the full grid, not committed). With --repeats R every
-gossip cell runs R times (node seeds 0.., 1000.., ...) and the table gives the mean and the standard
-deviation over runs; --reuse takes a cell's results.json from an earlier run with the same options
-instead of running it again (results.json does not record the code: move old results away after
-changing how nodes train).
+gossip cell runs R times, run r from initial model I+r (I = the nodes' --init-seed, by default their
+--data-seed) with node seeds 1000r.., the table gives the mean and the standard deviation over runs,
+and the text the gap to centralized per initial model (mean ± standard error). The references are
+paired with the runs: each is trained from the same R initial models, with --seeds minibatch orders
+each, so a gap is not an artefact of one lucky or unlucky initialisation (on digits the initial
+model alone moves either reference by 0.6 point). --reuse takes a cell's results.json from an
+earlier run with the same options instead of running it again (results.json does not record the
+code: move old results away after changing how nodes train).
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ from gossipfl.config import NodeConfig
 from gossipfl.learning.digits import DigitsTask
 from gossipfl.learning.partition import label_skew, partition
 from gossipfl.learning.task import Dataset
-from gossipfl.node import build_learner
+from gossipfl.node import build_learner, init_seed
 from gossipfl.testbed import TestbedOptions, run_testbed
 
 RESULTS = Path(__file__).parent / "results"
@@ -53,23 +57,27 @@ TASK = DigitsTask()
 
 
 def train_alone(train: Dataset, test: Dataset, steps: int, cfg: NodeConfig) -> float:
-    """A reference model: ``cfg.seed`` seeds its initialisation as well as its minibatch order."""
-    learner = build_learner(TASK, train, test, replace(cfg, init_seed=cfg.seed))
+    """A reference model: initialised from ``cfg.init_seed`` (as a node would be), minibatch order from ``cfg.seed``."""
+    learner = build_learner(TASK, train, test, cfg)
     learner.train_steps(steps)
     return learner.evaluate().accuracy or 0.0
 
 
-def gossip(n: int, scheme: str, rule: str, repeat: int, args: argparse.Namespace) -> dict:
-    """One testbed run (node seeds 1000 x repeat + i); an earlier run with the same options when --reuse."""
+def gossip(n: int, scheme: str, rule: str, repeat: int, init: int, args: argparse.Namespace) -> dict:
+    """One testbed run from initial model ``init`` (node seeds 1000 x repeat + i); an earlier run with the
+    same options when --reuse."""
     variant = "" if args.gossip_interval == 0.25 else f"-gi{args.gossip_interval:g}"
     if args.node_args:  # e.g. "--lr 0.3" -> "-lr0.3"
         variant += "-" + re.sub(r"[^A-Za-z0-9.]+", "", args.node_args)
     cell = f"n{n}-{scheme.replace(':', '')}-{rule}{variant}" + (f"-r{repeat}" if repeat else "")
     out = RESULTS / "convergence" / cell
     node_args = ("--partition-scheme", scheme, "--merge", rule, "--gossip-interval", str(args.gossip_interval))
+    node_args += tuple(shlex.split(args.node_args))
+    if repeat:  # run 0 starts from the nodes' own initial model (so earlier single runs stay reusable)
+        node_args += ("--init-seed", str(init))
     opts = TestbedOptions(
         nodes=n, duration=args.duration, out=str(out), live=False, mode="inproc", seed=1000 * repeat,
-        extra_node_args=node_args + tuple(shlex.split(args.node_args)),
+        extra_node_args=node_args,
     )  # fmt: skip
     found = out / "results.json"
     if args.reuse and found.exists():
@@ -104,8 +112,8 @@ def main() -> None:
     ap.add_argument("--rules", nargs="+", default=["average", "age", "samples", "pushsum"])
     ap.add_argument("--duration", type=float, default=90.0)
     ap.add_argument("--gossip-interval", type=float, default=0.25, help="seconds between a node's exchanges")
-    ap.add_argument("--seeds", type=int, default=5, help="seeds for the centralized and data-parallel references")
-    ap.add_argument("--repeats", type=int, default=1, help="runs of every gossip cell (node seeds differ)")
+    ap.add_argument("--seeds", type=int, default=5, help="minibatch orders per initial model for the references")
+    ap.add_argument("--repeats", type=int, default=1, help="runs of every gossip cell, each from its own initial model")
     ap.add_argument("--reuse", action="store_true", help="take a cell's earlier results.json if its options match")
     ap.add_argument("--name", default="convergence", help="results/NAME.md and NAME.png")
     ap.add_argument("--node-args", default="", help='node options for the nodes and the references, e.g. "--lr 0.3"')
@@ -114,33 +122,46 @@ def main() -> None:
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     cfg = node_config_from_args(shlex.split(args.node_args))
     data = TASK.load_data(cfg.data_seed)
+    inits = [init_seed(cfg) + r for r in range(args.repeats)]  # run r of every cell starts from inits[r]
     rows, panels, spreads = [], [], []
     counts: set[str] = set()
     for n in args.nodes:
         for scheme in args.schemes:
             shards = partition(data.train.y, n, scheme, cfg.data_seed)
             skew = label_skew(data.train.y, shards, data.num_classes)
-            runs = {rule: [gossip(n, scheme, rule, r, args) for r in range(args.repeats)] for rule in args.rules}
+            runs = {rule: [gossip(n, scheme, rule, r, i, args) for r, i in enumerate(inits)] for rule in args.rules}
             finals = [f for rs in runs.values() for r in rs for f in r["final"].values()]
             # a node's own steps; older results have only the model's age (the most among its merged
             # ancestors, ahead of a node's own count), which gives the references more steps
             counted = "steps" if all(f.get("steps") is not None for f in finals) else "age"
             steps = int(statistics.median(f[counted] for f in finals))
             counts.add(counted)
-            seeded = [train_alone(data.train, data.test, n * steps, replace(cfg, seed=s)) for s in range(args.seeds)]
             wide = replace(cfg, batch_size=n * cfg.batch_size)
-            parallel = [train_alone(data.train, data.test, steps, replace(wide, seed=s)) for s in range(args.seeds)]
-            central = statistics.mean(seeded)
+            seeded = {i: [train_alone(data.train, data.test, n * steps, replace(cfg, init_seed=i, seed=s))
+                          for s in range(args.seeds)] for i in inits}  # fmt: skip
+            parallel = {i: [train_alone(data.train, data.test, steps, replace(wide, init_seed=i, seed=s))
+                            for s in range(args.seeds)] for i in inits}  # fmt: skip
+            central = statistics.mean(a for i in inits for a in seeded[i])
             spreads.append(
-                f"N={n} {scheme}: centralized {min(seeded):.4f}-{max(seeded):.4f} ({n * steps:,} steps), "
-                f"data-parallel {min(parallel):.4f}-{max(parallel):.4f} ({steps:,} steps of batch {wide.batch_size})"
+                f"N={n} {scheme}: centralized ({n * steps:,} steps) "
+                + ", ".join(f"{statistics.mean(seeded[i]):.4f}" for i in inits)
+                + f"; data-parallel ({steps:,} steps of batch {wide.batch_size}) "
+                + ", ".join(f"{statistics.mean(parallel[i]):.4f}" for i in inits)
+                + "".join(
+                    f"; gossip {rule} "
+                    + ", ".join(f"{r['summary']['accuracy_mean']:.4f}" for r in rs)
+                    + paired_gap(
+                        [r["summary"]["accuracy_mean"] for r in rs], [statistics.mean(seeded[i]) for i in inits]
+                    )
+                    for rule, rs in runs.items()
+                )
             )
             local = [
-                train_alone(data.train.subset(idx), data.test, steps, replace(cfg, seed=k))
+                train_alone(data.train.subset(idx), data.test, steps, replace(cfg, init_seed=inits[0], seed=k))
                 for k, idx in enumerate(shards)
             ]
             rows.append((n, scheme, skew, "centralized (same total epochs)", [central], [central], None))
-            dp = statistics.mean(parallel)
+            dp = statistics.mean(a for i in inits for a in parallel[i])
             rows.append((n, scheme, skew, f"data-parallel, batch {wide.batch_size}", [dp], [dp], None))
             rows.append((n, scheme, skew, "local only", [statistics.mean(local)], [min(local)], 0.0))
             for rule, results in runs.items():
@@ -174,12 +195,13 @@ recipe: {recipe(cfg)}; {cfg.steps_per_round / cfg.train_interval:g} steps/s per 
 {args.gossip_interval:g} s (so about {cfg.steps_per_round / cfg.train_interval * args.gossip_interval:g} \
 local steps per exchange); in-process testbed, {args.duration:g} s from the moment all nodes know each
 other. Label skew = mean total-variation distance between a node's class distribution and the global one.
-Centralized and local-only models are trained here with the same recipe. Centralized: mean of
-{args.seeds} seeds, for N x S steps (same total epochs), S the median over nodes of {" or ".join(sorted(counts))} \
-(`steps`: a node's own minibatch steps; `age`: the model's, the most among its merged ancestors).
-Data-parallel: batch N x {cfg.batch_size} for S steps (same total epochs), mean of
-{args.seeds} seeds. Ranges over seeds: {"; ".join(spreads)}.
-{"Gossip rows: mean over runs ± standard deviation over runs; the plots show the first run. " if several else ""}\
+Centralized and local-only models are trained here with the same recipe, and the references from the
+same initial models as the gossip runs ({", ".join(map(str, inits))}): centralized for N x S steps (same total epochs),
+S the median over nodes of {" or ".join(sorted(counts))} (`steps`: a node's own minibatch steps; `age`: the model's,
+the most among its merged ancestors); data-parallel with batch N x {cfg.batch_size} for S steps (same total
+epochs). Each reference is the mean over {args.seeds} minibatch orders per initial model. By initial model: \
+{"; ".join(spreads)}.
+{"Gossip rows: mean ± standard deviation over runs (each its own init); plots: the first run. " if several else ""}\
 Local only: mean and worst of the nodes' models.
 
 {table}
@@ -190,6 +212,15 @@ Local only: mean and worst of the nodes' models.
     (RESULTS / f"{args.name}.md").write_text(report)
     plot(panels, args, RESULTS / f"{args.name}.png")
     print(report)
+
+
+def paired_gap(runs: list[float], references: list[float]) -> str:
+    """Mean and standard error of run - reference over initial models ('' for a single run)."""
+    gaps = [100 * (a - b) for a, b in zip(runs, references, strict=True)]
+    if len(gaps) < 2:
+        return ""
+    se = statistics.stdev(gaps) / len(gaps) ** 0.5
+    return f" (paired gap to centralized {statistics.mean(gaps):+.2f} ± {se:.2f} pt, mean ± standard error)"
 
 
 def recipe(cfg: NodeConfig) -> str:
