@@ -48,7 +48,7 @@ from gossipfl.cli import node_config_from_args
 from gossipfl.config import NodeConfig
 from gossipfl.learning.digits import DigitsTask
 from gossipfl.learning.partition import label_skew, partition
-from gossipfl.learning.task import Dataset
+from gossipfl.learning.task import Dataset, TaskData
 from gossipfl.node import build_learner, init_seed
 from gossipfl.testbed import TestbedOptions, run_testbed
 
@@ -61,6 +61,13 @@ def train_alone(train: Dataset, test: Dataset, steps: int, cfg: NodeConfig) -> f
     learner = build_learner(TASK, train, test, cfg)
     learner.train_steps(steps)
     return learner.evaluate().accuracy or 0.0
+
+
+def reference(data: TaskData, steps: int, cfg: NodeConfig, init: int, orders: int) -> float:
+    """Mean accuracy of ``orders`` reference models from initial model ``init`` on all the data."""
+    return statistics.mean(
+        train_alone(data.train, data.test, steps, replace(cfg, init_seed=init, seed=s)) for s in range(orders)
+    )
 
 
 def gossip(n: int, scheme: str, rule: str, repeat: int, init: int, args: argparse.Namespace) -> dict:
@@ -137,22 +144,20 @@ def main() -> None:
             steps = int(statistics.median(f[counted] for f in finals))
             counts.add(counted)
             wide = replace(cfg, batch_size=n * cfg.batch_size)
-            seeded = {i: [train_alone(data.train, data.test, n * steps, replace(cfg, init_seed=i, seed=s))
-                          for s in range(args.seeds)] for i in inits}  # fmt: skip
-            parallel = {i: [train_alone(data.train, data.test, steps, replace(wide, init_seed=i, seed=s))
-                            for s in range(args.seeds)] for i in inits}  # fmt: skip
-            central = statistics.mean(a for i in inits for a in seeded[i])
+            # per initial model, the mean over minibatch orders (every init has as many, so the mean of
+            # these is the mean over all reference runs)
+            seeded = [reference(data, n * steps, cfg, i, args.seeds) for i in inits]
+            parallel = [reference(data, steps, wide, i, args.seeds) for i in inits]
+            central = statistics.mean(seeded)
             spreads.append(
                 f"N={n} {scheme}: centralized ({n * steps:,} steps) "
-                + ", ".join(f"{statistics.mean(seeded[i]):.4f}" for i in inits)
+                + ", ".join(f"{a:.4f}" for a in seeded)
                 + f"; data-parallel ({steps:,} steps of batch {wide.batch_size}) "
-                + ", ".join(f"{statistics.mean(parallel[i]):.4f}" for i in inits)
+                + ", ".join(f"{a:.4f}" for a in parallel)
                 + "".join(
                     f"; gossip {rule} "
                     + ", ".join(f"{r['summary']['accuracy_mean']:.4f}" for r in rs)
-                    + paired_gap(
-                        [r["summary"]["accuracy_mean"] for r in rs], [statistics.mean(seeded[i]) for i in inits]
-                    )
+                    + paired_gap([r["summary"]["accuracy_mean"] for r in rs], seeded)
                     for rule, rs in runs.items()
                 )
             )
@@ -161,7 +166,7 @@ def main() -> None:
                 for k, idx in enumerate(shards)
             ]
             rows.append((n, scheme, skew, "centralized (same total epochs)", [central], [central], None))
-            dp = statistics.mean(a for i in inits for a in parallel[i])
+            dp = statistics.mean(parallel)
             rows.append((n, scheme, skew, f"data-parallel, batch {wide.batch_size}", [dp], [dp], None))
             rows.append((n, scheme, skew, "local only", [statistics.mean(local)], [min(local)], 0.0))
             for rule, results in runs.items():
