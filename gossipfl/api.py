@@ -8,8 +8,9 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from . import inference_api, modelfile, openapi, wire
-from .gossip import Busy
-from .httpio import NODE_KEY, TooLarge, error, read_limited
+from .exchange import ABORTED
+from .gossip import Busy, Conflict, timeout_for
+from .httpio import NODE_KEY, BodyError, TooLarge, error, read_limited
 
 if TYPE_CHECKING:
     from .node import Node
@@ -26,6 +27,12 @@ async def json_errors(request: web.Request, handler: object) -> web.StreamRespon
         if e.status < 400:
             raise
         return error(e.status, e.reason if e.text is None or e.text.startswith(str(e.status)) else e.text)
+    except BodyError as e:  # the client hung up or stalled mid-body: its problem, not worth a traceback
+        log.debug("%s %s from %s: %s", request.method, request.path, request.remote, e)
+        return _closing(error(400, str(e)))
+    except ConnectionError as e:
+        log.debug("%s %s from %s: connection lost: %s", request.method, request.path, request.remote, e)
+        raise
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return error(500, "internal error")
@@ -36,8 +43,10 @@ async def get_status(request: web.Request) -> web.Response:
 
 
 async def get_peers(request: web.Request) -> web.Response:
-    """The peers this node knows (peer exchange reads this): id, url, task, source, liveness, last contact."""
-    return web.json_response({"id": request.app[NODE_KEY].id, "peers": request.app[NODE_KEY].peers.describe()})
+    """The peers this node knows and that are not failing (peer exchange reads this, so a hung or dead
+    peer is not spread): id, url, task, source, liveness, last contact."""
+    peers = request.app[NODE_KEY].peers
+    return web.json_response({"id": request.app[NODE_KEY].id, "peers": peers.describe(peers.working())})
 
 
 async def get_model(request: web.Request) -> web.Response:
@@ -65,19 +74,49 @@ async def get_openapi(request: web.Request) -> web.Response:
     return web.json_response(openapi.document(request.app[NODE_KEY].task.name))
 
 
+def _closing(resp: web.Response) -> web.Response:
+    """Close the connection after this answer instead of reading (draining) an unread body."""
+    resp.force_close()
+    return resp
+
+
 async def post_gossip(request: web.Request) -> web.Response:
+    """Phase 1 of an exchange. Whether there is room is checked before the body is read, and the body
+    must arrive within a deadline that grows with its size."""
     gossiper = request.app[NODE_KEY].gossiper
+    if not gossiper.reserve():
+        return _closing(error(409, "busy: no room for another exchange now" if not gossiper.closed else "stopping"))
     try:
-        body = await read_limited(request.content, request.content_length, gossiper.max_body)
-    except TooLarge as e:
-        return error(413, str(e))
-    try:
-        reply = await gossiper.respond(body, remote=request.remote)
-    except Busy as e:
-        return error(409, str(e))
-    except wire.WireError as e:
-        return error(400, str(e))
+        declared = request.content_length
+        deadline = timeout_for(min(declared or gossiper.max_body, gossiper.max_body))
+        try:
+            body = await read_limited(request.content, declared, gossiper.max_body, deadline)
+        except TooLarge as e:
+            return _closing(error(413, str(e)))
+        except BodyError as e:
+            return _closing(error(408 if "within" in str(e) else 400, str(e)))
+        try:
+            reply = await gossiper.prepare(body, remote=request.remote)
+        except (Busy, Conflict) as e:
+            return error(409, str(e))
+        except wire.WireError as e:
+            return error(400, str(e))
+    finally:
+        gossiper.release()
     return web.Response(body=reply, content_type=wire.CONTENT_TYPE)
+
+
+async def post_decision(request: web.Request) -> web.Response:
+    """Phase 2: ``POST /v1/gossip/{xid}/commit`` or ``.../abort``; the answer is the outcome, the same to
+    every call about one xid."""
+    xid, decision = request.match_info["xid"], request.match_info["decision"]
+    if not wire.XID_RE.match(xid):
+        return error(400, "exchange id must be 32 lowercase hex digits")
+    outcome, reason = await request.app[NODE_KEY].gossiper.decide(xid, decision)
+    doc = {"xid": xid, "outcome": outcome}
+    if outcome == ABORTED:
+        doc["reason"] = reason
+    return web.json_response(doc)
 
 
 def build_app(node: Node) -> web.Application:
@@ -87,6 +126,7 @@ def build_app(node: Node) -> web.Application:
     app.router.add_get("/v1/model", get_model)
     app.router.add_get("/v1/peers", get_peers)
     app.router.add_post("/v1/gossip", post_gossip)
+    app.router.add_post("/v1/gossip/{xid}/{decision:commit|abort}", post_decision)
     app.router.add_get("/v1/openapi.json", get_openapi)
     app.router.add_get("/metrics", get_metrics)
     inference_api.add_routes(app)

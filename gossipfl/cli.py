@@ -117,10 +117,29 @@ async def _run_node(config: NodeConfig, task: Task) -> int:
     except StartError as e:
         print(f"gossipfl: error: {e}", file=sys.stderr)
         return 2
-    await stop.wait()
-    node.log.info("signal received, stopping")
+    waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(node.failed.wait())]
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for w in waits:
+        w.cancel()
+    if stop.is_set():
+        node.log.info("signal received, stopping")
     await node.stop()
-    return 0
+    if node.exit_code:
+        print(f"gossipfl: error: {node.failure}", file=sys.stderr)
+    return node.exit_code
+
+
+def raise_fd_limit() -> None:
+    """Raise this process's open-file limit to its hard limit: every connection is a file descriptor,
+    and a soft limit of 1024 is easy to exhaust with slow clients."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 1 << 16, hard))
+        except (ValueError, OSError):
+            pass
 
 
 def cmd_node(args: argparse.Namespace) -> int:
@@ -136,6 +155,7 @@ def cmd_node(args: argparse.Namespace) -> int:
     import torch
 
     torch.set_num_threads(config.torch_threads)
+    raise_fd_limit()
     return asyncio.run(_run_node(config, task))
 
 

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from .probing import Prober
 
 SERVICE_TYPE = "_gossipfl._tcp.local."
-PROTO = "1"
+PROTO = "2"  # wire.PROTOCOL_VERSION: nodes of other protocols ignore each other
 TXT_VERSION = "1"
 RESOLVE_TIMEOUT_MS = 3000
 
@@ -59,23 +59,41 @@ def describe_service(info: AsyncServiceInfo) -> dict[str, str | None]:
         "proto": _txt(props, "proto"),
         "model": _txt(props, "model"),
         "cluster": _txt(props, "cluster") or "default",
+        "merge": _txt(props, "merge"),
+        "split": _txt(props, "split"),
+        "init": _txt(props, "init"),
     }
 
 
 @dataclass(frozen=True)
 class Identity:
-    """What a peer must share with this node to be gossiped with."""
+    """What a peer must share with this node to be gossiped with: the protocol, cluster, task and model
+    shape, and the cluster-wide settings that must agree (merge rule; data split: data seed, number of
+    shards and scheme; initial model of training nodes). Advertised in mDNS TXT and ``/v1/status``."""
 
     task: str
     model: str  # wire.spec_digest of the model's parameter names, dtypes and shapes
     cluster: str = "default"
+    merge: str | None = None  # merge rule
+    split: str | None = None  # "DATA_SEED/N/SCHEME": how the training data is cut into shards
+    init: str | None = None  # digest of the initial model (training nodes only)
 
     def txt(self) -> dict[str, str]:
-        return {"proto": PROTO, "task": self.task, "model": self.model, "cluster": self.cluster}
+        out = {"proto": PROTO, "task": self.task, "model": self.model, "cluster": self.cluster}
+        out.update({k: v for k, v in (("merge", self.merge), ("split", self.split), ("init", self.init)) if v})
+        return out
 
-    def mismatch(self, proto: str | None, task: str | None, model: str | None, cluster: str | None) -> str:
-        """Why a node with these values cannot be gossiped with ("" if it can). A missing model digest
-        is not held against a peer: the message check still rejects a model of another shape."""
+    def mismatch(
+        self,
+        proto: str | None,
+        task: str | None,
+        model: str | None,
+        cluster: str | None,
+        merge: str | None = None,
+        split: str | None = None,
+    ) -> str:
+        """Why a node with these values cannot be gossiped with ("" if it can). A value the peer does not
+        state is not held against it: the message check still rejects a model of another shape or rule."""
         if cluster != self.cluster:
             return f"cluster {cluster!r}, ours {self.cluster!r}"
         if proto != PROTO:
@@ -84,7 +102,26 @@ class Identity:
             return f"task {task!r}, ours {self.task!r}"
         if model is not None and model != self.model:
             return f"model shape {model}, ours {self.model}"
+        if merge and self.merge and merge != self.merge:
+            return f"merge rule {merge!r}, ours {self.merge!r}"
+        if split and self.split and split != self.split:
+            return f"data split {split} (data-seed/shards/scheme), ours {self.split}"
         return ""
+
+    def caveat(self, init: str | None) -> str:
+        """A difference worth a warning but not a refusal: another initial model (chosen on purpose with
+        --init-seed, or made by another torch build from the same seed)."""
+        if init and self.init and init != self.init:
+            return (
+                f"it started from another initial model ({init}, ours {self.init}); averaging models that "
+                "did not start together costs accuracy: give every node the same --data-seed or --init-seed"
+            )
+        return ""
+
+    def mismatch_of(self, found: dict[str, str | None]) -> str:
+        """``mismatch`` for a peer described by ``describe_service`` or its ``/v1/status``."""
+        keys = ("proto", "task", "model", "cluster", "merge", "split")
+        return self.mismatch(*(found.get(k) for k in keys))
 
 
 def _txt(properties: dict[bytes, bytes | None], key: str) -> str | None:
@@ -161,13 +198,17 @@ class MdnsDiscovery:
         peer_id, url, task = found["id"], found["url"], found["task"]
         if peer_id == self.node_id or url is None or found["cluster"] != self.identity.cluster:
             return  # another cluster's nodes are not ours to list
-        reason = self.identity.mismatch(found["proto"], task, found["model"], found["cluster"])
+        reason = self.identity.mismatch_of(found)
         if reason:
             if self.peers.ignore(peer_id, url, reason):
-                self.log.info("ignoring %s at %s: %s", peer_id, url, reason)
+                self.log.warning("ignoring %s at %s: %s", peer_id, url, reason)
             return
         if self.peers.upsert(peer_id, url, task, "mdns"):
             self.log.info("peer found (mDNS): %s at %s", peer_id, url)
+            if caveat := self.identity.caveat(found["init"]):
+                self.log.warning("peer %s: %s", peer_id, caveat)
+        else:
+            self.peers.refresh(peer_id)  # announced again (restarted, or back): no need to wait out a backoff
 
 
 async def browse(interfaces: Sequence[str], timeout: float) -> list[dict]:
@@ -192,20 +233,31 @@ async def browse(interfaces: Sequence[str], timeout: float) -> list[dict]:
 
 
 class SeedDiscovery:
-    """Static peers: learn each seed's id and task from its /v1/status, retrying until it answers. A seed was
-    named explicitly, so one of another task or cluster is listed under ignored peers with the reason."""
+    """Static peers: learn each seed's id and task from its /v1/status, retrying every round until it
+    answers (a seed was named by a person, so one that does not answer is worth a warning, once). A seed
+    of another task or cluster is listed under ignored peers with the reason."""
 
-    def __init__(self, seeds: Iterable[str], *, prober: Prober, retry_interval: float = 5.0) -> None:
+    def __init__(self, seeds: Iterable[str], *, prober: Prober, log: logging.LoggerAdapter) -> None:
         self.urls = [f"http://{h}:{p}" for h, p in map(parse_hostport, seeds)]
+        self.pending = list(self.urls)
         self.prober = prober
-        self.retry_interval = retry_interval
+        self.log = log
+        self._warned: set[str] = set()
 
-    async def run(self, stopping: asyncio.Event) -> None:
-        pending = list(self.urls)
-        while pending and not stopping.is_set():
-            pending = [u for u in pending if await self.prober.probe(u, "static") == "unreachable"]
-            if pending:
-                try:
-                    await asyncio.wait_for(stopping.wait(), timeout=self.retry_interval)
-                except TimeoutError:
-                    pass
+    async def round(self) -> None:
+        """Probe the seeds not found yet, all at once."""
+        if not self.pending:
+            return
+        results = await asyncio.gather(*(self._probe(u) for u in self.pending))
+        self.pending = [u for u, found in zip(self.pending, results, strict=True) if not found]
+
+    async def _probe(self, url: str) -> bool:
+        result = await self.prober.probe(url, "static")
+        if result == "unreachable":
+            if url not in self._warned:
+                self._warned.add(url)
+                self.log.warning("seed %s does not answer (%s); retrying", url, self.prober.last_error or "no reply")
+            return False
+        if url in self._warned:
+            self.log.info("seed %s answers now", url)
+        return True

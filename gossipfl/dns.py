@@ -58,17 +58,6 @@ class DnsDiscovery:
             raise DnsError(f"dns-name {self.name!r} has no IPv4 address")
         return addrs
 
-    async def run(self, stopping: asyncio.Event) -> None:
-        while not stopping.is_set():
-            try:
-                await self.round()
-            except Exception:  # a bug here must not end DNS discovery for the node's lifetime
-                self.log.exception("DNS discovery round failed")
-            try:
-                await asyncio.wait_for(stopping.wait(), timeout=self.interval)
-            except TimeoutError:
-                pass
-
     async def round(self) -> None:
         """One lookup: add the addresses not known yet, drop DNS-learned peers whose address is gone."""
         try:

@@ -1,15 +1,23 @@
-"""The gossip protocol: push-pull exchanges, merged with the node's rule (default: averaging).
+"""The gossip protocol: two-phase push-pull exchanges, merged with the node's rule (default: averaging).
 
-Initiator: snapshot parameters, POST them to a random peer's /v1/gossip, receive the peer's pre-merge
-parameters, set its own to the merge of both. Responder: on a valid message, reply with its pre-merge
-parameters and set its own to the same merge in one atomic step (rules are symmetric, see merge.py).
-A node takes part in one exchange at a time; a busy node answers 409 and the initiator moves on to
-its next round.
+Initiator: snapshot its state, POST it to a random peer's ``/v1/gossip`` with a fresh exchange id (xid),
+receive the peer's state, compute the merge, then ``POST /v1/gossip/{xid}/commit`` and apply the merge
+if and only if the peer answers "committed". Responder: on a valid message, snapshot its state, compute
+the same merge (rules are symmetric, see merge.py), keep it under the xid and reply with its state; on
+the commit, apply it, once. See exchange.py for why an exchange then happens on both sides or neither.
+
+A merge is applied on top of whatever local training happened since the snapshot (``merge.apply``). A
+node decides one merge at a time, and aborts an exchange if another merge changed its model since the
+snapshot, so committed merges never overlap: on either side, a merge combines the two states exactly as
+sent, plus the local steps made meanwhile. Waiting on the network blocks nothing: while an exchange
+waits for a slow or hung peer the node prepares and commits inbound exchanges, and starts its next one
+with another peer (at most ``MAX_OUTBOUND`` at once).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import time
@@ -20,23 +28,51 @@ from dataclasses import dataclass, field
 import aiohttp
 
 from . import merge, wire
-from .httpio import TooLarge, read_limited
+from .exchange import ABORTED, COMMITTED, DoubtBook, InDoubt, Ledger
+from .httpio import BodyError, TooLarge, read_limited
 from .learning.learner import Learner, State
 from .peers import Peer, PeerTable
 
 JITTER = 0.2
+MAX_OUTBOUND = 2  # exchanges this node has started and not finished
+CONNECT_TIMEOUT_S = 2.0
+BASE_TIMEOUT_S = 2.0  # a prepare of a small model: connect, send, the peer's snapshot, the reply
+MIN_THROUGHPUT = 8e6  # bytes/s assumed of the slowest link, for the size-dependent part of timeouts
+PREPARED_MEMORY = 256 << 20  # bytes of prepared exchanges (two states each) a responder may hold
+ERROR_TEXT_LIMIT = 512
+
+
+def timeout_for(nbytes: int) -> float:
+    """Seconds allowed for one request or body carrying ``nbytes`` (both directions of an exchange)."""
+    return BASE_TIMEOUT_S + 2 * nbytes / MIN_THROUGHPUT
 
 
 class Busy(Exception):
-    """This node cannot take part in an exchange now (in another one, or stopping): HTTP 409."""
+    """This node cannot prepare an exchange now (too many prepared, or stopping): HTTP 409."""
+
+
+class Conflict(Exception):
+    """The exchange id was already decided: HTTP 409."""
+
+
+class ExchangeError(Exception):
+    """The peer answered, but not with a usable reply."""
+
+
+class PeerBusy(ExchangeError):
+    """The peer answered 409."""
 
 
 @dataclass
 class ExchangeStats:
-    ok: int = 0  # exchanges this node started that completed
-    failed: int = 0  # started exchanges that failed (peer down, error reply, invalid reply)
+    ok: int = 0  # exchanges this node started that committed
+    failed: int = 0  # started exchanges that failed (peer down or hung, error reply, invalid reply)
     busy: int = 0  # started exchanges the peer declined with 409
-    served: int = 0  # exchanges started by peers that this node completed
+    aborted: int = 0  # started exchanges aborted (overlapping merges, or the peer's decision)
+    in_doubt: int = 0  # started exchanges whose commit went unanswered (counted in failed too)
+    late: int = 0  # of those, committed by the peer and merged when this node learned it
+    served: int = 0  # exchanges started by peers that this node committed
+    declined: int = 0  # prepared exchanges this node aborted (expired, overlapping, unknown)
     rejected: int = 0  # incoming messages refused as invalid (4xx)
     bytes_sent: int = 0
     bytes_received: int = 0
@@ -44,16 +80,25 @@ class ExchangeStats:
 
     def as_dict(self) -> dict:
         mean = sum(self.durations) / len(self.durations) if self.durations else None
-        return {
-            "ok": self.ok,
-            "failed": self.failed,
-            "busy": self.busy,
-            "served": self.served,
-            "rejected": self.rejected,
-            "bytes_sent": self.bytes_sent,
-            "bytes_received": self.bytes_received,
-            "mean_duration_s": mean,
-        }
+        out = {k: v for k, v in self.__dict__.items() if k != "durations"}
+        out["mean_duration_s"] = mean
+        return out
+
+
+async def error_text(resp: aiohttp.ClientResponse) -> str:
+    """A short, printable account of an error reply, whatever its bytes (never raises on bad encoding)."""
+    try:
+        raw = await asyncio.wait_for(resp.content.read(ERROR_TEXT_LIMIT), BASE_TIMEOUT_S)
+    except (aiohttp.ClientError, TimeoutError):
+        return ""
+    text = raw.decode("utf-8", "replace")
+    try:
+        doc = json.loads(text)
+        if isinstance(doc, dict) and isinstance(doc.get("error"), str):
+            text = doc["error"]
+    except ValueError:
+        pass
+    return "".join(c if c.isprintable() else "?" for c in text[:200])
 
 
 class Gossiper:
@@ -69,8 +114,8 @@ class Gossiper:
         cluster: str = "default",
         rng: random.Random,
         log: logging.LoggerAdapter,
-        request_timeout: float = 10.0,
         port: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.node_id = node_id
         self.task = task
@@ -82,28 +127,45 @@ class Gossiper:
         self.interval = interval
         self.rng = rng
         self.log = log
+        self.clock = clock
         self.spec = wire.spec_of(learner.snapshot().params)
         self.max_body = wire.max_message_size(self.spec)
         self.model_digest = wire.spec_digest(self.spec)
+        self.request_timeout = timeout_for(self.max_body)
+        self.timeout = aiohttp.ClientTimeout(total=self.request_timeout, sock_connect=CONNECT_TIMEOUT_S)
+        self.decide_timeout = aiohttp.ClientTimeout(total=BASE_TIMEOUT_S, sock_connect=CONNECT_TIMEOUT_S)
+        max_prepared = max(1, min(4, PREPARED_MEMORY // (2 * self.max_body)))
+        self.ledger: Ledger[State, merge.Merged] = Ledger(
+            max_prepared=max_prepared, prepare_ttl=self.request_timeout + BASE_TIMEOUT_S
+        )
+        self.doubts: DoubtBook[State, merge.Merged] = DoubtBook()
         self.stats = ExchangeStats()
         # called with (result, seconds) after every exchange this node starts (metrics)
         self.on_exchange: Callable[[str, float], None] | None = None
-        # called with (sender id, url) when a peer this node does not know starts an exchange with it
+        # called with (sender id, url) when a peer this node does not know prepares an exchange with it
         self.on_inbound: Callable[[str, str], None] | None = None
+        # called with an exception that escaped an exchange task (a bug: the supervisor counts it)
+        self.on_error: Callable[[BaseException], None] | None = None
         self.port = port
-        self.timeout = aiohttp.ClientTimeout(total=request_timeout)
-        self._busy = False
+        self._merging = asyncio.Lock()  # one merge decision at a time, on either side
+        self._receiving = 0  # gossip bodies being read (they count against the prepared exchanges)
+        self._outbound: dict[asyncio.Task, str] = {}  # exchange tasks -> peer id
         self._closed = False
 
-    @property
-    def busy(self) -> bool:
-        return self._busy
-
+    # -- shared -------------------------------------------------------------------------------------
     def close(self) -> None:
-        """Refuse exchanges from now on (the node is stopping)."""
+        """Refuse new exchanges from now on (the node is stopping); decisions on prepared ones still run."""
         self._closed = True
 
-    def encode_state(self, state: State) -> bytes:
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def outbound(self) -> list[asyncio.Task]:
+        return list(self._outbound)
+
+    def encode_state(self, state: State, xid: str | None = None) -> bytes:
         msg = wire.GossipMessage(
             self.node_id,
             state.age,
@@ -114,6 +176,7 @@ class Gossiper:
             state.weight,
             self.cluster,
             self.port,
+            xid,
         )
         return wire.encode(msg)
 
@@ -127,116 +190,272 @@ class Gossiper:
         needed = {"samples": "samples", "pushsum": "weight"}.get(self.rule_name)
         if needed and getattr(msg, needed) is None:
             raise wire.WireError(f"merge rule {self.rule_name!r} needs field {needed!r}")
+        if msg.xid is None:
+            raise wire.WireError("field 'xid' is required in an exchange")
         return msg
 
-    def _local(self, state: State) -> merge.Side:
-        return merge.Side(state.params, state.age, self.learner.train_size, state.weight)
+    def _merge(self, mine: State, theirs: wire.GossipMessage) -> merge.Merged:
+        local = merge.Side(mine.params, mine.age, self.learner.train_size, mine.weight)
+        remote = merge.Side(theirs.params, theirs.age, theirs.samples or 0, theirs.weight or 1.0)
+        return self.rule(local, remote)
 
-    @staticmethod
-    def _remote(msg: wire.GossipMessage) -> merge.Side:
-        return merge.Side(msg.params, msg.age, msg.samples or 0, msg.weight or 1.0)
+    def _snapshot_and_merge(self, theirs: wire.GossipMessage) -> tuple[State, merge.Merged]:
+        state = self.learner.snapshot()
+        return state, self._merge(state, theirs)
 
-    # -- responder --------------------------------------------------------------------------------
-    async def respond(self, body: bytes, remote: str | None = None) -> bytes:
-        """Handle an incoming exchange from address ``remote``. Raises Busy or wire.WireError; the model is
-        untouched then."""
-        if self._closed:
-            raise Busy("node is stopping")
-        if self._busy:
-            raise Busy("busy: already in an exchange")
+    async def _apply(self, sent: State, merged: merge.Merged) -> None:
+        """Set the learner to ``merged``, keeping what changed since ``sent`` (local steps)."""
+
+        def fn(now: State) -> tuple[dict, int, float]:
+            params = merge.apply(now.params, sent.params, merged.params, changed=now.version != sent.version)
+            return params, max(now.age, merged.age), merge.apply_weight(now.weight, sent.weight, merged.weight)
+
+        await asyncio.to_thread(self.learner.update, fn)
+
+    # -- responder ----------------------------------------------------------------------------------
+    def reserve(self) -> bool:
+        """Claim room for one incoming exchange before its body is read; False (answer 409) if there is
+        none or the node is stopping. Call ``release`` once the body was handled."""
+        self.expire()
+        if self._closed or not self.ledger.room(self._receiving):
+            return False
+        self._receiving += 1
+        return True
+
+    def expire(self) -> None:
+        """Abort prepared exchanges whose decision did not come in time."""
+        for entry in self.ledger.expire(self.clock()):
+            self.stats.declined += 1
+            self.log.debug("exchange %s from %s expired undecided", entry.xid, entry.sender)
+
+    def release(self) -> None:
+        self._receiving -= 1
+
+    async def prepare(self, body: bytes, remote: str | None = None) -> bytes:
+        """Phase 1 of an exchange started by a peer (from address ``remote``): reply with this node's state,
+        keep the merge for the decision. Raises wire.WireError (400), Conflict or Busy (409); the model
+        is never changed here."""
         try:
             msg = self._decode(body)
         except wire.WireError:
             self.stats.rejected += 1
             raise
-        self._busy = True
-        try:
+        xid = msg.xid
+        assert xid is not None
+        if (outcome := self.ledger.outcome(xid)) is not None:
+            raise Conflict(f"exchange {xid} was already {outcome}")
+        if (entry := self.ledger.prepared(xid)) is not None:  # a retried prepare: the same reply again
+            if entry.sender != msg.sender:
+                raise Conflict(f"exchange {xid} belongs to another sender")
+            return self.encode_state(entry.sent, xid)
+        if self._closed:
+            raise Busy("node is stopping")
+        state, merged = await asyncio.to_thread(self._snapshot_and_merge, msg)
+        reply = self.encode_state(state, xid)
+        if self.ledger.outcome(xid) is not None or self.ledger.prepared(xid) is not None:
+            raise Conflict(f"exchange {xid} was decided while it was being prepared")
+        self.ledger.prepare(xid, msg.sender, state, merged, self.clock())
+        self.stats.bytes_received += len(body)
+        self.stats.bytes_sent += len(reply)
+        if remote and msg.port and self.on_inbound is not None:
+            host = f"[{remote}]" if ":" in remote else remote
+            url, known = f"http://{host}:{msg.port}", self.peers.get(msg.sender)
+            if known is None or known.url != url:  # a new peer, or one that came back at a new address
+                self.on_inbound(msg.sender, url)
+        return reply
 
-            def merge_in(state: State) -> tuple[dict, int, float]:
-                m = self.rule(self._local(state), self._remote(msg))
-                return m.params, m.age, m.weight
+    async def decide(self, xid: str, decision: str) -> tuple[str, str]:
+        """Phase 2: the initiator asks to commit or abort ``xid``. Returns (outcome, reason); the same
+        outcome to every later call about the same xid."""
+        now = self.clock()
+        self.expire()
+        if (outcome := self.ledger.outcome(xid)) is not None:
+            return outcome, "already decided"
+        entry = self.ledger.prepared(xid)
+        if entry is None:
+            self.ledger.decide(xid, ABORTED, now)  # a prepare still on its way is refused when it arrives
+            return ABORTED, "unknown exchange (never prepared here, or expired)"
+        if decision != "commit":
+            self.ledger.decide(xid, ABORTED, now)
+            self.stats.declined += 1
+            return ABORTED, "aborted by the initiator"
+        if self._merging.locked() or self.learner.merges != entry.sent.merges:
+            self.ledger.decide(xid, ABORTED, now)
+            self.stats.declined += 1
+            return ABORTED, "another merge changed this node's model since the exchange was prepared"
+        async with self._merging:
+            self.ledger.decide(xid, COMMITTED, now)  # first: a retried commit now gets "committed" too
+            await self._apply(entry.sent, entry.merged)
+        self.stats.served += 1
+        self.log.debug("committed exchange %s from %s", xid, entry.sender)
+        return COMMITTED, ""
 
-            before = await asyncio.to_thread(self.learner.update, merge_in)
-            reply = self.encode_state(before)
-            self.stats.served += 1
-            self.stats.bytes_received += len(body)
-            self.stats.bytes_sent += len(reply)
-            self.log.debug("served exchange from %s", msg.sender)
-            if remote and msg.port and self.on_inbound is not None:
-                host = f"[{remote}]" if ":" in remote else remote
-                url, known = f"http://{host}:{msg.port}", self.peers.get(msg.sender)
-                if known is None or known.url != url:  # a new peer, or one that came back at a new address
-                    self.on_inbound(msg.sender, url)
-            return reply
-        finally:
-            self._busy = False
+    # -- initiator ----------------------------------------------------------------------------------
+    def next_delay(self) -> float:
+        return self.interval * self.rng.uniform(1 - JITTER, 1 + JITTER)
 
-    # -- initiator --------------------------------------------------------------------------------
-    async def run(self, session: aiohttp.ClientSession, stopping: asyncio.Event) -> None:
-        """Every interval (+-20% jitter) start one exchange with a random live peer, until ``stopping``."""
-        while not stopping.is_set():
-            delay = self.interval * self.rng.uniform(1 - JITTER, 1 + JITTER)
-            try:
-                await asyncio.wait_for(stopping.wait(), timeout=delay)
-                return
-            except TimeoutError:
-                pass
-            peer = self.peers.choose(self.rng)
-            if peer is not None and not self._busy:
-                await self.exchange(session, peer)
+    def round(self, session: aiohttp.ClientSession) -> None:
+        """One gossip round: settle exchanges in doubt, then start one with a random peer that is not
+        backing off and not already in an exchange with this node."""
+        self.resolve_doubts(session)
+        if self._closed or len(self._outbound) >= MAX_OUTBOUND:
+            return
+        busy = set(self._outbound.values()) | self.doubts.peers()
+        peer = self.peers.choose(self.rng, exclude=busy)
+        if peer is not None:
+            self._spawn(self.exchange(session, peer), peer.id)
+
+    def resolve_doubts(self, session: aiohttp.ClientSession) -> None:
+        """Give up on exchanges in doubt for too long; ask again about those due."""
+        now = self.clock()
+        for gone in self.doubts.expire(now):
+            self.log.warning(
+                "exchange %s with %s: no answer to its commit for %.0f s, assuming it aborted",
+                gone.xid,
+                gone.peer_id,
+                self.doubts.give_up_s,
+            )
+        busy = set(self._outbound.values())
+        for entry in self.doubts.due(now):
+            if entry.peer_id not in busy and len(self._outbound) < MAX_OUTBOUND:
+                busy.add(entry.peer_id)
+                self._spawn(self._resolve(session, entry), entry.peer_id)
+
+    def _spawn(self, coro: object, peer_id: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+        self._outbound[task] = peer_id
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task) -> None:
+        self._outbound.pop(task, None)
+        if not task.cancelled() and (exc := task.exception()) is not None and self.on_error is not None:
+            self.on_error(exc)
 
     async def exchange(self, session: aiohttp.ClientSession, peer: Peer) -> str:
-        """One push-pull exchange with ``peer``; returns "ok", "busy" or "failed"."""
+        """One exchange with ``peer``; returns "ok", "busy", "aborted", "failed" or "in_doubt"."""
         start = time.perf_counter()
-        result = await self._exchange(session, peer, start)
+        result = await self._exchange(session, peer)
+        duration = time.perf_counter() - start
+        if result == "ok":
+            self.stats.ok += 1
+            self.stats.durations.append(duration)
+            self.peers.mark_ok(peer.id)
+        elif result == "busy":
+            self.stats.busy += 1
+            self.peers.mark_busy(peer.id)
+        elif result == "aborted":
+            self.stats.aborted += 1
+            self.peers.mark_ok(peer.id)  # it answered: an abort says nothing against it
+        else:  # failed, or in doubt (the commit went unanswered): either way the peer did not answer well
+            self.stats.failed += 1
+            self.stats.in_doubt += result == "in_doubt"
+            self.peers.mark_failed(peer.id)
         if self.on_exchange is not None:
-            self.on_exchange(result, time.perf_counter() - start)
+            self.on_exchange(result, duration)
         return result
 
-    async def _exchange(self, session: aiohttp.ClientSession, peer: Peer, start: float) -> str:
-        self._busy = True
+    async def _exchange(self, session: aiohttp.ClientSession, peer: Peer) -> str:
+        xid = wire.new_xid()
+        sent = await asyncio.to_thread(self.learner.snapshot)
         try:
-            sent = await asyncio.to_thread(self.learner.snapshot)
-            body = self.encode_state(sent)
-            async with session.post(
-                peer.url + "/v1/gossip",
-                data=body,
-                timeout=self.timeout,
-                headers={"Content-Type": wire.CONTENT_TYPE},
-            ) as resp:
-                self.stats.bytes_sent += len(body)
-                if resp.status == 409:
-                    self.stats.busy += 1
-                    return "busy"
-                if resp.status != 200:
-                    detail = (await resp.text())[:200]
-                    raise ExchangeError(f"HTTP {resp.status}: {detail}")
-                raw = await read_limited(resp.content, resp.content_length, self.max_body)
-                self.stats.bytes_received += len(raw)
-            reply = self._decode(raw)
-
-            def merge_back(state: State) -> tuple[dict, int, float]:
-                m = self.rule(self._local(sent), self._remote(reply))
-                params = m.params
-                if state.version != sent.version:  # trained meanwhile: keep that progress
-                    params = merge.rebase(state.params, sent.params, m.params)
-                return params, max(state.age, m.age), m.weight
-
-            await asyncio.to_thread(self.learner.update, merge_back)
-        except (aiohttp.ClientError, TimeoutError, ExchangeError, TooLarge, wire.WireError) as e:
-            self.stats.failed += 1
-            self.peers.mark_failed(peer.id)
-            self.log.info("exchange with %s failed: %s", peer.id, str(e) or type(e).__name__)
+            body = self.encode_state(sent, xid)
+        except wire.WireError as e:  # our own model is not sendable (NaN after a bad step): keep it home
+            self.log.warning("not gossiping: this node's model is invalid: %s", e)
             return "failed"
-        finally:
-            self._busy = False
-        duration = time.perf_counter() - start
-        self.stats.ok += 1
-        self.stats.durations.append(duration)
-        self.peers.mark_ok(peer.id)
-        self.log.debug("exchanged with %s in %.1f ms", peer.id, duration * 1e3)
+        try:
+            raw = await self._post_prepare(session, peer, body)
+            reply = self._decode(raw)
+            if reply.xid != xid or reply.sender != peer.id:
+                raise ExchangeError(f"reply for exchange {reply.xid} from {reply.sender!r}, expected {peer.id!r}")
+        except PeerBusy as e:
+            self.log.debug("exchange with %s: busy (%s)", peer.id, e)
+            return "busy"
+        except (aiohttp.ClientError, TimeoutError, ExchangeError, TooLarge, BodyError, wire.WireError) as e:
+            self.log.info("exchange with %s failed: %s", peer.id, str(e) or type(e).__name__)
+            self._abort_later(session, peer, xid)
+            return "failed"
+        merged = await asyncio.to_thread(self._merge, sent, reply)
+        if self._merging.locked() or self.learner.merges != sent.merges:
+            self._abort_later(session, peer, xid)  # another merge got in first: this one would overlap it
+            return "aborted"
+        async with self._merging:
+            try:
+                outcome = await self._post_decision(session, peer.url, xid, "commit")
+            except (aiohttp.ClientError, TimeoutError, ExchangeError) as e:
+                self.doubts.add(InDoubt(xid, peer.id, peer.url, sent, merged, self.clock()), self.clock())
+                self.log.info("exchange %s with %s in doubt (%s): will ask again", xid, peer.id, str(e) or "timeout")
+                return "in_doubt"
+            if outcome != COMMITTED:
+                return "aborted"
+            await self._apply(sent, merged)
+        self.log.debug("exchanged with %s", peer.id)
         return "ok"
 
+    async def _post_prepare(self, session: aiohttp.ClientSession, peer: Peer, body: bytes) -> bytes:
+        """POST the prepare; retried once, with the same xid, if the connection broke before the reply came
+        whole (the peer answers a retried prepare with the same reply)."""
+        for attempt in (0, 1):
+            try:
+                async with session.post(
+                    peer.url + "/v1/gossip",
+                    data=body,
+                    timeout=self.timeout,
+                    headers={"Content-Type": wire.CONTENT_TYPE},
+                    allow_redirects=False,
+                ) as resp:
+                    self.stats.bytes_sent += len(body)
+                    if resp.status == 409:
+                        raise PeerBusy(await error_text(resp))
+                    if resp.status != 200:
+                        raise ExchangeError(f"HTTP {resp.status}: {await error_text(resp)}")
+                    raw = await read_limited(resp.content, resp.content_length, self.max_body)
+                    self.stats.bytes_received += len(raw)
+                    return raw
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError):
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
 
-class ExchangeError(Exception):
-    """The peer answered, but not with a usable reply."""
+    async def _post_decision(self, session: aiohttp.ClientSession, url: str, xid: str, decision: str) -> str:
+        """POST commit or abort; the responder's outcome. Raises when there is no clear answer."""
+        async with session.post(
+            f"{url}/v1/gossip/{xid}/{decision}", timeout=self.decide_timeout, allow_redirects=False
+        ) as resp:
+            if resp.status != 200:
+                raise ExchangeError(f"HTTP {resp.status}: {await error_text(resp)}")
+            doc = json.loads(await read_limited(resp.content, resp.content_length, 4096))
+        outcome = doc.get("outcome") if isinstance(doc, dict) else None
+        if outcome not in (COMMITTED, ABORTED):
+            raise ExchangeError(f"no outcome in the answer to {decision}")
+        return outcome
+
+    def _abort_later(self, session: aiohttp.ClientSession, peer: Peer, xid: str) -> None:
+        """Tell the peer, best effort, to drop a prepared exchange (it expires there anyway)."""
+
+        async def abort() -> None:
+            try:
+                await self._post_decision(session, peer.url, xid, "abort")
+            except (aiohttp.ClientError, TimeoutError, ExchangeError, ValueError):
+                pass
+
+        if not self._closed:
+            self._spawn(abort(), peer.id)
+
+    async def _resolve(self, session: aiohttp.ClientSession, entry: InDoubt[State, merge.Merged]) -> None:
+        """Ask again about an exchange in doubt; apply its merge if the peer committed it."""
+        try:
+            outcome = await self._post_decision(session, entry.url, entry.xid, "commit")
+        except (aiohttp.ClientError, TimeoutError, ExchangeError, ValueError):
+            self.doubts.retry_later(entry.xid, self.clock())
+            return
+        if self.doubts.resolve(entry.xid) is None:
+            return
+        if outcome == COMMITTED:
+            async with self._merging:
+                await self._apply(entry.sent, entry.merged)
+            self.stats.late += 1
+            self.log.info("exchange %s with %s: committed (learned late), merge applied", entry.xid, entry.peer_id)
+        else:
+            self.stats.aborted += 1
+            self.log.info("exchange %s with %s: aborted (learned late)", entry.xid, entry.peer_id)
+        self.peers.mark_ok(entry.peer_id)

@@ -3,6 +3,7 @@ app key under which routes find their node."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import TYPE_CHECKING
 
@@ -24,26 +25,52 @@ class TooLarge(Exception):
     """A body is larger than the limit; nothing beyond the limit was buffered."""
 
 
-async def read_limited(content: aiohttp.StreamReader, declared: int | None, limit: int) -> bytes:
-    """Read ``content`` whole, refusing (TooLarge) a declared or actual size over ``limit`` bytes."""
+class BodyError(Exception):
+    """A body did not arrive whole: the other side hung up, broke the framing, or was too slow."""
+
+
+async def read_limited(
+    content: aiohttp.StreamReader, declared: int | None, limit: int, deadline: float | None = None
+) -> bytes:
+    """Read ``content`` whole, refusing (TooLarge) a declared or actual size over ``limit`` bytes, and
+    (BodyError) a body cut short, badly framed, or not whole within ``deadline`` seconds."""
     if declared is not None and declared > limit:
         raise TooLarge(f"body of {declared} bytes exceeds {limit}")
     buf = bytearray()
-    async for chunk in content.iter_chunked(1 << 16):
-        buf += chunk
-        if len(buf) > limit:
-            raise TooLarge(f"body exceeds {limit} bytes")
+    timer = asyncio.timeout(deadline)
+    try:
+        async with timer:
+            async for chunk in content.iter_chunked(1 << 16):
+                buf += chunk
+                if len(buf) > limit:
+                    raise TooLarge(f"body exceeds {limit} bytes")
+    except TimeoutError:
+        if not timer.expired():  # a caller's own timeout (the client's total): not ours to explain
+            raise
+        raise BodyError(f"body not received within {deadline:g} s ({len(buf)} bytes came)") from None
+    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, web.RequestPayloadError, ConnectionError) as e:
+        raise BodyError(f"body cut short after {len(buf)} bytes: {type(e).__name__}") from None
+    if declared is not None and len(buf) != declared:
+        raise BodyError(f"body of {len(buf)} bytes, {declared} declared")
     return bytes(buf)
 
 
-async def get_json(session: aiohttp.ClientSession, url: str, limit: int) -> object:
+PEER_READ_TIMEOUT = aiohttp.ClientTimeout(total=5.0, sock_connect=2.0)
+
+
+async def get_json(
+    session: aiohttp.ClientSession, url: str, limit: int, timeout: aiohttp.ClientTimeout = PEER_READ_TIMEOUT
+) -> object:
     """GET ``url`` from a peer and parse its JSON body, read whole up to ``limit`` bytes; no redirects.
     Raises aiohttp.ClientError, TimeoutError, TooLarge, or ValueError (not 200, not JSON, nested too
-    deeply to parse)."""
-    async with session.get(url, allow_redirects=False) as resp:
+    deeply to parse, a body cut short)."""
+    async with session.get(url, allow_redirects=False, timeout=timeout) as resp:
         if resp.status != 200:
             raise ValueError(f"HTTP {resp.status}")
-        body = await read_limited(resp.content, resp.content_length, limit)
+        try:
+            body = await read_limited(resp.content, resp.content_length, limit)
+        except BodyError as e:
+            raise ValueError(str(e)) from None
     try:
         return json.loads(body)
     except RecursionError:

@@ -16,6 +16,7 @@ import numpy as np
 from aiohttp import web
 
 from . import __version__, oip
+from .gossip import timeout_for
 from .httpio import NODE_KEY, TooLarge, error, read_limited
 
 if TYPE_CHECKING:
@@ -88,8 +89,9 @@ async def infer(request: web.Request) -> web.Response:
 
 
 async def _infer(request: web.Request, node: Node) -> web.Response:
+    limit = max_infer_body(node)
     try:
-        body = await read_limited(request.content, request.content_length, max_infer_body(node))
+        body = await read_limited(request.content, request.content_length, limit, timeout_for(limit))
     except TooLarge as e:
         return error(413, str(e))
     sig = node.signature
@@ -104,6 +106,9 @@ async def _infer(request: web.Request, node: Node) -> web.Response:
         results = await node.infer(req.inputs)
         bad = [name for name, arr in results.items() if arr.dtype.kind == "f" and not np.isfinite(arr).all()]
         if bad:
+            # the input's fault only if the model answers a plain input (zeros) with finite values
+            if not await node.model_is_finite():
+                return error(503, f"model {node.task.name!r} is broken: its outputs are not finite for any input")
             return error(400, f"the model's {', '.join(bad)} are not finite for this input (values too large?)")
         payload, header_length = await _maybe_in_thread(
             len(body), oip.encode_response, node.task.name, req.id, results, req.outputs

@@ -15,6 +15,11 @@ in the weights, and so in what the network conserves:
 embodies more updates counts more. ``pushsum`` is push-sum in push-pull form: each partner keeps half
 of its mass (w, w*x) and receives half of the other's, so the weights travel with the models.
 Every rule also averages the push-sum weight, so the sum of weights is conserved whatever the rule.
+
+Ages are claims a peer makes, so no exchange may let one of them run away: a merged age is at most
+``MAX_AGE_GAIN`` steps above the younger partner's (both partners compute the same capped ages, so the
+``age`` rule stays symmetric), and a node keeps its own age when that is higher. One message claiming
+age 2**53 thus adds at most 10,000 steps to the node it reaches, not 2**53 to the whole network.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 Params = Mapping[str, np.ndarray]
+MAX_AGE_GAIN = 10_000  # most steps one exchange can add to the younger partner's age
 
 
 @dataclass(frozen=True)
@@ -54,8 +60,15 @@ def weighted_mean(a: Params, b: Params, wa: float, wb: float) -> dict[str, np.nd
     return {name: (a[name] * pa + b[name] * pb).astype(a[name].dtype, copy=False) for name in a}
 
 
+def capped_ages(a: int, b: int) -> tuple[int, int]:
+    """Both ages, each cut to at most MAX_AGE_GAIN above the younger one (symmetric in a and b)."""
+    ceiling = min(a, b) + MAX_AGE_GAIN
+    return min(a, ceiling), min(b, ceiling)
+
+
 def _merged(a: Side, b: Side, wa: float, wb: float) -> Merged:
-    return Merged(weighted_mean(a.params, b.params, wa, wb), max(a.age, b.age), (a.weight + b.weight) * 0.5)
+    age = max(capped_ages(a.age, b.age))
+    return Merged(weighted_mean(a.params, b.params, wa, wb), age, (a.weight + b.weight) * 0.5)
 
 
 def average(a: Side, b: Side) -> Merged:
@@ -63,7 +76,8 @@ def average(a: Side, b: Side) -> Merged:
 
 
 def age_weighted(a: Side, b: Side) -> Merged:
-    return _merged(a, b, float(a.age), float(b.age))
+    age_a, age_b = capped_ages(a.age, b.age)
+    return _merged(a, b, float(age_a), float(age_b))
 
 
 def sample_weighted(a: Side, b: Side) -> Merged:
@@ -87,6 +101,19 @@ def get_rule(name: str) -> Callable[[Side, Side], Merged]:
         return RULES[name]
     except KeyError:
         raise ValueError(f"unknown merge rule {name!r} (known: {', '.join(RULES)})") from None
+
+
+def apply(current: Params, sent: Params, merged: Params, *, changed: bool) -> dict[str, np.ndarray]:
+    """The parameters a node sets after an exchange whose merge it computed from ``sent``: exactly
+    ``merged`` when nothing changed its model meanwhile, else ``rebase`` (the local steps, or in rare
+    cases another merge, made since ``sent`` are kept and nothing is counted twice)."""
+    return rebase(current, sent, merged) if changed else dict(merged)
+
+
+def apply_weight(current: float, sent: float, merged: float) -> float:
+    """The push-sum weight after an exchange: ``merged``, plus any change since ``sent`` (the sum of all
+    weights is conserved even when two merges overlap)."""
+    return merged if current == sent else current + (merged - sent)
 
 
 def rebase(current: Params, sent: Params, merged: Params) -> dict[str, np.ndarray]:

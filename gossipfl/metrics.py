@@ -28,8 +28,12 @@ INFERENCE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
 class Readings:
     """The node's state at scrape time."""
 
-    initiated: dict[str, int]  # result (ok, failed, busy) -> exchanges this node started
-    answered: dict[str, int]  # result (ok, rejected) -> exchanges peers started
+    initiated: dict[str, int]  # result (ok, failed, busy, aborted) -> exchanges this node started
+    answered: dict[str, int]  # result (ok, declined, rejected) -> exchanges peers started
+    in_doubt: int  # exchanges whose commit this node sent without hearing the outcome yet
+    loop_errors: dict[tuple[str, str], int]  # (loop, exception type) -> errors
+    loop_rounds: dict[str, int]  # loop -> rounds completed
+    failed: bool  # a loop could not go on: the node is stopping
     bytes_sent: int
     bytes_received: int
     known_peers: int
@@ -57,6 +61,29 @@ class _StateCollector(Collector):
         for result, n in r.answered.items():
             exchanges.add_metric(["responder", result], n)
         out: list[Metric] = [exchanges]
+        out.append(
+            GaugeMetricFamily(
+                f"{NAMESPACE}_exchanges_in_doubt", "Exchanges whose commit was sent, outcome not heard yet.", r.in_doubt
+            )
+        )
+        errors = CounterMetricFamily(
+            f"{NAMESPACE}_loop_errors",
+            "Errors in rounds of a background loop (train, eval, gossip, pex, seeds, dns), by exception type.",
+            labels=["loop", "kind"],
+        )
+        for (loop, kind), n in sorted(r.loop_errors.items()):
+            errors.add_metric([loop, kind], n)
+        rounds = CounterMetricFamily(
+            f"{NAMESPACE}_loop_rounds", "Rounds of a background loop that completed.", labels=["loop"]
+        )
+        for loop, n in sorted(r.loop_rounds.items()):
+            rounds.add_metric([loop], n)
+        out += [errors, rounds]
+        out.append(
+            GaugeMetricFamily(
+                f"{NAMESPACE}_failed", "1 when a loop could not go on and the node is stopping.", r.failed
+            )
+        )
         out.append(CounterMetricFamily(f"{NAMESPACE}_gossip_sent_bytes", "Gossip bytes sent.", value=r.bytes_sent))
         out.append(
             CounterMetricFamily(f"{NAMESPACE}_gossip_received_bytes", "Gossip bytes received.", value=r.bytes_received)
@@ -100,7 +127,7 @@ class NodeMetrics:
             buckets=EXCHANGE_BUCKETS,
             registry=self.registry,
         )
-        for result in ("ok", "failed", "busy"):
+        for result in ("ok", "failed", "busy", "aborted", "in_doubt"):
             self.exchange_duration.labels(result)  # every series exists from the first scrape
         self.inference_requests = Counter(
             f"{NAMESPACE}_inference_requests",

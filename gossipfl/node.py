@@ -18,12 +18,13 @@ from aiohttp import web
 from zeroconf import NonUniqueNameException
 from zeroconf.asyncio import AsyncZeroconf
 
-from . import modelfile, replica, serving
+from . import modelfile, replica, serving, wire
 from .api import build_app
 from .config import NodeConfig
 from .discovery import Identity, MdnsDiscovery, SeedDiscovery, advertised_addresses, make_zeroconf
 from .dns import DnsDiscovery, DnsError
 from .gossip import Gossiper
+from .httpserver import NodeRunner
 from .learning.learner import Learner, build_seeded, resolve_device
 from .learning.partition import class_histogram, partition
 from .learning.registry import build_checked, get_task, load_checked
@@ -33,9 +34,10 @@ from .metrics import NodeMetrics, Readings
 from .peers import PeerTable
 from .pex import PeerExchange
 from .probing import Prober
-from .training import every
+from .supervise import Supervisor
 
-STOP_GRACE_S = 15.0
+STOP_GRACE_S = 3.0  # on stop, loops and exchanges in flight get this long, then are cancelled
+SEED_RETRY_S = 5.0
 INFERENCE_CONCURRENCY = 2  # inference requests running at once; others wait their turn
 MAX_INBOUND_PROBES = 16  # unknown callers being identified at once; more wait for their next call
 
@@ -113,6 +115,8 @@ class Node:
         self._shared_zc = zeroconf
         self._own_zc: AsyncZeroconf | None = None
         self._stopping = asyncio.Event()
+        self.failed = asyncio.Event()  # set when a background loop cannot go on (see supervise.py)
+        self.failure: str | None = None
         self._tasks: list[asyncio.Task] = []
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -125,6 +129,11 @@ class Node:
         self.partition_source: str | None = None  # the name whose ordinal gave K (auto/N)
         self.train_loss: float | None = None
         self.started_at: float | None = None
+
+    @property
+    def exit_code(self) -> int:
+        """What a process running this node should exit with: 1 after a fatal loop failure, else 0."""
+        return 0 if self.failure is None else 1
 
     # -- lifecycle --------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -147,7 +156,8 @@ class Node:
         except ValueError as e:  # TaskError, or a partition that cannot be made
             raise StartError(str(e)) from None
         self.class_histogram = class_histogram(data.train.y, self.shard, data.num_classes)
-        self.signature = serving.signature(self.task, self.learner, data.num_classes)
+        self.signature = await asyncio.to_thread(serving.signature, self.task, self.learner, data.num_classes)
+        initial = None if cfg.no_train else wire.state_digest(self.learner.snapshot().params)
 
         try:
             sock = bind_socket(cfg.host, cfg.port)
@@ -158,6 +168,7 @@ class Node:
         self.log = node_logger(self.id)
         self.url = f"http://{'127.0.0.1' if cfg.host in ('0.0.0.0', '') else cfg.host}:{self.port}"
         self.peers = PeerTable(self.id)
+        self.supervisor = Supervisor(self.log, on_fatal=self._on_fatal)
         self.gossiper = Gossiper(
             node_id=self.id,
             task=self.task.name,
@@ -170,21 +181,22 @@ class Node:
             log=self.log,
             port=self.port,
         )
-
-        self.identity = Identity(self.task.name, self.gossiper.model_digest, cfg.cluster)
+        self.gossiper.on_error = lambda e: self.supervisor.error("gossip", e)
+        split = f"{cfg.data_seed}/{n}/{cfg.partition_scheme}"
+        self.identity = Identity(self.task.name, self.gossiper.model_digest, cfg.cluster, cfg.merge, split, initial)
         self.metrics = NodeMetrics(self._readings, node_id=self.id, task=self.task.name)
         self.gossiper.on_exchange = self.metrics.exchange
 
-        self._runner = web.AppRunner(build_app(self), access_log=None, handle_signals=False)
+        self._runner = NodeRunner(build_app(self))
         await self._runner.setup()
         await web.SockSite(self._runner, sock).start()
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10, sock_connect=2))
 
         if "mdns" in cfg.discovery:
             await self._start_mdns()
         prober = Prober(identity=self.identity, peers=self.peers, session_factory=lambda: self._session, log=self.log)
         if cfg.seeds:
-            self._spawn(SeedDiscovery(cfg.seeds, prober=prober).run(self._stopping))
+            self._loop("seeds", SEED_RETRY_S, SeedDiscovery(cfg.seeds, prober=prober, log=self.log).round)
         if cfg.dns_name:
             dns = DnsDiscovery(
                 cfg.dns_name, self.port, prober=prober, peers=self.peers, log=self.log, interval=cfg.dns_interval
@@ -193,7 +205,7 @@ class Node:
                 await dns.check()
             except DnsError as e:
                 raise StartError(str(e)) from None
-            self._spawn(dns.run(self._stopping))
+            self._loop("dns", cfg.dns_interval, dns.round)
         pex = PeerExchange(
             prober=prober,
             peers=self.peers,
@@ -201,14 +213,15 @@ class Node:
             rng=random.Random(f"{cfg.seed}/pex/{self.id}"),
             log=self.log,
         )
-        self._spawn(every(cfg.pex_interval, self._stopping, pex.round))
+        self._loop("pex", cfg.pex_interval, pex.round)
         self.gossiper.on_inbound = lambda sender, url: self._learn_inbound(prober, url)
 
         self.started_at = time.monotonic()
-        self._spawn(self.gossiper.run(self._session, self._stopping))
-        self._spawn(every(cfg.eval_interval, self._stopping, self._evaluate))
+        session = self._session
+        self._loop("gossip", self.gossiper.next_delay, lambda: self.gossiper.round(session), first_wait=True)
+        self._loop("eval", cfg.eval_interval, self._evaluate)
         if not cfg.no_train:
-            self._spawn(every(cfg.train_interval, self._stopping, self._train_round))
+            self._loop("train", cfg.train_interval, self._train_round)
         self.log.info(
             "node up at %s: task=%s partition=%s samples=%d discovery=%s",
             self.url,
@@ -217,6 +230,17 @@ class Node:
             len(local),
             ",".join(cfg.discovery),
         )
+
+    def _loop(self, name: str, interval: Any, work: Any, *, first_wait: bool = False) -> None:
+        """A supervised background loop (see supervise.py)."""
+        loop = self.supervisor.loop(name, interval, self._stopping, work, first_wait=first_wait)
+        task = asyncio.get_running_loop().create_task(loop)
+        self.supervisor.watch(task, name, self._stopping)
+        self._tasks.append(task)
+
+    def _on_fatal(self, reason: str) -> None:
+        self.failure = reason
+        self.failed.set()
 
     def _learn_inbound(self, prober: Prober, url: str) -> None:
         """A peer we did not know exchanged with us: check who it is (once at a time per address)."""
@@ -249,15 +273,17 @@ class Node:
 
     async def _start_mdns(self) -> None:
         cfg = self.config
-        where = ",".join(cfg.mdns_interface) or "all interfaces"
+        # a node bound to one address announces (and listens) on that address's interface only
+        interfaces = cfg.mdns_interface or (() if cfg.host in ("0.0.0.0", "") else (cfg.host,))
+        where = ",".join(interfaces) or "all interfaces"
         try:
             if self._shared_zc is None:
-                self._own_zc = make_zeroconf(cfg.mdns_interface)
+                self._own_zc = make_zeroconf(interfaces)
             self._mdns = MdnsDiscovery(
                 self._shared_zc or self._own_zc,
                 node_id=self.id,
                 port=self.port,
-                addresses=advertised_addresses(cfg.host, cfg.mdns_interface),
+                addresses=advertised_addresses(cfg.host, interfaces),
                 identity=self.identity,
                 peers=self.peers,
                 log=self.log,
@@ -273,17 +299,19 @@ class Node:
         self._tasks.append(asyncio.get_running_loop().create_task(coro))
 
     async def stop(self) -> None:
-        """Finish the exchange in flight, say goodbye on mDNS, then shut the HTTP side."""
+        """Refuse new exchanges, give loops and exchanges in flight STOP_GRACE_S to finish (then cancel
+        them), say goodbye on mDNS, then shut the HTTP side (requests in flight get 2 s more)."""
         if not self._started or self._stopping.is_set():
             return
         self._stopping.set()
         self.gossiper.close()
-        _, pending = await asyncio.wait(self._tasks, timeout=STOP_GRACE_S) if self._tasks else (set(), set())
+        tasks = self._tasks + self.gossiper.outbound
+        _, pending = await asyncio.wait(tasks, timeout=STOP_GRACE_S) if tasks else (set(), set())
         for t in pending:
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         await self._close()
-        self.log.info("node stopped")
+        self.log.info("node stopped" if self.failure is None else "node stopped after a failure")
 
     async def _close(self) -> None:
         """Release what start() acquired, in reverse order; safe on a partly started node."""
@@ -330,11 +358,18 @@ class Node:
     async def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return await asyncio.to_thread(serving.predict, self.task, self.learner, inputs)
 
+    async def model_is_finite(self) -> bool:
+        return await asyncio.to_thread(serving.outputs_finite, self.task, self.learner)
+
     def _readings(self) -> Readings:
         st, ev = self.gossiper.stats, self.last_eval
         return Readings(
-            initiated={"ok": st.ok, "failed": st.failed, "busy": st.busy},
-            answered={"ok": st.served, "rejected": st.rejected},
+            initiated={"ok": st.ok, "failed": st.failed, "busy": st.busy, "aborted": st.aborted},
+            answered={"ok": st.served, "declined": st.declined, "rejected": st.rejected},
+            in_doubt=len(self.gossiper.doubts),
+            loop_errors={(n, t): c for n, h in self.supervisor.loops.items() for t, c in h.types.items()},
+            loop_rounds={n: h.rounds for n, h in self.supervisor.loops.items()},
+            failed=self.failure is not None,
             bytes_sent=st.bytes_sent,
             bytes_received=st.bytes_received,
             known_peers=len(self.peers),
@@ -348,19 +383,26 @@ class Node:
 
     def status(self) -> dict[str, Any]:
         ev = self.last_eval
+        gossip = self.gossiper
         return {
             "id": self.id,
+            "protocol": wire.PROTOCOL_VERSION,
             "task": self.task.name,
             "cluster": self.config.cluster,
             "url": self.url,
             "age": self.learner.age,  # steps the model embodies: the most among its merged ancestors
             "steps": self.learner.steps,  # minibatch steps this node made itself
+            "merges": self.learner.merges,  # exchanges merged into this node's model
             "partition": self.partition,
             "partition_from": self.partition_source,
             "partition_scheme": self.config.partition_scheme,
+            "split": self.identity.split,  # data-seed/shards/scheme: must agree across the cluster
+            "init_model": self.identity.init,  # digest of the initial model (training nodes)
             "samples": self.learner.train_size,
             "class_histogram": self.class_histogram,
-            "training": not self.config.no_train,
+            # whether local training is going on now (not merely configured)
+            "training": self.supervisor.health("train").running and self.failure is None,
+            "failure": self.failure,  # why the node is stopping after a loop could not go on, else null
             "device": str(self.learner.device),
             # the served model (scored in metrics, answered from) is the working copy as of the last merge
             "served": {"age": self.learner.served_age, "local_steps_behind": self.learner.unpublished_steps},
@@ -374,5 +416,11 @@ class Node:
                 "loss": ev.loss if ev else None,
                 "train_loss": self.train_loss,
             },
-            "exchanges": self.gossiper.stats.as_dict(),
+            "exchanges": {
+                **gossip.stats.as_dict(),
+                "in_flight": len(gossip.outbound),
+                "prepared": len(gossip.ledger),
+                "doubtful": len(gossip.doubts),
+            },
+            "loops": self.supervisor.describe(),
         }

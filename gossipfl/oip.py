@@ -226,7 +226,24 @@ def _flatten(data: Any) -> Iterator[Any]:
         yield data
 
 
+def _nesting(data: Any, name: str) -> list[int]:
+    """The shape of a nested JSON list; InferError when it is ragged (siblings of different lengths, or
+    lists mixed with numbers)."""
+    if not isinstance(data, list):
+        return []
+    inner = [_nesting(v, name) for v in data]
+    if any(i != inner[0] for i in inner[1:]) or (
+        inner and any(isinstance(v, list) for v in data) and not all(isinstance(v, list) for v in data)
+    ):
+        raise InferError(f"input {name!r}: 'data' is a ragged nested list; give it flat or nested like the shape")
+    return [len(data), *(inner[0] if inner else [])]
+
+
 def _from_json(data: Any, shape: tuple[int, ...], dtype: np.dtype, name: str) -> np.ndarray:
+    nesting = _nesting(data, name)
+    allowed = [[*shape[:k], math.prod(shape[k:])] for k in range(len(shape))] or [[1]]
+    if len(nesting) > 1 and nesting not in allowed:
+        raise InferError(f"input {name!r}: 'data' nested as {nesting}, expected flat or nested as {list(shape)}")
     values = list(_flatten(data))
     count = math.prod(shape)
     if len(values) != count:

@@ -107,8 +107,9 @@ def document(model_name: str) -> dict[str, Any]:
             "/v1/status": {"get": _op("Node status: id, task, model age, peers, metrics", {"200": _json("status")})},
             "/v1/peers": {
                 "get": _op(
-                    "Peers this node knows: id, url, task, source (mdns, static, dns, pex), alive, failures, "
-                    "last_ok_s_ago (last contact); peer exchange reads it",
+                    "Peers this node knows that are not failing: id, url, task, source (mdns, static, dns, pex, "
+                    "inbound), alive, failures, busy, last_ok_s_ago (last contact), retry_in_s; peer exchange "
+                    "reads it",
                     {"200": _json("peer list")},
                 )
             },
@@ -135,15 +136,36 @@ def document(model_name: str) -> dict[str, Any]:
             },
             "/v1/gossip": {
                 "post": _op(
-                    "One push-pull exchange: the body is this node's peer's model (msgpack wire message); the "
-                    "reply is this node's pre-merge model",
+                    "Phase 1 of an exchange (prepare): the body is a peer's state (msgpack wire message with "
+                    "its exchange id xid); the reply is this node's state. Nothing is merged until the peer "
+                    "commits. A retried prepare gets the same reply; one of a decided xid gets 409",
                     {
-                        "200": {"description": "the pre-merge model", "content": {MSGPACK: {}}},
+                        "200": {"description": "this node's state, same xid", "content": {MSGPACK: {}}},
                         "400": ERROR,
+                        "408": ERROR,
                         "409": ERROR,
                         "413": ERROR,
                     },
                     requestBody={"required": True, "content": {MSGPACK: {}}},
+                )
+            },
+            "/v1/gossip/{xid}/{decision}": {
+                "post": _op(
+                    "Phase 2 of an exchange: commit (merge, once) or abort a prepared exchange. This node "
+                    "decides; every call about one xid gets the same outcome",
+                    {
+                        "200": _json("{xid, outcome: committed or aborted, reason (when aborted)}"),
+                        "400": ERROR,
+                    },
+                    parameters=[
+                        {"name": "xid", "in": "path", "required": True, "schema": {"type": "string"}},
+                        {
+                            "name": "decision",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string", "enum": ["commit", "abort"]},
+                        },
+                    ],
                 )
             },
             "/v1/openapi.json": {"get": _op("This document", {"200": _json("OpenAPI 3.1 document")})},

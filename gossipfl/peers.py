@@ -1,7 +1,10 @@
 """The peer table: who this node knows, whether they answer, and picking a partner.
 
 Liveness comes from our own exchanges, not from mDNS: a node killed without goodbye stays in mDNS
-caches for many minutes, so a peer that fails is retried with exponential backoff instead.
+caches for many minutes, so a peer that fails (refuses, times out, answers badly), whatever its
+source, is retried with exponential backoff instead; a peer that keeps answering 409 (busy) is backed
+off too, without counting as failing. Peers learned from DNS, peer exchange or an inbound call are
+forgotten after a run of failures; seeds and mDNS peers stay, backing off, until mDNS says goodbye.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ class Peer:
     source: str
     last_ok: float | None = None  # clock time of the last successful exchange
     failures: int = 0  # consecutive failures
+    busy: int = 0  # consecutive 409 answers
     retry_at: float = 0.0  # not chosen before this clock time
 
     @property
@@ -105,31 +109,50 @@ class PeerTable:
     def mark_ok(self, peer_id: str) -> None:
         if peer := self._peers.get(peer_id):
             peer.last_ok = self.clock()
-            peer.failures = 0
+            peer.failures = peer.busy = 0
             peer.retry_at = 0.0
 
     def mark_failed(self, peer_id: str) -> None:
         if peer := self._peers.get(peer_id):
             peer.failures += 1
-            delay = min(self.backoff_max, self.backoff_base * 2 ** (peer.failures - 1))
-            peer.retry_at = self.clock() + delay
+            peer.retry_at = self.clock() + self._backoff(peer.failures)
 
-    def candidates(self) -> list[Peer]:
+    def mark_busy(self, peer_id: str) -> None:
+        """The peer answered 409: back off from the second one in a row, but it is not failing."""
+        if peer := self._peers.get(peer_id):
+            peer.busy += 1
+            if peer.busy > 1:
+                peer.retry_at = max(peer.retry_at, self.clock() + self._backoff(peer.busy - 1))
+
+    def refresh(self, peer_id: str) -> None:
+        """The peer announced itself again (it restarted or came back): try it at once."""
+        if peer := self._peers.get(peer_id):
+            peer.retry_at = 0.0
+
+    def _backoff(self, n: int) -> float:
+        return min(self.backoff_max, self.backoff_base * 2 ** min(n - 1, 30))
+
+    def candidates(self, exclude: set[str] | frozenset[str] = frozenset()) -> list[Peer]:
         now = self.clock()
-        return [p for p in self._peers.values() if p.retry_at <= now]
+        return [p for p in self._peers.values() if p.retry_at <= now and p.id not in exclude]
 
-    def choose(self, rng: random.Random) -> Peer | None:
-        """A uniformly random peer among those not backing off."""
-        pool = self.candidates()
+    def choose(self, rng: random.Random, exclude: set[str] | frozenset[str] = frozenset()) -> Peer | None:
+        """A uniformly random peer among those not backing off and not in ``exclude``."""
+        pool = self.candidates(exclude)
         return rng.choice(pool) if pool else None
 
-    def describe(self) -> list[dict]:
+    def working(self) -> list[Peer]:
+        """Peers not currently failing: what this node tells others it knows (peer exchange)."""
+        return [p for p in self._peers.values() if p.failures == 0]
+
+    def describe(self, peers: list[Peer] | None = None) -> list[dict]:
         now = self.clock()
         rows = []
-        for p in sorted(self._peers.values(), key=lambda p: p.id):
+        for p in sorted(self._peers.values() if peers is None else peers, key=lambda p: p.id):
             row = asdict(p)
             row["alive"] = p.alive
             row["last_ok_s_ago"] = None if p.last_ok is None else round(now - p.last_ok, 3)
+            row["retry_in_s"] = round(max(0.0, p.retry_at - now), 3)
             del row["last_ok"], row["retry_at"]
             rows.append(row)
         return rows

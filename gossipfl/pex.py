@@ -41,12 +41,7 @@ class PeerExchange:
         self.max_new = max_new
 
     async def round(self) -> None:
-        try:
-            await self._round()
-        except Exception:  # a bug here must not end peer exchange for the node's lifetime
-            self.log.exception("peer exchange round failed")
-
-    async def _round(self) -> None:
+        """Forget peers that keep failing; read a random partner's list and probe the peers it names."""
         for peer_id in self.peers.expire(FORGETTABLE, FORGET_AFTER_FAILURES):
             self.log.info("forgot peer %s: no answer after %d tries", peer_id, FORGET_AFTER_FAILURES)
         partner = self.peers.choose(self.rng)

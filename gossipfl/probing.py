@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import aiohttp
 
-from .discovery import PROTO, Identity
+from .discovery import Identity
 from .httpio import TooLarge, get_json
 from .peers import PeerTable
 
@@ -28,6 +28,7 @@ class Prober:
         self.peers = peers
         self.session_factory = session_factory
         self.log = log
+        self.last_error = ""  # why the last probe found nothing (for callers that report it)
 
     async def probe(self, url: str, source: str) -> str:
         """Ask ``url`` who it is and add it to the peer table as learned from ``source``. Returns "added",
@@ -36,13 +37,21 @@ class Prober:
         try:
             status = await get_json(self.session_factory(), url + "/v1/status", MAX_STATUS_BYTES)
             peer_id, task = str(status["id"]), str(status["task"])
-            model, cluster = status.get("model"), status.get("cluster", "default")
-        except (TimeoutError, aiohttp.ClientError, TooLarge, ValueError, KeyError, TypeError) as e:
-            self.log.debug("%s peer %s not reachable: %s", source, url, str(e) or type(e).__name__)
+            found = {k: _text(status.get(k)) for k in ("model", "split")}
+            found.update(
+                task=task,
+                proto=str(status.get("protocol", 1)),  # nodes before protocol 2 did not say
+                cluster=str(status.get("cluster", "default")),
+                merge=_text((status.get("merge") or {}).get("rule")),
+                init=_text(status.get("init_model")),
+            )
+        except (TimeoutError, aiohttp.ClientError, TooLarge, ValueError, KeyError, TypeError, AttributeError) as e:
+            self.last_error = str(e) or type(e).__name__
+            self.log.debug("%s peer %s not reachable: %s", source, url, self.last_error)
             return "unreachable"
         if peer_id == self.peers.self_id:
             return "self"
-        reason = self.identity.mismatch(PROTO, task, None if model is None else str(model), str(cluster))
+        reason = self.identity.mismatch_of(found)
         if reason:
             known = self.peers.get(peer_id)
             if known is not None and known.url != url:  # someone else claims a peer's id: keep the peer
@@ -53,5 +62,11 @@ class Prober:
             return "ignored"
         if self.peers.upsert(peer_id, url, task, source):
             self.log.info("peer found (%s): %s at %s", source, peer_id, url)
+            if caveat := self.identity.caveat(found["init"]):
+                self.log.warning("peer %s: %s", peer_id, caveat)
             return "added"
         return "known"
+
+
+def _text(value: object) -> str | None:
+    return None if value is None else str(value)

@@ -64,3 +64,11 @@ def predict(task: Task, learner: Learner, inputs: dict[str, np.ndarray]) -> dict
         return {"output": model(x).float()}
 
     return {k: v.detach().cpu().numpy() for k, v in learner.with_served(run).items()}
+
+
+def outputs_finite(task: Task, learner: Learner) -> bool:
+    """Whether the served model answers an all-zero input with finite values: a model that does not is
+    broken (diverged), whatever a client sends it."""
+    spec = task.input_spec
+    x = {spec.name: np.zeros((1, *spec.shape), dtype=spec.dtype)}
+    return all(np.isfinite(v).all() for v in predict(task, learner, x).values() if v.dtype.kind == "f")

@@ -340,7 +340,9 @@ class InprocLauncher:
         return [WatchedNode(i, n.id, url=n.url) for i, n in enumerate(self._nodes)]
 
     def check(self) -> None:
-        pass  # a node in this process cannot exit on its own; start() already raised for one that failed
+        failed = [n for n in self._nodes if n.failure is not None]
+        if failed:
+            raise RuntimeError(f"{failed[0].id} failed: {failed[0].failure}; see {self.out / 'nodes.log'}")
 
     async def stop(self) -> dict[str, int | None]:
         async def stop_one(node: Node) -> int | None:
@@ -351,7 +353,7 @@ class InprocLauncher:
             except Exception:
                 logging.getLogger(LOG_ROOT).exception("stopping a node failed")
                 return 1
-            return 0
+            return node.exit_code
 
         codes = await asyncio.gather(*(stop_one(n) for n in self._nodes))
         if self._zc is not None:

@@ -2,27 +2,39 @@
 
 A message is a msgpack map::
 
-    {"v": 1, "sender": str, "age": int, "params": {name: {"dtype": "<f4", "shape": [..], "data": bin}},
-     optional: "task": str, "merge": str (rule name), "samples": int (sender's local data size),
+    {"v": 2, "sender": str, "age": int, "params": {name: {"dtype": "<f4", "shape": [..], "data": bin}},
+     optional: "xid": str (the exchange's id, 32 hex digits; every message of an exchange carries it),
+               "task": str, "merge": str (rule name), "samples": int (sender's local data size),
                "weight": float (push-sum weight), "cluster": str,
                "port": int (the sender's HTTP port: the receiver can reach it at its source address)}
 
+``params`` holds the model's gossiped state: its parameters and its floating-point buffers (BatchNorm
+running statistics). Protocol 2 (this one) added ``xid`` and the buffers, and bounded ``age`` and
+``samples`` to 2**53; a protocol-1 node gets a 400 naming the version, and mDNS keeps the two apart.
+
 ``decode`` validates everything against the receiver's :data:`ModelSpec` and raises :class:`WireError`
-with a message naming the problem; nothing here touches a model.
+with a message naming the problem; ``encode`` checks the same bounds, so a node never sends a message
+that it would itself refuse. Nothing here touches a model.
 """
 
 from __future__ import annotations
 
+import re
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 import msgpack
 import numpy as np
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 CONTENT_TYPE = "application/msgpack"
 MAX_SENDER_LEN = 255
 MAX_WEIGHT = 1e15  # push-sum weights start at a sample count and are only ever averaged
+MAX_AGE = 2**53  # ages and sample counts stay exact as float64 merge weights
+MAX_SAMPLES = 2**53
+XID_RE = re.compile(r"^[0-9a-f]{32}$")
 _PER_TENSOR_OVERHEAD = 512  # name, keys, dtype string and shape list, generously
 _MESSAGE_OVERHEAD = 4096
 
@@ -43,6 +55,7 @@ class TensorSpec:
 
 ModelSpec = Mapping[str, TensorSpec]
 Params = Mapping[str, np.ndarray]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -56,6 +69,12 @@ class GossipMessage:
     weight: float | None = None
     cluster: str | None = None
     port: int | None = None
+    xid: str | None = None
+
+
+def new_xid() -> str:
+    """A fresh exchange id: 128 random bits as 32 hex digits."""
+    return secrets.token_hex(16)
 
 
 def spec_of(params: Params) -> dict[str, TensorSpec]:
@@ -71,27 +90,45 @@ def spec_digest(spec: ModelSpec) -> str:
     return hashlib.sha256(canon.encode()).hexdigest()[:12]
 
 
+def state_digest(params: Params) -> str:
+    """A short fingerprint of a model's values (names, dtypes, shapes and bytes): nodes that must start
+    from the same initial model compare it."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(params):
+        a = np.ascontiguousarray(params[name])
+        h.update(f"{name}:{a.dtype.str}:{'x'.join(map(str, a.shape))};".encode())
+        h.update(memoryview(a.reshape(-1).view(np.uint8)))
+    return h.hexdigest()[:12]
+
+
 def max_message_size(spec: ModelSpec) -> int:
     """Largest body a valid message for this model can need."""
     return _MESSAGE_OVERHEAD + sum(t.nbytes + _PER_TENSOR_OVERHEAD + len(n) for n, t in spec.items())
 
 
 def encode(msg: GossipMessage) -> bytes:
+    """The message as msgpack; raises WireError for a message that ``decode`` would refuse (an age out of
+    range, a weight that is not finite, parameters with NaN or Inf)."""
+    _check_scalars(msg.sender, msg.age, msg.samples, msg.weight, msg.port, msg.xid)
     params = {}
     for name, arr in msg.params.items():
         a = np.asarray(arr)
+        if a.dtype.kind in "fc" and not np.isfinite(a).all():
+            raise WireError(f"parameter {name!r}: contains NaN or Inf")
         if not a.flags.c_contiguous:  # (np.ascontiguousarray would turn a 0-d array into 1-d)
             a = a.copy(order="C")
         data = memoryview(a.reshape(-1).view(np.uint8))
         params[name] = {"dtype": a.dtype.str, "shape": list(a.shape), "data": data}
     body: dict[str, object] = {"v": PROTOCOL_VERSION, "sender": msg.sender, "age": int(msg.age), "params": params}
-    for key in ("task", "merge", "samples", "weight", "cluster", "port"):
+    for key in ("xid", "task", "merge", "samples", "weight", "cluster", "port"):
         if (value := getattr(msg, key)) is not None:
             body[key] = value
     return msgpack.packb(body, use_bin_type=True)
 
 
-def _field(obj: Mapping, key: str, kind: type, where: str = "message") -> object:
+def _field(obj: Mapping, key: str, kind: type[T], where: str = "message") -> T:
     if key not in obj:
         raise WireError(f"{where}: missing field {key!r}")
     value = obj[key]
@@ -102,13 +139,13 @@ def _field(obj: Mapping, key: str, kind: type, where: str = "message") -> object
     return value
 
 
-def _optional(obj: Mapping, key: str, kind: type) -> object:
+def _optional(obj: Mapping, key: str, kind: type[T]) -> T | None:
     """An optional field: None when absent; ints are accepted where a float is expected."""
     if key not in obj:
         return None
     value = obj[key]
     if kind is float and type(value) is int:
-        return float(value)
+        return float(value)  # type: ignore[return-value]
     return _field(obj, key, kind)
 
 
@@ -143,23 +180,15 @@ def decode(body: bytes, spec: ModelSpec, task: str | None = None) -> GossipMessa
     if version != PROTOCOL_VERSION:
         raise WireError(f"unsupported protocol version {version}, this node speaks {PROTOCOL_VERSION}")
     sender = _field(obj, "sender", str)
-    if not 0 < len(sender) <= MAX_SENDER_LEN:
-        raise WireError(f"field 'sender' must have 1 to {MAX_SENDER_LEN} characters")
     age = _field(obj, "age", int)
-    if not 0 <= age < 2**63:
-        raise WireError("field 'age' must be a non-negative 64-bit integer")
     msg_task, rule, cluster = _optional(obj, "task", str), _optional(obj, "merge", str), _optional(obj, "cluster", str)
     if msg_task is not None and task is not None and msg_task != task:
         raise WireError(f"task {msg_task!r} does not match this node's task {task!r}")
     samples = _optional(obj, "samples", int)
-    if samples is not None and samples < 0:
-        raise WireError("field 'samples' must be a non-negative integer")
     weight = _optional(obj, "weight", float)
-    if weight is not None and not (np.isfinite(weight) and 0 < weight <= MAX_WEIGHT):
-        raise WireError(f"field 'weight' must be a positive finite number of at most {MAX_WEIGHT:g}")
     port = _optional(obj, "port", int)
-    if port is not None and not 0 < port < 65536:
-        raise WireError("field 'port' must be from 1 to 65535")
+    xid = _optional(obj, "xid", str)
+    _check_scalars(sender, age, samples, weight, port, xid)
     params = _field(obj, "params", dict)
     missing = sorted(set(spec) - set(params))
     unknown = sorted(set(params) - set(spec), key=str)
@@ -168,6 +197,22 @@ def decode(body: bytes, spec: ModelSpec, task: str | None = None) -> GossipMessa
     if unknown:
         raise WireError(f"unknown parameters: {', '.join(map(str, unknown))}")
     decoded = {name: _decode_tensor(name, params[name], spec[name]) for name in spec}
-    return GossipMessage(
-        sender, age, decoded, task=msg_task, merge=rule, samples=samples, weight=weight, cluster=cluster, port=port
-    )
+    return GossipMessage(sender, age, decoded, msg_task, rule, samples, weight, cluster=cluster, port=port, xid=xid)
+
+
+def _check_scalars(
+    sender: str, age: int, samples: int | None, weight: float | None, port: int | None, xid: str | None
+) -> None:
+    """The bounds of every scalar field, shared by encode and decode."""
+    if not 0 < len(sender) <= MAX_SENDER_LEN:
+        raise WireError(f"field 'sender' must have 1 to {MAX_SENDER_LEN} characters")
+    if not 0 <= age <= MAX_AGE:
+        raise WireError(f"field 'age' must be an integer from 0 to 2**53, got {age}")
+    if samples is not None and not 0 <= samples <= MAX_SAMPLES:
+        raise WireError(f"field 'samples' must be an integer from 0 to 2**53, got {samples}")
+    if weight is not None and not (np.isfinite(weight) and 0 < weight <= MAX_WEIGHT):
+        raise WireError(f"field 'weight' must be a positive finite number of at most {MAX_WEIGHT:g}")
+    if port is not None and not 0 < port < 65536:
+        raise WireError("field 'port' must be from 1 to 65535")
+    if xid is not None and not XID_RE.match(xid):
+        raise WireError("field 'xid' must be 32 lowercase hex digits")

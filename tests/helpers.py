@@ -35,8 +35,10 @@ def node_config(**overrides: object) -> NodeConfig:
 
 
 @contextlib.asynccontextmanager
-async def running(*configs: NodeConfig, zeroconf: AsyncZeroconf | None = None) -> AsyncIterator[list[Node]]:
-    nodes = [Node(c, zeroconf=zeroconf) for c in configs]
+async def running(
+    *configs: NodeConfig, zeroconf: AsyncZeroconf | None = None, task: object = None
+) -> AsyncIterator[list[Node]]:
+    nodes = [Node(c, zeroconf=zeroconf, task=task) for c in configs]  # type: ignore[arg-type]
     try:
         await asyncio.gather(*(n.start() for n in nodes))
         yield nodes
@@ -59,6 +61,7 @@ def message(node: Node, params: dict[str, np.ndarray] | None = None, **fields: o
         age=int(fields.get("age", 0)),  # type: ignore[arg-type]
         params=params if params is not None else state.params,
         task=fields.get("task", node.task.name),  # type: ignore[arg-type]
+        xid=str(fields.get("xid", wire.new_xid())),
     )
     return wire.encode(msg)
 

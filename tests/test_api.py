@@ -1,6 +1,5 @@
 """One real node on loopback, HTTP over real sockets: the contract and every kind of bad input."""
 
-import asyncio
 import contextlib
 
 import msgpack
@@ -58,17 +57,61 @@ async def test_model_endpoint_serves_the_wire_payload(node, http):
         np.testing.assert_array_equal(msg.params[k], v)
 
 
-async def test_valid_gossip_replies_pre_merge_params_and_averages(node, http):
+async def test_prepare_changes_nothing_and_commit_averages_exactly_once(node, http):
     before = params_of(node)
     theirs = {k: np.full_like(v, 0.25) for k, v in before.items()}
-    async with http.post(node.url + "/v1/gossip", data=message(node, theirs, age=9)) as r:
+    xid = wire.new_xid()
+    body = message(node, theirs, age=9, xid=xid)
+    async with http.post(node.url + "/v1/gossip", data=body) as r:
         assert r.status == 200
         reply = wire.decode(await r.read(), node.gossiper.spec)
-    for k in before:
+    assert reply.xid == xid and reply.sender == node.id
+    for k in before:  # phase 1 answers with the pre-merge state and merges nothing
         np.testing.assert_array_equal(reply.params[k], before[k])
+        np.testing.assert_array_equal(params_of(node)[k], before[k])
+    assert node.learner.merges == 0 and node.gossiper.stats.served == 0
+    async with http.post(node.url + "/v1/gossip", data=body) as r:  # a retried prepare: the same reply
+        assert r.status == 200
+        again = wire.decode(await r.read(), node.gossiper.spec)
+    for k in before:
+        np.testing.assert_array_equal(again.params[k], before[k])
+    for _ in range(3):  # the commit, then two retries of it: one merge, the same answer each time
+        async with http.post(f"{node.url}/v1/gossip/{xid}/commit") as r:
+            assert r.status == 200 and await r.json() == {"xid": xid, "outcome": "committed"}
+    for k in before:
         np.testing.assert_array_equal(params_of(node)[k], (before[k] + theirs[k]) * np.float32(0.5))
-    assert node.learner.age == 9  # the older partner's age
+    assert node.learner.age == 9 and node.learner.merges == 1  # the older partner's age
     assert node.gossiper.stats.served == 1
+    async with http.post(node.url + "/v1/gossip", data=body) as r:  # a late copy of a decided exchange
+        assert r.status == 409 and "already committed" in (await r.json())["error"]
+    async with http.post(f"{node.url}/v1/gossip/{xid}/abort") as r:  # too late to abort: still committed
+        assert (await r.json())["outcome"] == "committed"
+    assert node.learner.merges == 1
+
+
+async def test_abort_unknown_and_expired_exchanges_never_merge(node, http):
+    before = node.learner.snapshot()
+    aborted, unknown, expired = wire.new_xid(), wire.new_xid(), wire.new_xid()
+    for xid in (aborted, expired):
+        async with http.post(node.url + "/v1/gossip", data=message(node, xid=xid, age=5)) as r:
+            assert r.status == 200
+    async with http.post(f"{node.url}/v1/gossip/{aborted}/abort") as r:
+        assert await r.json() == {"xid": aborted, "outcome": "aborted", "reason": "aborted by the initiator"}
+    async with http.post(f"{node.url}/v1/gossip/{unknown}/commit") as r:  # never prepared here
+        doc = await r.json()
+        assert doc["outcome"] == "aborted" and "unknown exchange" in doc["reason"]
+    async with http.post(node.url + "/v1/gossip", data=message(node, xid=unknown)) as r:  # arrives after its commit
+        assert r.status == 409 and "already aborted" in (await r.json())["error"]
+    node.gossiper.clock = lambda: 1e12  # the prepared exchange's time is up
+    async with http.post(f"{node.url}/v1/gossip/{expired}/commit") as r:
+        assert (await r.json())["outcome"] == "aborted"
+    for xid in (aborted, expired):
+        async with http.post(f"{node.url}/v1/gossip/{xid}/commit") as r:
+            assert (await r.json())["outcome"] == "aborted"
+    after = node.learner.snapshot()
+    assert (after.merges, after.version, after.age) == (before.merges, before.version, before.age)
+    async with http.post(f"{node.url}/v1/gossip/NOT-AN-ID/commit") as r:
+        assert r.status == 400 and "32 lowercase hex" in (await r.json())["error"]
 
 
 def tamper(node, **change):
@@ -101,6 +144,9 @@ def bad_bodies(node):
         ("missing field 'v'", tamper(node, v=DELETE)),
         ("missing field 'sender'", tamper(node, sender=DELETE)),
         ("missing field 'params'", tamper(node, params=DELETE)),
+        ("field 'xid' is required", tamper(node, xid=DELETE)),
+        ("'xid' must be 32 lowercase hex digits", tamper(node, xid="zz")),
+        ("'age' must be an integer from 0 to 2**53", tamper(node, age=2**63 - 1)),
         ("missing parameters: 1.weight", tamper(node, **{"params__1.weight": DELETE})),
         ("unknown parameters: bogus", tamper(node, params__bogus={"dtype": "<f4", "shape": [1], "data": b"\0" * 4})),
         ("dtype '<f8', expected '<f4'", tamper(node, **{"params__1.weight__dtype": "<f8"})),
@@ -147,28 +193,6 @@ async def test_unknown_routes_and_methods_answer_json(node, http):
         assert r.status == 404 and "error" in await r.json()
     async with http.get(node.url + "/v1/gossip") as r:
         assert r.status == 405 and "error" in await r.json()
-
-
-async def test_a_node_in_an_exchange_answers_409(node, http, unused_tcp_port):
-    release = asyncio.Event()
-
-    async def slow_peer(request):  # a peer that holds the exchange open
-        await release.wait()
-        return web.Response(status=503)
-
-    async with fake_peer(slow_peer, unused_tcp_port):
-        peer = Peer("slow", f"http://127.0.0.1:{unused_tcp_port}", "digits", "static")
-        node.peers.upsert(peer.id, peer.url, "digits", "static")
-        exchange = asyncio.ensure_future(node.gossiper.exchange(http, peer))
-        await asyncio.sleep(0.3)
-        assert node.gossiper.busy
-        async with http.post(node.url + "/v1/gossip", data=message(node)) as r:
-            assert r.status == 409 and "busy" in (await r.json())["error"]
-        release.set()
-        assert await exchange == "failed"  # the slow peer finally answered 503
-        assert not node.gossiper.busy
-        assert node.peers.get("slow").failures == 1
-        assert node.learner.snapshot().version == 0
 
 
 async def test_a_peer_with_an_invalid_reply_leaves_the_model_unchanged(node, http, unused_tcp_port):

@@ -156,7 +156,7 @@ async def test_peers_command_lists_nodes_on_the_lan(make_config, zc):
     assert proc.returncode == 0, err
     found = {p["id"]: p for p in json.loads(out)}
     assert found["visible-node"]["url"] == node.url
-    assert found["visible-node"]["task"] == "digits" and found["visible-node"]["proto"] == "1"
+    assert found["visible-node"]["task"] == "digits" and found["visible-node"]["proto"] == "2"
 
 
 def test_testbed_runs_nodes_and_writes_results(tmp_path):

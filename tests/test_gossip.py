@@ -94,42 +94,58 @@ async def test_training_options_reach_the_learner(make_config):
         assert node.learner.train_size in (359, 360)
 
 
-async def test_mdns_peers_of_another_task_or_protocol_are_ignored(make_config, zc, cluster):
+async def test_mdns_peers_that_cannot_be_gossiped_with_are_ignored_with_the_reason(make_config, zc, cluster, caplog):
     import socket
 
     from zeroconf.asyncio import AsyncServiceInfo
 
     from gossipfl.discovery import SERVICE_TYPE
 
+    good = {"proto": "2", "task": "digits", "merge": "average", "split": "2026/1/iid"}
+    variants = {
+        "mnist-node": {"task": "mnist"},
+        "old-node": {"proto": "1"},
+        "future-node": {"proto": "3"},
+        "wide-node": {"model": "0123456789ab"},
+        "pushsum-node": {"merge": "pushsum"},
+        "reseeded-node": {"split": "7/1/iid"},
+        "eight-shard-node": {"split": "2026/8/iid"},
+        "good-node": {},
+        "other-init-node": {"init": "fedcba987654"},  # a warning, not a refusal
+    }
     others = [
         AsyncServiceInfo(
             SERVICE_TYPE,
             f"{name}.{SERVICE_TYPE}",
             addresses=[socket.inet_aton("127.0.0.1")],
             port=9,
-            properties={"txtvers": "1", "id": name, "proto": proto, "task": task, "model": model, "cluster": cluster},
+            properties={"txtvers": "1", "id": name, "cluster": cluster, **good, **change},
         )
-        for name, proto, task, model in [
-            ("mnist-node", "1", "mnist", None),
-            ("future-node", "2", "digits", None),
-            ("wide-node", "1", "digits", "0123456789ab"),
-            ("good-node", "1", "digits", None),
-        ]
+        for name, change in variants.items()
     ]
     for info in others:
         await (await zc.async_register_service(info))
     try:
         async with running(make_config(discovery=("mdns",), gossip_interval=1000), zeroconf=zc) as (node,):
-            assert await wait_for(lambda: "good-node" in node.peers, timeout=15)
-            await asyncio.sleep(1.0)
-            assert await wait_for(lambda: len(node.status()["ignored_peers"]) == 3, timeout=5)
-            assert all(n not in node.peers for n in ("mnist-node", "future-node", "wide-node"))
+            assert await wait_for(lambda: len(node.peers) + len(node.status()["ignored_peers"]) == 9, timeout=15)
+            assert sorted(p.id for p in node.peers.all()) == ["good-node", "other-init-node"]
             assert node.peers.get("good-node").url == "http://127.0.0.1:9"
             reasons = {p["id"]: p["reason"] for p in node.status()["ignored_peers"]}
-            assert reasons["mnist-node"] == "task 'mnist', ours 'digits'"
-            assert reasons["future-node"] == "protocol '2', ours '1'"
-            assert reasons["wide-node"] == f"model shape 0123456789ab, ours {node.gossiper.model_digest}"
-
+            assert reasons == {
+                "mnist-node": "task 'mnist', ours 'digits'",
+                "old-node": "protocol '1', ours '2'",
+                "future-node": "protocol '3', ours '2'",
+                "wide-node": f"model shape 0123456789ab, ours {node.gossiper.model_digest}",
+                "pushsum-node": "merge rule 'pushsum', ours 'average'",
+                "reseeded-node": "data split 7/1/iid (data-seed/shards/scheme), ours 2026/1/iid",
+                "eight-shard-node": "data split 2026/8/iid (data-seed/shards/scheme), ours 2026/1/iid",
+            }
+            assert node.status()["init_model"] == node.identity.init and node.identity.init
+            assert any(
+                "other-init-node" in r.getMessage() and "another initial model" in r.getMessage()
+                for r in caplog.records
+            )
+            assert not any("good-node" in r.getMessage() and "initial model" in r.getMessage() for r in caplog.records)
     finally:
         for info in others:
             await (await zc.async_unregister_service(info))

@@ -17,7 +17,7 @@ def good_params():
 def raw(params=None, **top):
     params = good_params() if params is None else params
     body = {
-        "v": 1,
+        "v": 2,
         "sender": "a",
         "age": 3,
         "params": {k: {"dtype": v.dtype.str, "shape": list(v.shape), "data": v.tobytes()} for k, v in params.items()},
@@ -41,7 +41,7 @@ def test_roundtrip_keeps_values_and_fields():
 def test_encoded_layout_is_the_documented_contract():
     obj = msgpack.unpackb(wire.encode(wire.GossipMessage("n", 1, good_params())), raw=False)
     assert set(obj) == {"v", "sender", "age", "params"}
-    assert obj["v"] == 1
+    assert obj["v"] == 2
     assert obj["params"]["w"]["dtype"] == "<f4"
     assert obj["params"]["w"]["shape"] == [3, 2]
     assert isinstance(obj["params"]["w"]["data"], bytes) and len(obj["params"]["w"]["data"]) == 24
@@ -59,7 +59,7 @@ def test_encoded_layout_is_the_documented_contract():
         min_size=1,
         max_size=4,
     ),
-    age=st.integers(0, 2**63 - 1),
+    age=st.integers(0, wire.MAX_AGE),
 )
 def test_roundtrip_property(arrays, age):
     spec = wire.spec_of(arrays)
@@ -84,13 +84,15 @@ def bad(p, field, value):
         (b"", "malformed msgpack"),
         (pack([1, 2, 3]), "must be a msgpack map"),
         (pack({k: v for k, v in raw().items() if k != "v"}), "missing field 'v'"),
-        (pack(raw(v=2)), "unsupported protocol version 2"),
+        (pack(raw(v=1)), "unsupported protocol version 1, this node speaks 2"),
         (pack(raw(v="1")), "field 'v' must be an integer"),
         (pack(raw(v=True)), "field 'v' must be an integer"),
         (pack({k: v for k, v in raw().items() if k != "sender"}), "missing field 'sender'"),
         (pack(raw(sender="")), "'sender' must have 1 to"),
         (pack(raw(sender="x" * 300)), "'sender' must have 1 to"),
-        (pack(raw(age=-1)), "'age' must be a non-negative"),
+        (pack(raw(age=-1)), "'age' must be an integer from 0 to 2\\*\\*53"),
+        (pack(raw(age=2**53 + 1)), "'age' must be an integer from 0 to 2\\*\\*53, got 9007199254740993"),
+        (pack(raw(age=2**64 - 1)), "'age' must be an integer from 0 to 2\\*\\*53"),
         (pack(raw(age=1.5)), "field 'age' must be an integer"),
         (pack({k: v for k, v in raw().items() if k != "params"}), "missing field 'params'"),
         (pack({**raw(), "params": [1]}), "field 'params' must be dict"),
@@ -147,7 +149,9 @@ def test_decode_never_unpickles():
 
 
 def test_max_message_size_bounds_real_messages():
-    body = wire.encode(wire.GossipMessage("x" * 255, 2**63 - 1, good_params(), task="t" * 100))
+    body = wire.encode(
+        wire.GossipMessage("x" * 255, wire.MAX_AGE, good_params(), task="t" * 100, xid=wire.new_xid(), samples=2**53)
+    )
     assert len(body) <= wire.max_message_size(SPEC)
 
 
@@ -161,7 +165,11 @@ def test_optional_fields_roundtrip():
 @pytest.mark.parametrize(
     ("extra", "fragment"),
     [
-        ({"samples": -1}, "'samples' must be a non-negative integer"),
+        ({"samples": -1}, "'samples' must be an integer from 0 to 2\\*\\*53"),
+        ({"samples": 2**53 + 1}, "'samples' must be an integer from 0 to 2\\*\\*53"),
+        ({"xid": "0" * 31}, "'xid' must be 32 lowercase hex digits"),
+        ({"xid": "A" * 32}, "'xid' must be 32 lowercase hex digits"),
+        ({"xid": 5}, "field 'xid' must be str"),
         ({"samples": 2.5}, "field 'samples' must be an integer"),
         ({"weight": 0.0}, "'weight' must be a positive finite number"),
         ({"weight": float("nan")}, "'weight' must be a positive finite number"),
@@ -177,3 +185,61 @@ def test_optional_fields_roundtrip():
 def test_rejects_bad_optional_fields(extra, fragment):
     with pytest.raises(wire.WireError, match=fragment):
         wire.decode(pack(raw(**extra)), SPEC)
+
+
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        ({"age": wire.MAX_AGE + 1}, "'age'"),
+        ({"age": -1}, "'age'"),
+        ({"samples": 2**60}, "'samples'"),
+        ({"weight": float("nan")}, "'weight'"),
+        ({"weight": 0.0}, "'weight'"),
+        ({"sender": ""}, "'sender'"),
+        ({"port": 0}, "'port'"),
+        ({"xid": "nope"}, "'xid'"),
+        ({"params": {"w": np.array([[np.inf, 0], [0, 0], [0, 0]], "<f4"), "b": np.zeros(2, "<f4")}}, "NaN or Inf"),
+    ],
+)
+def test_a_node_never_encodes_a_message_it_would_refuse(change, fragment):
+    import dataclasses
+
+    msg = dataclasses.replace(wire.GossipMessage("a", 1, good_params(), xid=wire.new_xid()), **change)
+    with pytest.raises(wire.WireError, match=fragment):
+        wire.encode(msg)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    age=st.integers(-(2**64), 2**65),
+    samples=st.none() | st.integers(-(2**64), 2**65),
+    weight=st.none() | st.floats(allow_nan=True, allow_infinity=True),
+)
+def test_encode_accepts_exactly_what_decode_accepts(age, samples, weight):
+    msg = wire.GossipMessage("a", age, good_params(), samples=samples, weight=weight, xid=wire.new_xid())
+    body = {**raw(), "age": age, "xid": msg.xid}
+    for key, value in (("samples", samples), ("weight", weight)):
+        if value is not None:
+            body[key] = value
+    try:
+        packed = pack(body)
+    except OverflowError:  # beyond msgpack's integers: nothing could send it
+        return
+    try:
+        wire.decode(packed, SPEC)
+        decodable = True
+    except wire.WireError:
+        decodable = False
+    try:
+        encoded = wire.encode(msg)
+    except wire.WireError:
+        assert not decodable
+    else:
+        assert decodable and wire.decode(encoded, SPEC).age == age
+
+
+def test_state_digest_tells_models_apart():
+    a = good_params()
+    b = {**a, "b": np.array([0.5, -1.5], "<f4")}
+    assert wire.state_digest(a) == wire.state_digest({k: v.copy() for k, v in a.items()})
+    assert wire.state_digest(a) != wire.state_digest(b) and len(wire.state_digest(a)) == 12

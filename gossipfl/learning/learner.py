@@ -1,12 +1,18 @@
 """The Learner owns one model: local training steps, evaluation, and atomic parameter updates.
 
 Training runs in a worker thread while the event loop serves HTTP and gossips, so every access to the
-parameters goes through one lock. Parameters leave the Learner only as numpy copies.
+parameters goes through one lock, and nothing the event loop calls waits for it (``trained`` and the
+counters are plain reads). Parameters leave the Learner only as numpy copies.
+
+What a node gossips is its model's *state*: the parameters and the floating-point buffers (BatchNorm
+running mean and variance), averaged alike. Integer buffers (BatchNorm's ``num_batches_tracked``) are
+counters of this node's own batches and stay local.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -20,14 +26,30 @@ from .task import Dataset, Evaluation, Task
 
 Params = dict[str, np.ndarray]
 T = TypeVar("T")
+MAX_AGE = 2**53  # the wire's bound (wire.MAX_AGE): a node never makes a model it could not send
 
 
 @dataclass(frozen=True)
 class State:
-    params: Params
-    age: int  # local training steps the model embodies (max over merged ancestors)
+    params: Params  # the gossiped state: parameters and floating-point buffers
+    age: int  # local training steps the model embodies (max over merged ancestors, see merge.py)
     version: int  # bumped by every change: a train step or a merge
     weight: float  # push-sum weight, changed only by merges
+    merges: int = 0  # bumped by every merge only
+
+
+class Diverged(ArithmeticError):
+    """A training step gave a loss that is not finite; the working copy was restored."""
+
+
+def gossiped_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors a node gossips: every parameter and every floating-point buffer of the state dict
+    (integer buffers, such as BatchNorm's batch counter, stay local)."""
+    return {
+        name: t
+        for name, t in model.state_dict(keep_vars=True).items()
+        if isinstance(t, nn.Parameter) or t.is_floating_point()
+    }
 
 
 def _cpu_copies(tensors: Mapping[str, torch.Tensor]) -> Params:
@@ -102,7 +124,7 @@ class Learner:
         self.served_age = 0
         self._published = False  # the served model is still the bare initialisation
         self._unpublished_steps = 0
-        self._named = dict(self.model.named_parameters())
+        self._named = gossiped_tensors(self.model)
         # Optimizer state (Adam's moments, SGD's momentum buffer) is kept across merges: partners' models
         # are close after averaging, so the running gradient statistics stay valid, and resetting them
         # would restart Adam's bias correction at every exchange.
@@ -123,6 +145,7 @@ class Learner:
         self.age = 0
         self.steps = 0  # local minibatch steps this learner made (age also counts merged-in steps)
         self.version = 0
+        self.merges = 0
         self.weight = float(weight)
 
     # -- parameters -------------------------------------------------------------------------------
@@ -130,14 +153,14 @@ class Learner:
         return _cpu_copies(self._named)
 
     def _state(self) -> State:
-        return State(self._params_copy(), self.age, self.version, self.weight)
+        return State(self._params_copy(), self.age, self.version, self.weight, self.merges)
 
     def snapshot(self) -> State:
         with self._lock:
             return self._state()
 
     def update(self, fn: Callable[[State], tuple[Params, int, float]]) -> State:
-        """Atomically set (parameters, age, weight) to ``fn(state)``; return the state from before."""
+        """Atomically set (state, age, weight) to ``fn(state)`` (a merge); return the state from before."""
         with self._lock:
             before = self._state()
             params, age, weight = fn(before)
@@ -146,6 +169,7 @@ class Learner:
                     p.copy_(torch.from_numpy(np.ascontiguousarray(params[name])))
             self.age, self.weight = age, float(weight)
             self.version += 1
+            self.merges += 1
             self._publish()
             return before
 
@@ -158,32 +182,46 @@ class Learner:
         self._cursor += self.batch_size
         return idx.to(self.device)
 
-    def lr_at(self, age: int) -> float:
-        """Step size for a model of this age: lr / (1 + age / lr_decay_steps), constant when 0.
+    def lr_at(self, steps: int) -> float:
+        """Step size after this node's own ``steps``: lr / (1 + steps / lr_decay_steps), constant when 0.
 
         With a constant step, decentralized SGD stops short of consensus: between exchanges each node
         drifts by an amount proportional to the step, so the models' spread plateaus. A harmonic decay
-        (sum of steps infinite, sum of squares finite: Robbins-Monro) lets the spread keep shrinking."""
+        (sum of steps infinite, sum of squares finite: Robbins-Monro) lets the spread keep shrinking.
+        It counts the node's own steps, not the model's age: the age is a claim peers make, and one
+        message must not be able to stop a node's learning by claiming a huge one."""
         if self.lr_decay_steps <= 0:
             return self.lr
-        return self.lr / (1.0 + age / self.lr_decay_steps)
+        return self.lr / (1.0 + steps / self.lr_decay_steps)
 
     def train_steps(self, steps: int) -> float:
-        """Run ``steps`` minibatch steps; return their mean loss."""
+        """Run ``steps`` minibatch steps; return their mean loss. A step whose loss is not finite restores
+        the working copy from the served model (the last merge), clears the optimizer's state and raises
+        ``Diverged``; an exception from the task's step propagates (the steps before it are kept)."""
         total = 0.0
         for _ in range(steps):
             idx = self._next_batch()
             with self._lock:
                 self.model.train()
                 for group in self.optimizer.param_groups:
-                    group["lr"] = self.lr_at(self.age)
-                loss = self.task.train_step(self.model, self.optimizer, self._x[idx], self._y[idx])
-                self.age += 1
+                    group["lr"] = self.lr_at(self.steps)
+                loss = float(self.task.train_step(self.model, self.optimizer, self._x[idx], self._y[idx]))
+                if not math.isfinite(loss):
+                    self._restore()
+                    raise Diverged(f"loss {loss} at step {self.steps}: restored the model of the last merge")
+                self.age = min(self.age + 1, MAX_AGE)
                 self.steps += 1
                 self.version += 1
                 self._unpublished_steps += 1
             total += loss
         return total / steps
+
+    def _restore(self) -> None:
+        """Working copy := served model, optimizer state cleared (caller holds the lock)."""
+        self.model.load_state_dict(self.serving.state_dict())
+        self.optimizer.state.clear()
+        self.version += 1
+        self._unpublished_steps = 0
 
     def _publish(self) -> None:
         """Copy the working model into the served one (caller holds the lock)."""
@@ -198,10 +236,9 @@ class Learner:
 
     @property
     def trained(self) -> bool:
-        """The served model has been trained or merged at least once (readiness to answer queries)."""
-        with self._lock:
-            self._refresh_serving()
-            return self._published
+        """The served model has been trained or merged at least once, or will be at the next read
+        (readiness to answer queries). Lock-free: the event loop asks it for readiness probes."""
+        return self._published or self._unpublished_steps > self.publish_after_steps
 
     @property
     def unpublished_steps(self) -> int:

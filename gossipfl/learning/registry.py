@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import threading
 from collections.abc import Callable
 
 from torch import nn
@@ -107,10 +108,19 @@ def check_task(task: object, spec: str) -> None:
         raise TaskError(f"task {spec!r}: input_spec must be a gossipfl.learning.task.InputSpec")
 
 
+# Tasks import their libraries lazily, in load_data, and nodes sharing a process load their data in
+# worker threads at the same time. Python's import system is not safe for two threads importing one
+# package whose modules import each other (scikit-learn raised "partially initialized module"), so
+# data loading is serialized per process. A lock, not state: there is one import system per process.
+_LOAD_LOCK = threading.Lock()
+
+
 def load_checked(task: Task, data_seed: int) -> TaskData:
-    """``task.load_data`` with its result checked, so a broken plug-in fails at start with one line."""
+    """``task.load_data`` with its result checked, so a broken plug-in fails at start with one line.
+    One call at a time per process (see ``_LOAD_LOCK``)."""
     try:
-        data = task.load_data(data_seed)
+        with _LOAD_LOCK:
+            data = task.load_data(data_seed)
     except (OSError, ValueError) as e:
         raise TaskError(f"task {task.name!r}: load_data failed: {e}") from None
     if not isinstance(data, TaskData) or not isinstance(data.train, Dataset) or not isinstance(data.test, Dataset):
