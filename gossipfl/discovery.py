@@ -23,6 +23,7 @@ SERVICE_TYPE = "_gossipfl._tcp.local."
 PROTO = "2"  # wire.PROTOCOL_VERSION: nodes of other protocols ignore each other
 TXT_VERSION = "1"
 RESOLVE_TIMEOUT_MS = 3000
+MAX_OTHER_CLUSTERS = 64
 
 
 def make_zeroconf(interfaces: Sequence[str] = ()) -> AsyncZeroconf:
@@ -31,6 +32,14 @@ def make_zeroconf(interfaces: Sequence[str] = ()) -> AsyncZeroconf:
 
     chosen = list(interfaces) if interfaces else InterfaceChoice.All
     return AsyncZeroconf(interfaces=chosen, ip_version=IPVersion.V4Only)
+
+
+def mdns_interfaces(host: str, configured: Sequence[str]) -> tuple[str, ...]:
+    """The interfaces mDNS uses: those configured, else the one whose address the node binds (a node on
+    127.0.0.1 announces on loopback only, not 127.0.0.1 on every interface), else all (empty)."""
+    if configured:
+        return tuple(configured)
+    return () if host in ("0.0.0.0", "") else (host,)
 
 
 def advertised_addresses(host: str, interfaces: Sequence[str]) -> list[str]:
@@ -158,6 +167,7 @@ class MdnsDiscovery:
         )
         self._browser: AsyncServiceBrowser | None = None
         self._tasks: set[asyncio.Task] = set()
+        self.other_clusters: dict[str, set[str]] = {}  # ids of other clusters' nodes seen, per cluster
         self._registered = False
 
     async def start(self) -> None:
@@ -196,8 +206,15 @@ class MdnsDiscovery:
             return
         found = describe_service(info)
         peer_id, url, task = found["id"], found["url"], found["task"]
-        if peer_id == self.node_id or url is None or found["cluster"] != self.identity.cluster:
-            return  # another cluster's nodes are not ours to list
+        if peer_id == self.node_id or url is None:
+            return
+        if found["cluster"] != self.identity.cluster:  # another cluster's nodes are not ours to list
+            names = self.other_clusters.get(found["cluster"])
+            if names is None and len(self.other_clusters) < MAX_OTHER_CLUSTERS:
+                names = self.other_clusters[found["cluster"]] = set()
+            if names is not None and len(names) < 256:
+                names.add(peer_id)
+            return
         reason = self.identity.mismatch_of(found)
         if reason:
             if self.peers.ignore(peer_id, url, reason):

@@ -21,7 +21,14 @@ from zeroconf.asyncio import AsyncZeroconf
 from . import modelfile, replica, serving, wire
 from .api import build_app
 from .config import NodeConfig
-from .discovery import Identity, MdnsDiscovery, SeedDiscovery, advertised_addresses, make_zeroconf
+from .discovery import (
+    Identity,
+    MdnsDiscovery,
+    SeedDiscovery,
+    advertised_addresses,
+    make_zeroconf,
+    mdns_interfaces,
+)
 from .dns import DnsDiscovery, DnsError
 from .gossip import Gossiper
 from .httpserver import NodeRunner
@@ -273,8 +280,7 @@ class Node:
 
     async def _start_mdns(self) -> None:
         cfg = self.config
-        # a node bound to one address announces (and listens) on that address's interface only
-        interfaces = cfg.mdns_interface or (() if cfg.host in ("0.0.0.0", "") else (cfg.host,))
+        interfaces = mdns_interfaces(cfg.host, cfg.mdns_interface)
         where = ",".join(interfaces) or "all interfaces"
         try:
             if self._shared_zc is None:
@@ -401,7 +407,9 @@ class Node:
             "samples": self.learner.train_size,
             "class_histogram": self.class_histogram,
             # whether local training is going on now (not merely configured)
-            "training": self.supervisor.health("train").running and self.failure is None,
+            "training": "train" in self.supervisor.loops
+            and self.supervisor.loops["train"].running
+            and not self.failure,
             "failure": self.failure,  # why the node is stopping after a loop could not go on, else null
             "device": str(self.learner.device),
             # the served model (scored in metrics, answered from) is the working copy as of the last merge

@@ -39,13 +39,30 @@ async def test_status_has_the_documented_fields(node, http):
     async with http.get(node.url + "/v1/status") as r:
         assert r.status == 200
         s = await r.json()
+    # every documented field, and nothing else (the README's HTTP API table lists them)
+    assert set(s) == {
+        "id", "protocol", "task", "cluster", "url", "age", "steps", "merges", "partition", "partition_from",
+        "partition_scheme", "split", "init_model", "samples", "class_histogram", "training", "failure", "device",
+        "served", "merge", "uptime_s", "model", "peers", "ignored_peers", "metrics", "exchanges", "loops",
+    }  # fmt: skip
     assert s["id"] == node.id and s["task"] == "digits" and s["age"] == 0 and s["steps"] == 0
-    assert s["peers"] == []
-    assert set(s["metrics"]) >= {"accuracy", "loss"}
-    assert set(s["exchanges"]) >= {"ok", "failed"}
+    assert s["protocol"] == 2 and s["merges"] == 0 and s["cluster"] == node.config.cluster
+    assert s["url"] == node.url and s["device"] == "cpu" and s["training"] is False and s["failure"] is None
+    assert s["peers"] == [] and s["ignored_peers"] == []
+    assert set(s["metrics"]) == {"accuracy", "loss", "train_loss"}
+    assert set(s["exchanges"]) == {
+        "ok", "failed", "busy", "aborted", "in_doubt", "late", "served", "declined", "rejected", "bytes_sent",
+        "bytes_received", "mean_duration_s", "in_flight", "prepared", "doubtful",
+    }  # fmt: skip
+    assert set(s["loops"]) == {"gossip", "eval", "pex"}  # no train loop with --no-train
+    assert set(s["loops"]["eval"]) == {
+        "running", "rounds", "errors", "consecutive_errors", "last_error", "last_error_s_ago"
+    }  # fmt: skip
     assert s["samples"] == 1437 and s["partition"] == "0/1" and s["partition_scheme"] == "iid"
+    assert s["split"] == "2026/1/iid" and s["init_model"] is None  # pure averaging: no shared initial model
     assert len(s["class_histogram"]) == 10 and sum(s["class_histogram"]) == 1437
     assert s["merge"] == {"rule": "average", "weight": 1437.0}
+    assert s["served"] == {"age": 0, "local_steps_behind": 0} and s["model"] == node.gossiper.model_digest
 
 
 async def test_model_endpoint_serves_the_wire_payload(node, http):

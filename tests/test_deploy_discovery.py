@@ -235,3 +235,71 @@ def test_peer_lists_only_yield_plain_base_urls():
     assert _base_url("http://10.0.0.1:8470/") == "http://10.0.0.1:8470"
     for bad in ("http://10.0.0.1:8470/x", "http://u:p@h:1", "https://h:1", "http://h", "http://h:1?q", 7, "http://h:x"):
         assert _base_url(bad) is None, bad
+
+
+async def test_peer_exchange_forgets_learned_peers_that_keep_failing_and_shares_only_working_ones(make_config, http):
+    """A node's peer-exchange round drops peers learned by DNS, peer exchange or a call that failed five
+    times in a row (seeds and mDNS peers stay), and its /v1/peers lists no failing peer, so a hung or dead
+    peer is not spread to everyone."""
+    async with running(make_config(gossip_interval=1000, pex_interval=0.1)) as (node,):
+        for source in ("pex", "dns", "inbound", "static", "mdns"):
+            node.peers.upsert(f"dead-{source}", "http://127.0.0.1:1", "digits", source)
+        node.peers.upsert("fine", "http://127.0.0.1:2", "digits", "static")
+        for source in ("pex", "dns", "inbound", "static", "mdns"):
+            for _ in range(5):
+                node.peers.mark_failed(f"dead-{source}")
+        assert await wait_for(lambda: "dead-pex" not in node.peers, timeout=5)
+        assert sorted(p.id for p in node.peers.all()) == ["dead-mdns", "dead-static", "fine"]
+        async with http.get(node.url + "/v1/peers") as r:
+            assert [p["id"] for p in (await r.json())["peers"]] == ["fine"]
+        assert [p["id"] for p in node.status()["peers"]] == ["dead-mdns", "dead-static", "fine"]
+
+
+async def test_a_seed_that_does_not_answer_is_a_warning_once(make_config, caplog):
+    """Defect 10: unreachable or mistyped seeds logged nothing at the default level."""
+    port = _free_port()
+    with caplog.at_level(logging.INFO, logger="gossipfl"):
+        async with running(make_config(seeds=(f"127.0.0.1:{port}",), gossip_interval=1000)) as (node,):
+            node_loops = node.supervisor.loops
+            assert await wait_for(lambda: node_loops["seeds"].rounds >= 1, timeout=10)
+            async with running(make_config(port=port, gossip_interval=1000)) as (seed,):
+                assert await wait_for(lambda: seed.id in node.peers, timeout=15)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings  # once, however many rounds it failed
+    assert warnings[0].startswith(f"seed http://127.0.0.1:{port} does not answer (Cannot connect")
+    assert warnings[0].endswith("); retrying")
+    assert any(r.getMessage() == f"seed http://127.0.0.1:{port} answers now" for r in caplog.records)
+
+
+async def test_a_seed_with_another_data_split_is_ignored_with_the_reason(make_config):
+    """Defect 10: cluster-wide settings that must agree were neither advertised nor checked."""
+    async with running(make_config(data_seed=7, gossip_interval=1000)) as (other,):
+        async with running(make_config(seeds=(f"127.0.0.1:{other.port}",), gossip_interval=1000)) as (node,):
+            assert await wait_for(lambda: node.status()["ignored_peers"], timeout=10)
+            assert node.status()["ignored_peers"] == [
+                {
+                    "id": other.id,
+                    "url": other.url,
+                    "reason": "data split 7/1/iid (data-seed/shards/scheme), ours 2026/1/iid",
+                }
+            ]
+            assert len(node.peers) == 0
+
+
+def test_mdns_stays_on_the_interface_of_the_address_a_node_binds():
+    from gossipfl.discovery import mdns_interfaces
+
+    assert mdns_interfaces("127.0.0.1", ()) == ("127.0.0.1",)  # used to announce 127.0.0.1 everywhere
+    assert mdns_interfaces("0.0.0.0", ()) == ()  # all interfaces
+    assert mdns_interfaces("127.0.0.1", ("10.0.0.5",)) == ("10.0.0.5",)  # what the user said wins
+
+
+async def test_a_node_bound_to_loopback_runs_mdns_on_loopback_only(make_config, monkeypatch):
+    import gossipfl.node
+
+    used = []
+    real = gossipfl.node.make_zeroconf
+    monkeypatch.setattr(gossipfl.node, "make_zeroconf", lambda interfaces: used.append(interfaces) or real(interfaces))
+    async with running(make_config(discovery=("mdns",), mdns_interface=(), gossip_interval=1000)) as (node,):
+        assert used == [("127.0.0.1",)]
+        assert [str(a) for a in node._mdns.info.parsed_addresses()] == ["127.0.0.1"]

@@ -1,7 +1,5 @@
 """Real nodes in one process gossiping over loopback HTTP, discovered by seeds or by real mDNS."""
 
-import asyncio
-
 import numpy as np
 import pytest
 
@@ -207,10 +205,14 @@ async def test_clusters_do_not_mix(make_config, zc, http):
     c = make_config(discovery=("mdns",), cluster="green", gossip_interval=1000)
     async with running(a, b, c, zeroconf=zc) as (blue, green1, green2):
         assert await wait_for(lambda: green2.id in green1.peers and green1.id in green2.peers, timeout=15)
-        await asyncio.sleep(0.5)
+        # each has resolved the other cluster's node (so it had every chance to list it) and did not list it
+        assert await wait_for(lambda: all(n._mdns.other_clusters for n in (blue, green1, green2)), timeout=15)
+        assert await wait_for(lambda: len(blue._mdns.other_clusters.get("green", ())) == 2, timeout=15)
+        assert green1._mdns.other_clusters == {"blue": {blue.id}}
         assert len(blue.peers) == 0 and blue.id not in green1.peers and green1.status()["ignored_peers"] == []
         state = blue.learner.snapshot()
-        body = wire.encode(wire.GossipMessage(blue.id, 0, state.params, "digits", "average", 1, 1.0, "blue"))
+        msg = wire.GossipMessage(blue.id, 0, state.params, "digits", "average", 1, 1.0, "blue", xid=wire.new_xid())
+        body = wire.encode(msg)
         async with http.post(green1.url + "/v1/gossip", data=body) as r:
             assert r.status == 400
             assert (await r.json())["error"] == "cluster 'blue' does not match this node's 'green'"

@@ -319,3 +319,22 @@ async def test_ready_means_the_served_model_is_not_the_initial_one(make_config):
         assert await asyncio.to_thread(_probe, node.url) == (True, False, False)
         node.learner.update(lambda s: (s.params, s.age, s.weight))  # what a merge does to the learner
         assert await asyncio.to_thread(_probe, node.url) == (True, True, True)
+
+
+async def test_a_broken_model_is_the_servers_fault_and_a_wild_input_the_clients(make_config):
+    """Defect 10: a model that outputs NaN answered 400, blaming the client. A model whose outputs are
+    not finite even for a plain input is broken: 503. A healthy model that overflows on huge inputs: 400."""
+    async with running(make_config(no_train=True)) as (node,):
+        # ready, and with large weights: finite for ordinary inputs, overflowing for inputs near FP32's limit
+        node.learner.update(lambda s: ({k: v * np.float32(1e4) for k, v in s.params.items()}, s.age, s.weight))
+        row = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": [3e38] * 64}]}
+        status, reply, _ = await asyncio.to_thread(
+            _post, node.url + "/v2/models/digits/infer", json.dumps(row).encode()
+        )
+        assert status == 400 and "not finite for this input" in json.loads(reply)["error"]
+        node.learner.update(lambda s: ({k: np.full_like(v, np.nan) for k, v in s.params.items()}, s.age, s.weight))
+        row["inputs"][0]["data"] = [1.0] * 64
+        status, reply, _ = await asyncio.to_thread(
+            _post, node.url + "/v2/models/digits/infer", json.dumps(row).encode()
+        )
+        assert status == 503 and "is broken: its outputs are not finite for any input" in json.loads(reply)["error"]

@@ -67,6 +67,11 @@ def test_step_size_decay(data):
     assert decayed.lr_at(0) == 0.01 and decayed.lr_at(100) == pytest.approx(0.005)
     decayed.train_steps(100)
     assert decayed.optimizer.param_groups[0]["lr"] == pytest.approx(0.01 / (1 + 99 / 100))
+    # the schedule follows the node's own steps: a merge that brings a huge age leaves it alone
+    decayed.update(lambda s: (s.params, 2**53, s.weight))
+    decayed.train_steps(1)
+    assert decayed.optimizer.param_groups[0]["lr"] == pytest.approx(0.01 / (1 + 100 / 100))
+    assert decayed.age == 2**53  # and the age saturates at the wire's bound instead of overflowing it
 
 
 def test_optimizers():
@@ -130,3 +135,43 @@ def test_publish_after_zero_serves_the_working_copy(data):
     lr = learner(data)
     lr.train_steps(3)
     assert lr.evaluate() == lr.evaluate_working()
+
+
+def test_a_step_with_a_non_finite_loss_restores_the_last_merged_model(data):
+    from gossipfl.learning.learner import Diverged
+
+    lr = learner(data, optimizer="sgd", lr=0.1)
+    lr.train_steps(5)
+    lr.update(lambda s: (s.params, s.age, s.weight))  # a merge: the served model is this one
+    merged = lr.snapshot().params
+    lr.train_steps(3)
+    assert lr.optimizer.state  # momentum buffers exist
+    real_step = lr.task.train_step
+    lr.task = type("Exploding", (), {"train_step": lambda self, *a: float("nan"), "evaluate": None})()
+    with pytest.raises(Diverged, match="loss nan at step 8: restored the model of the last merge"):
+        lr.train_steps(2)
+    for k, v in lr.snapshot().params.items():
+        np.testing.assert_array_equal(v, merged[k])
+    assert not lr.optimizer.state and lr.steps == 8
+    lr.task = type("Back", (), {"train_step": staticmethod(real_step)})()
+    lr.train_steps(1)
+    assert lr.steps == 9
+
+
+def test_readiness_is_read_without_the_lock(data):
+    lr = learner(data, publish_after_steps=2)
+    with lr._lock:  # as while a long evaluation runs in another thread
+        assert lr.trained is False
+    lr.train_steps(3)
+    with lr._lock:
+        assert lr.trained is True  # more local steps than publish_after_steps: the next read publishes
+
+
+def test_gossiped_state_is_parameters_and_float_buffers():
+    from torch import nn
+
+    from gossipfl.learning.learner import gossiped_tensors
+
+    model = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3))
+    names = set(gossiped_tensors(model))
+    assert names == {"0.weight", "0.bias", "1.weight", "1.bias", "1.running_mean", "1.running_var"}

@@ -103,12 +103,31 @@ def test_repeated_pushsum_converges_to_the_weighted_mean():
 
 
 @settings(max_examples=100, deadline=None)
-@given(cur=arr, sent=arr, peer=arr)
-def test_rebase_keeps_local_progress(cur, sent, peer):
-    merged = merge.weighted_mean({"w": sent}, {"w": peer}, 1.0, 1.0)
-    out = merge.rebase({"w": cur}, {"w": sent}, merged)["w"]
-    expected = f64(cur) + (f64(merged["w"]) - f64(sent))
-    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-3)
+@given(a=arr, b=arr, local=arr, rule=st.sampled_from(["average", "samples"]))
+def test_rebased_exchanges_conserve_what_the_rule_conserves_and_keep_local_steps(a, b, local, rule):
+    """Partner a trained (``local``) while its exchange was in flight; b did not. Whatever the rule
+    conserves (the sum, or the sample-weighted sum) is conserved up to a's local steps, which a keeps."""
+    sa, sb = Side({"w": a}, 1, 3, 1.0), Side({"w": b}, 1, 5, 1.0)
+    m = merge.RULES[rule](sa, sb)
+    a_now = {"w": (a + local).astype(np.float32)}
+    a_after = merge.apply(a_now, sa.params, m.params, changed=True)["w"]
+    b_after = merge.apply(sb.params, sb.params, m.params, changed=False)["w"]
+    na, nb = (1.0, 1.0) if rule == "average" else (3.0, 5.0)
+    before = na * f64(a_now["w"]) + nb * f64(b)  # the conserved quantity, a's local steps included
+    np.testing.assert_allclose(na * f64(a_after) + nb * f64(b_after), before, rtol=1e-5, atol=2e-3)
+    np.testing.assert_array_equal(b_after, m.params["w"])  # no local change: exactly the merge
+    # the local steps survive the merge: a ends where b is, plus what a did meanwhile
+    np.testing.assert_allclose(f64(a_after) - f64(b_after), f64(a_now["w"]) - f64(a), rtol=1e-5, atol=2e-3)
+
+
+@settings(max_examples=100, deadline=None)
+@given(cur=arr, sent=arr, merged=arr, shift=arr)
+def test_rebase_moves_with_the_current_model(cur, sent, merged, shift):
+    """Rebase is a translation: shifting the current model shifts the result by as much."""
+    one = f64(merge.rebase({"w": cur}, {"w": sent}, {"w": merged})["w"])
+    moved = (cur + shift).astype(np.float32)
+    two = f64(merge.rebase({"w": moved}, {"w": sent}, {"w": merged})["w"])
+    np.testing.assert_allclose(two - one, f64(moved) - f64(cur), rtol=1e-5, atol=2e-3)
 
 
 def test_rebase_without_local_progress_is_the_merge():
@@ -120,3 +139,32 @@ def test_rebase_without_local_progress_is_the_merge():
 def test_unknown_rule():
     with pytest.raises(ValueError, match="unknown merge rule 'median'"):
         merge.get_rule("median")
+
+
+def test_apply_is_the_merge_exactly_when_nothing_changed_and_weights_rebase():
+    sent = {"w": np.array([1.0, 2.0], np.float32)}
+    merged = {"w": np.array([1.5, 0.1], np.float32)}
+    assert merge.apply(sent, sent, merged, changed=False)["w"] is merged["w"]
+    assert merge.apply_weight(4.0, 4.0, 3.0) == 3.0
+    assert merge.apply_weight(5.0, 4.0, 3.0) == 4.0  # another merge moved it by +1 meanwhile: kept
+
+
+@settings(max_examples=200, deadline=None)
+@given(a=st.integers(0, 2**53), b=st.integers(0, 2**53))
+def test_one_exchange_raises_the_younger_age_by_at_most_the_cap(a, b):
+    ca, cb = merge.capped_ages(a, b)
+    assert (ca, cb) == merge.capped_ages(b, a)[::-1]  # symmetric
+    assert max(ca, cb) <= min(a, b) + merge.MAX_AGE_GAIN and ca <= a and cb <= b
+    if abs(a - b) <= merge.MAX_AGE_GAIN:
+        assert (ca, cb) == (a, b)  # honest partners, ordinarily within a few steps, are untouched
+    sa, sb = Side({"w": np.zeros(1, np.float32)}, a, 1, 1.0), Side({"w": np.ones(1, np.float32)}, b, 1, 1.0)
+    for rule in RULES:
+        assert merge.RULES[rule](sa, sb).age == max(ca, cb)
+
+
+def test_a_huge_claimed_age_gets_a_bounded_weight_under_the_age_rule():
+    young = Side({"w": np.zeros(1, np.float32)}, 20_000, 1, 1.0)
+    liar = Side({"w": np.ones(1, np.float32)}, 2**53, 1, 1.0)
+    m = merge.age_weighted(young, liar)
+    assert m.age == 30_000
+    assert m.params["w"][0] == pytest.approx(30_000 / 50_000, rel=1e-6)  # not 1.0: the claim was capped

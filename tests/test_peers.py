@@ -62,3 +62,52 @@ def test_describe_lists_peers_with_liveness():
     assert rows[0]["alive"] and rows[0]["last_ok_s_ago"] == 0.0 and rows[0]["source"] == "mdns"
     assert not rows[1]["alive"] and rows[1]["failures"] == 1
     assert t.remove("a") and not t.remove("a")
+
+
+def test_busy_answers_back_off_from_the_second_without_counting_as_failures():
+    clock = Clock()
+    t = PeerTable("me", backoff_base=1.0, backoff_max=8.0, clock=clock)
+    t.upsert("a", "http://a:1", None, "mdns")
+    t.mark_busy("a")
+    assert t.get("a").retry_at == 0.0  # one 409 is normal: try again next round
+    t.mark_busy("a")
+    t.mark_busy("a")
+    assert t.get("a").retry_at == clock.t + 2.0 and t.get("a").failures == 0 and t.get("a").alive
+    assert t.expire(("mdns",), 1) == []  # busy is not failing: never forgotten for it
+    t.mark_ok("a")
+    assert t.get("a").busy == 0 and t.get("a").retry_at == 0.0
+
+
+def test_a_peer_announced_again_is_tried_at_once():
+    clock = Clock()
+    t = PeerTable("me", clock=clock)
+    t.upsert("a", "http://a:1", None, "mdns")
+    for _ in range(4):
+        t.mark_failed("a")
+    assert t.candidates() == []
+    t.refresh("a")
+    assert [p.id for p in t.candidates()] == ["a"] and t.get("a").failures == 4
+
+
+def test_choose_skips_excluded_peers_and_only_working_peers_are_shared():
+    t = PeerTable("me", clock=Clock())
+    for p in "abc":
+        t.upsert(p, f"http://{p}:1", None, "static")
+    t.mark_failed("c")
+    rng = random.Random(1)
+    assert {t.choose(rng, exclude={"a"}).id for _ in range(50)} == {"b"}
+    assert t.choose(rng, exclude={"a", "b"}) is None
+    assert sorted(p.id for p in t.working()) == ["a", "b"]
+    rows = t.describe(t.working())
+    assert [r["id"] for r in rows] == ["a", "b"] and all(r["retry_in_s"] == 0.0 for r in rows)
+
+
+def test_timeouts_from_every_source_count_and_only_learned_peers_are_forgotten():
+    t = PeerTable("me", clock=Clock())
+    for source in ("mdns", "static", "dns", "pex", "inbound"):
+        t.upsert(source, f"http://{source}:1", None, source)
+        for _ in range(5):
+            t.mark_failed(source)
+        assert t.get(source).failures == 5 and t.get(source).retry_at > 0
+    assert sorted(t.expire(("dns", "pex", "inbound"), 5)) == ["dns", "inbound", "pex"]
+    assert sorted(p.id for p in t.all()) == ["mdns", "static"]

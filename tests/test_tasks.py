@@ -196,10 +196,18 @@ async def test_nodes_run_other_tasks(make_config, tmp_path):
         make_config(task="synthetic:dim=50"),
     ]
     async with running(*configs) as nodes:
-        assert await wait_for(lambda: all(n.last_eval is not None for n in nodes), timeout=10)
+        # each really trains and is scored after training (not just the evaluation made at start)
+        assert await wait_for(lambda: all(n.learner.steps >= 20 for n in nodes), timeout=20)
+        evals = [n.supervisor.loops["eval"].rounds for n in nodes]
+        assert await wait_for(
+            lambda: all(n.supervisor.loops["eval"].rounds > e for n, e in zip(nodes, evals, strict=True)), 10
+        )
         statuses = [n.status() for n in nodes]
     assert [s["task"] for s in statuses] == ["digits-cnn", "tabular", "synthetic"]
     assert statuses[1]["samples"] == 96 and len(statuses[1]["class_histogram"]) == 3
+    for s in statuses:
+        assert s["training"] and s["served"]["age"] > 0 and s["metrics"]["loss"] is not None
+        assert all(loop["errors"] == 0 for loop in s["loops"].values()), s["loops"]
 
 
 @pytest.mark.parametrize(
@@ -219,3 +227,22 @@ def test_cli_task_errors_are_one_line_exit_2(args, fragment):
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("gossipfl: error:") and fragment in lines[0], r.stderr
+
+
+def test_nodes_loading_data_at_once_in_a_fresh_process_do_not_race_on_imports(tmp_path):
+    """Defect 9: nodes with different tasks starting together in one process imported scikit-learn in
+    two worker threads at once: "partially initialized module 'sklearn.base'" (3 runs in 4 alone)."""
+    x, y = blobs()
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    script = f"""
+import concurrent.futures
+from gossipfl.learning.registry import get_task, load_checked
+tasks = [get_task("digits"), get_task("tabular:classes=3", {str(tmp_path / "d.npz")!r}), get_task("digits-cnn")] * 2
+with concurrent.futures.ThreadPoolExecutor(6) as pool:
+    sizes = list(pool.map(lambda t: len(load_checked(t, 2026).train), tasks))
+print(sizes)
+"""
+    for _ in range(3):  # each run is a fresh interpreter, where nothing has imported scikit-learn yet
+        r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert r.stdout.strip() == "[1437, 96, 1437, 1437, 96, 1437]"

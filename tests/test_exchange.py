@@ -1,0 +1,74 @@
+"""The bookkeeping of two-phase exchanges, alone: a responder's ledger and an initiator's doubts."""
+
+import pytest
+
+from gossipfl.exchange import ABORTED, COMMITTED, DoubtBook, InDoubt, Ledger
+
+
+def ledger(**kw):
+    return Ledger(max_prepared=kw.pop("max_prepared", 2), prepare_ttl=kw.pop("prepare_ttl", 5.0), **kw)
+
+
+def test_the_first_decision_wins_and_is_remembered():
+    led = ledger()
+    led.prepare("x1", "a", "state", "merged", now=0.0)
+    assert led.prepared("x1").expires == 5.0 and len(led) == 1
+    entry = led.decide("x1", COMMITTED, now=1.0)
+    assert entry.merged == "merged" and led.prepared("x1") is None and len(led) == 0
+    assert led.decide("x1", ABORTED, now=2.0) is None
+    assert led.outcome("x1") == COMMITTED  # a later decision changes nothing
+    with pytest.raises(ValueError, match="already known"):
+        led.prepare("x1", "a", "state", "merged", now=3.0)  # a decided xid cannot be prepared again
+    with pytest.raises(ValueError, match="unknown outcome"):
+        led.decide("x2", "maybe", now=0.0)
+
+
+def test_an_unknown_exchange_can_be_aborted_before_it_is_prepared():
+    led = ledger()
+    assert led.decide("late", ABORTED, now=0.0) is None
+    assert led.outcome("late") == ABORTED
+    with pytest.raises(ValueError):
+        led.prepare("late", "a", "s", "m", now=0.5)
+
+
+def test_prepared_exchanges_expire_into_aborted_and_outcomes_are_forgotten_later():
+    led = ledger(remember_s=100.0)
+    led.prepare("old", "a", "s", "m", now=0.0)
+    led.prepare("new", "b", "s", "m", now=4.0)
+    assert [p.xid for p in led.expire(now=5.0)] == ["old"]
+    assert led.outcome("old") == ABORTED and led.prepared("new") is not None
+    led.expire(now=99.9)
+    assert led.outcome("old") == ABORTED
+    led.expire(now=105.1)
+    assert led.outcome("old") is None  # remembered for remember_s, then forgotten
+    assert led.outcome("new") == ABORTED  # it expired (when expire() ran at 99.9): remembered until 199.9
+
+
+def test_room_counts_prepared_and_reserved_exchanges():
+    led = ledger(max_prepared=2)
+    assert led.room() and led.room(reserved=1) and not led.room(reserved=2)
+    led.prepare("x", "a", "s", "m", now=0.0)
+    assert led.room() and not led.room(reserved=1)
+
+
+def test_remembered_outcomes_are_bounded():
+    led = ledger(max_remembered=3)
+    for i in range(5):
+        led.decide(f"x{i}", ABORTED, now=float(i))
+    assert [led.outcome(f"x{i}") for i in range(5)] == [None, None, ABORTED, ABORTED, ABORTED]
+
+
+def test_doubts_are_retried_with_backoff_then_given_up():
+    book = DoubtBook(give_up_s=60.0, retry_base=1.0, retry_max=4.0)
+    book.add(InDoubt("x", "peer", "http://p:1", "sent", "merged", since=0.0), now=0.0)
+    assert book.peers() == {"peer"} and book.due(0.5) == [] and [e.xid for e in book.due(1.0)] == ["x"]
+    delays = []
+    now = 1.0
+    for _ in range(4):
+        book.retry_later("x", now)
+        delays.append(book.due(1e9)[0].next_try - now)
+    assert delays == [2.0, 4.0, 4.0, 4.0]
+    assert book.expire(59.0) == [] and len(book) == 1
+    assert [e.xid for e in book.expire(60.0)] == ["x"] and len(book) == 0
+    book.add(InDoubt("y", "peer", "u", "s", "m", since=0.0), now=0.0)
+    assert book.resolve("y").xid == "y" and book.resolve("y") is None
