@@ -30,9 +30,9 @@ async def json_errors(request: web.Request, handler: object) -> web.StreamRespon
     except BodyError as e:  # the client hung up or stalled mid-body: its problem, not worth a traceback
         log.debug("%s %s from %s: %s", request.method, request.path, request.remote, e)
         return _closing(error(400, str(e)))
-    except ConnectionError as e:
+    except ConnectionError as e:  # the client is gone: nobody to answer, nothing to report above debug
         log.debug("%s %s from %s: connection lost: %s", request.method, request.path, request.remote, e)
-        raise
+        return _closing(error(400, "connection lost"))
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return error(500, "internal error")

@@ -14,7 +14,13 @@ An exchange, identified by a random ``xid``:
 So an exchange happens on both sides or on neither, whatever is lost or delayed: a prepare that times
 out is never committed (the responder's entry expires, or a later abort removes it); a commit whose
 answer is lost leaves the initiator *in doubt*, and it asks again (``InDoubt``) until it learns the
-outcome. The one cost of that guarantee: while in doubt, the initiator's half of the merge waits.
+outcome. The cost of that guarantee: while in doubt, the initiator's half of the merge waits (and for
+the first seconds of a doubt the node merges nothing else, see gossip.py).
+
+Outcomes of exchanges that were prepared here are kept for ``remember_s``, never evicted earlier
+unless more than ``max_remembered`` were prepared in that time (each took a whole model to prepare).
+Aborts of ids never prepared here (a commit or abort that overtook its prepare, or noise) are kept
+apart, in a bounded set that anyone can flood without touching the outcomes that matter.
 """
 
 from __future__ import annotations
@@ -53,13 +59,16 @@ class Ledger(Generic[S, M]):
         self.max_remembered = max_remembered
         self._prepared: dict[str, Prepared[S, M]] = {}
         self._decided: OrderedDict[str, tuple[str, float]] = OrderedDict()  # xid -> (outcome, when)
+        self._unknown: OrderedDict[str, float] = OrderedDict()  # never-prepared xids aborted -> when
 
     def __len__(self) -> int:
         return len(self._prepared)
 
     def outcome(self, xid: str) -> str | None:
         entry = self._decided.get(xid)
-        return entry[0] if entry else None
+        if entry:
+            return entry[0]
+        return ABORTED if xid in self._unknown else None
 
     def prepared(self, xid: str) -> Prepared[S, M] | None:
         return self._prepared.get(xid)
@@ -69,21 +78,30 @@ class Ledger(Generic[S, M]):
         return len(self._prepared) + reserved < self.max_prepared
 
     def prepare(self, xid: str, sender: str, sent: S, merged: M, now: float) -> Prepared[S, M]:
-        if xid in self._prepared or xid in self._decided:
+        if xid in self._prepared or self.outcome(xid) is not None:
             raise ValueError(f"exchange {xid} is already known")
         entry = Prepared(xid, sender, sent, merged, now + self.prepare_ttl)
         self._prepared[xid] = entry
         return entry
 
     def decide(self, xid: str, outcome: str, now: float) -> Prepared[S, M] | None:
-        """Record ``outcome`` for ``xid`` (first decision wins) and release its prepared entry, if any."""
+        """Record ``outcome`` for ``xid`` (first decision wins) and release its prepared entry, if any. An
+        xid never prepared here can only be aborted."""
         if outcome not in (COMMITTED, ABORTED):
             raise ValueError(f"unknown outcome {outcome!r}")
+        if self.outcome(xid) is not None:
+            return None
         entry = self._prepared.pop(xid, None)
-        if xid not in self._decided:
-            self._decided[xid] = (outcome, now)
-            while len(self._decided) > self.max_remembered:
-                self._decided.popitem(last=False)
+        if entry is None:
+            if outcome == COMMITTED:
+                raise ValueError(f"exchange {xid} was never prepared: it cannot be committed")
+            self._unknown[xid] = now
+            while len(self._unknown) > self.max_remembered:
+                self._unknown.popitem(last=False)
+            return None
+        self._decided[xid] = (outcome, now)
+        while len(self._decided) > self.max_remembered:
+            self._decided.popitem(last=False)
         return entry
 
     def expire(self, now: float) -> list[Prepared[S, M]]:
@@ -93,6 +111,8 @@ class Ledger(Generic[S, M]):
             self.decide(p.xid, ABORTED, now)
         while self._decided and next(iter(self._decided.values()))[1] <= now - self.remember_s:
             self._decided.popitem(last=False)
+        while self._unknown and next(iter(self._unknown.values())) <= now - self.remember_s:
+            self._unknown.popitem(last=False)
         return gone
 
 
@@ -111,21 +131,34 @@ class InDoubt(Generic[S, M]):
 
 
 class DoubtBook(Generic[S, M]):
-    """An initiator's exchanges in doubt, retried with exponential backoff until an answer comes or
-    ``give_up_s`` passes (the responder remembers outcomes for as long)."""
+    """An initiator's exchanges in doubt (at most ``max_entries``), retried with exponential backoff until
+    an answer comes or ``give_up_s`` passes (well within the ``remember_s`` a responder keeps outcomes)."""
 
-    def __init__(self, *, give_up_s: float = 600.0, retry_base: float = 1.0, retry_max: float = 30.0) -> None:
+    def __init__(
+        self, *, give_up_s: float = 120.0, retry_base: float = 1.0, retry_max: float = 30.0, max_entries: int = 4
+    ) -> None:
         self.give_up_s = give_up_s
         self.retry_base = retry_base
         self.retry_max = retry_max
+        self.max_entries = max_entries
         self._entries: dict[str, InDoubt[S, M]] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def add(self, entry: InDoubt[S, M], now: float) -> None:
+    def add(self, entry: InDoubt[S, M], now: float) -> list[InDoubt[S, M]]:
+        """Keep ``entry``; return the oldest entries given up to make room (each holds two models)."""
         entry.next_try = now + self.retry_base
         self._entries[entry.xid] = entry
+        dropped = []
+        while len(self._entries) > self.max_entries:
+            oldest = min(self._entries.values(), key=lambda e: e.since)
+            dropped.append(self._entries.pop(oldest.xid))
+        return dropped
+
+    def fresh(self, now: float, within: float) -> bool:
+        """Whether some exchange went in doubt less than ``within`` seconds ago."""
+        return any(e.since > now - within for e in self._entries.values())
 
     def peers(self) -> set[str]:
         return {e.peer_id for e in self._entries.values()}

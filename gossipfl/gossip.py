@@ -7,11 +7,18 @@ the same merge (rules are symmetric, see merge.py), keep it under the xid and re
 the commit, apply it, once. See exchange.py for why an exchange then happens on both sides or neither.
 
 A merge is applied on top of whatever local training happened since the snapshot (``merge.apply``). A
-node decides one merge at a time, and aborts an exchange if another merge changed its model since the
-snapshot, so committed merges never overlap: on either side, a merge combines the two states exactly as
-sent, plus the local steps made meanwhile. Waiting on the network blocks nothing: while an exchange
-waits for a slow or hung peer the node prepares and commits inbound exchanges, and starts its next one
-with another peer (at most ``MAX_OUTBOUND`` at once).
+node makes one merge at a time (``_merging``, a flag checked and set with no await in between, so no
+decision ever waits behind another) and aborts an exchange if another merge changed its model since the
+snapshot, so committed merges do not overlap: on either side, a merge combines the two states exactly
+as sent, plus the local steps made meanwhile. The one exception is an exchange in doubt for longer than
+``FREEZE_S``: for its first seconds the node merges nothing else (so that the usual case, an answer lost
+and asked again, stays exact), then it goes on merging with others, and if it later learns that the
+peer committed, it applies its half on top of those merges: sums are still conserved, and quantities
+that were non-negative on both sides (a push-sum weight, a BatchNorm variance) are kept so.
+
+Waiting on the network blocks nothing: while an exchange waits for a slow or hung peer the node
+prepares and commits inbound exchanges, and starts its next one with another peer (at most
+``MAX_OUTBOUND`` at once, one more for settling a doubt).
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from .peers import Peer, PeerTable
 
 JITTER = 0.2
 MAX_OUTBOUND = 2  # exchanges this node has started and not finished
+FREEZE_S = 3.0  # after an exchange went in doubt, this node merges nothing else for this long
 CONNECT_TIMEOUT_S = 2.0
 BASE_TIMEOUT_S = 2.0  # a prepare of a small model: connect, send, the peer's snapshot, the reply
 MIN_THROUGHPUT = 8e6  # bytes/s assumed of the slowest link, for the size-dependent part of timeouts
@@ -147,9 +155,12 @@ class Gossiper:
         # called with an exception that escaped an exchange task (a bug: the supervisor counts it)
         self.on_error: Callable[[BaseException], None] | None = None
         self.port = port
-        self._merging = asyncio.Lock()  # one merge decision at a time, on either side
+        self._merging = False  # a merge is being decided or applied (either side); see the module docstring
+        self.freeze_s = FREEZE_S
         self._receiving = 0  # gossip bodies being read (they count against the prepared exchanges)
-        self._outbound: dict[asyncio.Task, str] = {}  # exchange tasks -> peer id
+        self._outbound: dict[asyncio.Task, str] = {}  # exchanges this node started -> peer id
+        self._resolving: asyncio.Task | None = None  # asking a peer again about an exchange in doubt
+        self._background: set[asyncio.Task] = set()  # best-effort aborts; merges committed as responder
         self._closed = False
 
     # -- shared -------------------------------------------------------------------------------------
@@ -162,8 +173,14 @@ class Gossiper:
         return self._closed
 
     @property
-    def outbound(self) -> list[asyncio.Task]:
-        return list(self._outbound)
+    def tasks(self) -> list[asyncio.Task]:
+        """Everything exchange-related this node is doing (the node waits for these when it stops)."""
+        extra = [self._resolving] if self._resolving is not None and not self._resolving.done() else []
+        return [*self._outbound, *extra, *self._background]
+
+    def frozen(self) -> bool:
+        """An exchange went in doubt less than FREEZE_S ago: merge nothing else yet."""
+        return self.doubts.fresh(self.clock(), self.freeze_s)
 
     def encode_state(self, state: State, xid: str | None = None) -> bytes:
         msg = wire.GossipMessage(
@@ -204,11 +221,16 @@ class Gossiper:
         return state, self._merge(state, theirs)
 
     async def _apply(self, sent: State, merged: merge.Merged) -> None:
-        """Set the learner to ``merged``, keeping what changed since ``sent`` (local steps)."""
+        """Set the learner to ``merged``, keeping what changed since ``sent`` (local steps; and other merges,
+        for a merge applied late). The caller holds ``_merging``."""
 
         def fn(now: State) -> tuple[dict, int, float]:
             params = merge.apply(now.params, sent.params, merged.params, changed=now.version != sent.version)
-            return params, max(now.age, merged.age), merge.apply_weight(now.weight, sent.weight, merged.weight)
+            weight = merge.apply_weight(now.weight, sent.weight, merged.weight)
+            if now.merges != sent.merges:  # applied late, on top of other merges
+                params = merge.keep_nonnegative(params, now.params, sent.params, merged.params)
+                weight = merge.keep_positive_weight(weight, now.weight, merged.weight)
+            return params, max(now.age, merged.age), weight
 
         await asyncio.to_thread(self.learner.update, fn)
 
@@ -266,7 +288,8 @@ class Gossiper:
 
     async def decide(self, xid: str, decision: str) -> tuple[str, str]:
         """Phase 2: the initiator asks to commit or abort ``xid``. Returns (outcome, reason); the same
-        outcome to every later call about the same xid."""
+        outcome to every later call about the same xid. Decided without waiting for anything; a commit is
+        answered once recorded, and applied right after (the node merges nothing else meanwhile)."""
         now = self.clock()
         self.expire()
         if (outcome := self.ledger.outcome(xid)) is not None:
@@ -279,57 +302,72 @@ class Gossiper:
             self.ledger.decide(xid, ABORTED, now)
             self.stats.declined += 1
             return ABORTED, "aborted by the initiator"
-        if self._merging.locked() or self.learner.merges != entry.sent.merges:
+        if self._merging or self.frozen() or self.learner.merges != entry.sent.merges:
             self.ledger.decide(xid, ABORTED, now)
             self.stats.declined += 1
             return ABORTED, "another merge changed this node's model since the exchange was prepared"
-        async with self._merging:
-            self.ledger.decide(xid, COMMITTED, now)  # first: a retried commit now gets "committed" too
-            await self._apply(entry.sent, entry.merged)
+        self.ledger.decide(xid, COMMITTED, now)
         self.stats.served += 1
-        self.log.debug("committed exchange %s from %s", xid, entry.sender)
+        self._merging = True  # set before any await: from here on, no other merge can start
+        self._background_task(self._apply_committed(entry.sent, entry.merged, xid, entry.sender))
         return COMMITTED, ""
+
+    async def _apply_committed(self, sent: State, merged: merge.Merged, xid: str, sender: str) -> None:
+        try:
+            await self._apply(sent, merged)
+        finally:
+            self._merging = False
+        self.log.debug("committed exchange %s from %s", xid, sender)
+
+    def _background_task(self, coro: object) -> None:
+        task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+        self._background.add(task)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task) -> None:
+        self._background.discard(task)
+        self._report(task)
+
+    def _report(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and (exc := task.exception()) is not None and self.on_error is not None:
+            self.on_error(exc)
 
     # -- initiator ----------------------------------------------------------------------------------
     def next_delay(self) -> float:
         return self.interval * self.rng.uniform(1 - JITTER, 1 + JITTER)
 
     def round(self, session: aiohttp.ClientSession) -> None:
-        """One gossip round: settle exchanges in doubt, then start one with a random peer that is not
-        backing off and not already in an exchange with this node."""
+        """One gossip round: settle exchanges in doubt, then, unless a fresh doubt holds merges back, start
+        an exchange with a random peer that is not backing off and not already in one with this node."""
         self.resolve_doubts(session)
-        if self._closed or len(self._outbound) >= MAX_OUTBOUND:
+        if self._closed or len(self._outbound) >= MAX_OUTBOUND or self.frozen():
             return
         busy = set(self._outbound.values()) | self.doubts.peers()
         peer = self.peers.choose(self.rng, exclude=busy)
         if peer is not None:
-            self._spawn(self.exchange(session, peer), peer.id)
+            task = asyncio.get_running_loop().create_task(self.exchange(session, peer))
+            self._outbound[task] = peer.id
+            task.add_done_callback(self._exchange_done)
+
+    def _exchange_done(self, task: asyncio.Task) -> None:
+        self._outbound.pop(task, None)
+        self._report(task)
 
     def resolve_doubts(self, session: aiohttp.ClientSession) -> None:
-        """Give up on exchanges in doubt for too long; ask again about those due."""
+        """Give up on exchanges in doubt for too long; ask again about the one due first (one at a time,
+        in a slot of its own, so that doubts about dead peers never take the slots of new exchanges)."""
         now = self.clock()
         for gone in self.doubts.expire(now):
-            self.log.warning(
-                "exchange %s with %s: no answer to its commit for %.0f s, assuming it aborted",
-                gone.xid,
-                gone.peer_id,
-                self.doubts.give_up_s,
-            )
-        busy = set(self._outbound.values())
-        for entry in self.doubts.due(now):
-            if entry.peer_id not in busy and len(self._outbound) < MAX_OUTBOUND:
-                busy.add(entry.peer_id)
-                self._spawn(self._resolve(session, entry), entry.peer_id)
+            self._gave_up(gone, f"no answer to its commit for {self.doubts.give_up_s:.0f} s")
+        if self._resolving is not None and not self._resolving.done():
+            return
+        due = sorted(self.doubts.due(now), key=lambda e: e.next_try)
+        if due:
+            self._resolving = asyncio.get_running_loop().create_task(self._resolve(session, due[0]))
+            self._resolving.add_done_callback(self._report)
 
-    def _spawn(self, coro: object, peer_id: str) -> None:
-        task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
-        self._outbound[task] = peer_id
-        task.add_done_callback(self._finished)
-
-    def _finished(self, task: asyncio.Task) -> None:
-        self._outbound.pop(task, None)
-        if not task.cancelled() and (exc := task.exception()) is not None and self.on_error is not None:
-            self.on_error(exc)
+    def _gave_up(self, entry: InDoubt[State, merge.Merged], why: str) -> None:
+        self.log.warning("exchange %s with %s: %s; assuming it aborted", entry.xid, entry.peer_id, why)
 
     async def exchange(self, session: aiohttp.ClientSession, peer: Peer) -> str:
         """One exchange with ``peer``; returns "ok", "busy", "aborted", "failed" or "in_doubt"."""
@@ -375,19 +413,24 @@ class Gossiper:
             self._abort_later(session, peer, xid)
             return "failed"
         merged = await asyncio.to_thread(self._merge, sent, reply)
-        if self._merging.locked() or self.learner.merges != sent.merges:
+        if self._merging or self.frozen() or self.learner.merges != sent.merges:
             self._abort_later(session, peer, xid)  # another merge got in first: this one would overlap it
             return "aborted"
-        async with self._merging:
+        self._merging = True  # set before any await: no other merge starts until this one is settled
+        try:
             try:
                 outcome = await self._post_decision(session, peer.url, xid, "commit")
-            except (aiohttp.ClientError, TimeoutError, ExchangeError) as e:
-                self.doubts.add(InDoubt(xid, peer.id, peer.url, sent, merged, self.clock()), self.clock())
-                self.log.info("exchange %s with %s in doubt (%s): will ask again", xid, peer.id, str(e) or "timeout")
+            except ExchangeError as e:  # the commit may have been taken: only the peer knows
+                now = self.clock()
+                for gone in self.doubts.add(InDoubt(xid, peer.id, peer.url, sent, merged, now), now):
+                    self._gave_up(gone, "too many exchanges in doubt")
+                self.log.info("exchange %s with %s in doubt (%s): will ask again", xid, peer.id, e)
                 return "in_doubt"
             if outcome != COMMITTED:
                 return "aborted"
             await self._apply(sent, merged)
+        finally:
+            self._merging = False
         self.log.debug("exchanged with %s", peer.id)
         return "ok"
 
@@ -411,22 +454,28 @@ class Gossiper:
                     raw = await read_limited(resp.content, resp.content_length, self.max_body)
                     self.stats.bytes_received += len(raw)
                     return raw
-            except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError):
-                if attempt:
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, BodyError):
+                if attempt:  # once: a pooled connection the peer had closed, or a reply cut short
                     raise
         raise AssertionError("unreachable")
 
     async def _post_decision(self, session: aiohttp.ClientSession, url: str, xid: str, decision: str) -> str:
-        """POST commit or abort; the responder's outcome. Raises when there is no clear answer."""
-        async with session.post(
-            f"{url}/v1/gossip/{xid}/{decision}", timeout=self.decide_timeout, allow_redirects=False
-        ) as resp:
-            if resp.status != 200:
-                raise ExchangeError(f"HTTP {resp.status}: {await error_text(resp)}")
-            doc = json.loads(await read_limited(resp.content, resp.content_length, 4096))
+        """POST commit or abort; the responder's outcome. Raises ExchangeError, whatever went wrong, when
+        there is no clear answer."""
+        try:
+            async with session.post(
+                f"{url}/v1/gossip/{xid}/{decision}", timeout=self.decide_timeout, allow_redirects=False
+            ) as resp:
+                if resp.status != 200:
+                    raise ExchangeError(f"HTTP {resp.status}: {await error_text(resp)}")
+                doc = json.loads(await read_limited(resp.content, resp.content_length, 4096))
+        except ExchangeError:
+            raise
+        except (aiohttp.ClientError, TimeoutError, BodyError, TooLarge, ValueError, RecursionError) as e:
+            raise ExchangeError(str(e) or type(e).__name__) from None
         outcome = doc.get("outcome") if isinstance(doc, dict) else None
-        if outcome not in (COMMITTED, ABORTED):
-            raise ExchangeError(f"no outcome in the answer to {decision}")
+        if outcome not in (COMMITTED, ABORTED) or (isinstance(doc, dict) and doc.get("xid") != xid):
+            raise ExchangeError(f"no outcome for exchange {xid} in the answer to {decision}")
         return outcome
 
     def _abort_later(self, session: aiohttp.ClientSession, peer: Peer, xid: str) -> None:
@@ -435,26 +484,33 @@ class Gossiper:
         async def abort() -> None:
             try:
                 await self._post_decision(session, peer.url, xid, "abort")
-            except (aiohttp.ClientError, TimeoutError, ExchangeError, ValueError):
+            except ExchangeError:
                 pass
 
         if not self._closed:
-            self._spawn(abort(), peer.id)
+            self._background_task(abort())
 
     async def _resolve(self, session: aiohttp.ClientSession, entry: InDoubt[State, merge.Merged]) -> None:
         """Ask again about an exchange in doubt; apply its merge if the peer committed it."""
         try:
             outcome = await self._post_decision(session, entry.url, entry.xid, "commit")
-        except (aiohttp.ClientError, TimeoutError, ExchangeError, ValueError):
+        except ExchangeError:
             self.doubts.retry_later(entry.xid, self.clock())
             return
         if self.doubts.resolve(entry.xid) is None:
             return
         if outcome == COMMITTED:
-            async with self._merging:
+            while self._merging:  # another merge is being made: apply this one right after it
+                await asyncio.sleep(0.005)
+            self._merging = True
+            try:
+                late = self.learner.merges != entry.sent.merges
                 await self._apply(entry.sent, entry.merged)
+            finally:
+                self._merging = False
             self.stats.late += 1
-            self.log.info("exchange %s with %s: committed (learned late), merge applied", entry.xid, entry.peer_id)
+            how = "on top of other merges made since" if late else "exactly"
+            self.log.info("exchange %s with %s: committed (learned late), applied %s", entry.xid, entry.peer_id, how)
         else:
             self.stats.aborted += 1
             self.log.info("exchange %s with %s: aborted (learned late)", entry.xid, entry.peer_id)

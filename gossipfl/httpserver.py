@@ -27,7 +27,7 @@ log = logging.getLogger("gossipfl.http")
 
 MAX_CONNECTIONS = 256
 IDLE_TIMEOUT_S = 15.0
-SHUTDOWN_TIMEOUT_S = 2.0
+SHUTDOWN_TIMEOUT_S = 1.0  # aiohttp waits this long twice
 LINGER_S = 1.0
 
 

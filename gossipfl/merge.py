@@ -116,6 +116,23 @@ def apply_weight(current: float, sent: float, merged: float) -> float:
     return merged if current == sent else current + (merged - sent)
 
 
+def keep_nonnegative(result: Params, current: Params, sent: Params, merged: Params) -> dict[str, np.ndarray]:
+    """For a merge applied late, on top of other merges: a tensor that was non-negative everywhere in the
+    current, sent and merged states (a BatchNorm variance) stays non-negative. Only a merge applied late
+    can need this, and then the clamp is the one place where a sum is not conserved."""
+    out = dict(result)
+    for name, value in result.items():
+        if all(np.min(p[name], initial=0.0) >= 0 for p in (current, sent, merged)):
+            out[name] = np.maximum(value, 0).astype(value.dtype, copy=False)
+    return out
+
+
+def keep_positive_weight(weight: float, current: float, merged: float) -> float:
+    """For a merge applied late: the push-sum weight must stay positive (a node with a weight of 0 or
+    less could send nothing); never less than half the smaller of its current and merged weights."""
+    return max(weight, 0.5 * min(current, merged))
+
+
 def rebase(current: Params, sent: Params, merged: Params) -> dict[str, np.ndarray]:
     """Apply a merge computed from ``sent`` to ``current``, keeping local progress made in between:
     current + (merged - sent). Equal to ``merged`` when current == sent."""

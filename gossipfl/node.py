@@ -188,7 +188,7 @@ class Node:
             log=self.log,
             port=self.port,
         )
-        self.gossiper.on_error = lambda e: self.supervisor.error("gossip", e)
+        self.gossiper.on_error = lambda e: self.supervisor.error("gossip", e, in_a_round=False)
         split = f"{cfg.data_seed}/{n}/{cfg.partition_scheme}"
         self.identity = Identity(self.task.name, self.gossiper.model_digest, cfg.cluster, cfg.merge, split, initial)
         self.metrics = NodeMetrics(self._readings, node_id=self.id, task=self.task.name)
@@ -306,12 +306,12 @@ class Node:
 
     async def stop(self) -> None:
         """Refuse new exchanges, give loops and exchanges in flight STOP_GRACE_S to finish (then cancel
-        them), say goodbye on mDNS, then shut the HTTP side (requests in flight get 2 s more)."""
+        them), say goodbye on mDNS, then shut the HTTP side (requests in flight get up to 2 s more)."""
         if not self._started or self._stopping.is_set():
             return
         self._stopping.set()
         self.gossiper.close()
-        tasks = self._tasks + self.gossiper.outbound
+        tasks = self._tasks + self.gossiper.tasks
         _, pending = await asyncio.wait(tasks, timeout=STOP_GRACE_S) if tasks else (set(), set())
         for t in pending:
             t.cancel()
@@ -426,7 +426,7 @@ class Node:
             },
             "exchanges": {
                 **gossip.stats.as_dict(),
-                "in_flight": len(gossip.outbound),
+                "in_flight": len(gossip.tasks),
                 "prepared": len(gossip.ledger),
                 "doubtful": len(gossip.doubts),
             },

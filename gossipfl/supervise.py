@@ -109,12 +109,13 @@ class Supervisor:
         finally:
             health.running = False
 
-    def error(self, name: str, exc: BaseException) -> None:
-        """Count an error of loop ``name`` and log it as described above."""
+    def error(self, name: str, exc: BaseException, *, in_a_round: bool = True) -> None:
+        """Count an error of loop ``name`` and log it as described above. An error outside the loop's own
+        rounds (in a task the loop started) does not count towards ``max_consecutive``."""
         health = self.health(name)
         kind = error_kind(exc)
         health.errors += 1
-        health.consecutive += 1
+        health.consecutive += in_a_round
         health.kinds[kind] += 1
         health.types[type(exc).__name__] += 1
         health.last_error = f"{kind}: {str(exc)[:300]}"

@@ -102,6 +102,7 @@ class Phase(enum.Enum):
     LOSE_REQUEST = "lose the request"  # never forwarded; the caller waits until it gives up
     LOSE_REPLY = "lose the reply"  # forwarded (the target acts on it), the answer never comes back
     DELAY = "delay"  # forwarded late, after the caller gave up
+    CUT_REPLY = "cut the reply"  # forwarded (the target acts on it), the answer cut off mid-body
 
 
 class FaultProxy:
@@ -148,6 +149,14 @@ class FaultProxy:
         self.forwarded.append(f"{phase}:{status}")
         if fault is Phase.LOSE_REPLY:
             await asyncio.sleep(self.hold)
+        if fault is Phase.CUT_REPLY:
+            resp = web.StreamResponse(status=status, headers={"Content-Type": ctype})
+            resp.content_length = len(reply) + 100
+            await resp.prepare(request)
+            await resp.write(reply[: len(reply) // 2])
+            assert request.transport is not None
+            request.transport.close()
+            return resp  # type: ignore[return-value]
         return web.Response(status=status, body=reply, content_type=ctype)
 
     @contextlib.asynccontextmanager

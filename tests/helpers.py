@@ -73,3 +73,8 @@ async def wait_for(predicate: Callable[[], bool], timeout: float, interval: floa
             return True
         await asyncio.sleep(interval)
     return predicate()
+
+
+async def settled(*nodes: Node, timeout: float = 10.0) -> None:
+    """Until no node has an exchange task running (a responder applies a commit just after answering)."""
+    assert await wait_for(lambda: not any(n.gossiper.tasks for n in nodes), timeout, interval=0.01)

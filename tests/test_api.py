@@ -10,7 +10,7 @@ from aiohttp import web
 from gossipfl import wire
 from gossipfl.peers import Peer
 
-from .helpers import message, params_of, running
+from .helpers import message, params_of, running, settled
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -95,6 +95,7 @@ async def test_prepare_changes_nothing_and_commit_averages_exactly_once(node, ht
     for _ in range(3):  # the commit, then two retries of it: one merge, the same answer each time
         async with http.post(f"{node.url}/v1/gossip/{xid}/commit") as r:
             assert r.status == 200 and await r.json() == {"xid": xid, "outcome": "committed"}
+    await settled(node)  # the commit is answered as soon as it is decided, and applied right after
     for k in before:
         np.testing.assert_array_equal(params_of(node)[k], (before[k] + theirs[k]) * np.float32(0.5))
     assert node.learner.age == 9 and node.learner.merges == 1  # the older partner's age

@@ -72,3 +72,26 @@ def test_doubts_are_retried_with_backoff_then_given_up():
     assert [e.xid for e in book.expire(60.0)] == ["x"] and len(book) == 0
     book.add(InDoubt("y", "peer", "u", "s", "m", since=0.0), now=0.0)
     assert book.resolve("y").xid == "y" and book.resolve("y") is None
+
+
+def test_a_flood_of_unknown_ids_cannot_evict_the_outcome_of_a_real_exchange():
+    """Review finding: 65,546 unauthenticated aborts of random ids evicted a committed outcome, and the
+    initiator asking about it was then told "aborted"."""
+    led = ledger(max_remembered=3)
+    led.prepare("real", "a", "s", "m", now=0.0)
+    led.decide("real", COMMITTED, now=0.0)
+    for i in range(100):
+        led.decide(f"noise{i}", ABORTED, now=1.0)
+    assert led.outcome("real") == COMMITTED
+    assert led.outcome("noise99") == ABORTED and led.outcome("noise0") is None  # the noise is bounded
+    with pytest.raises(ValueError, match="never prepared"):
+        led.decide("never", COMMITTED, now=0.0)
+
+
+def test_doubts_are_bounded_and_the_oldest_is_given_up():
+    book = DoubtBook(max_entries=2)
+    assert book.add(InDoubt("x1", "p1", "u", "s", "m", since=0.0), now=0.0) == []
+    assert book.add(InDoubt("x2", "p2", "u", "s", "m", since=1.0), now=1.0) == []
+    assert [e.xid for e in book.add(InDoubt("x3", "p3", "u", "s", "m", since=2.0), now=2.0)] == ["x1"]
+    assert book.peers() == {"p2", "p3"}
+    assert book.fresh(now=3.5, within=2.0) and not book.fresh(now=4.0, within=2.0)

@@ -34,6 +34,10 @@ SCENARIOS = {
     # ...but not when its retries are lost too: by the fourth try the prepared exchange has expired
     "commit lost three times": ({"commit": [Phase.LOSE_REQUEST] * 3}, "in_doubt", False),
     "commit's reply lost twice": ({"commit": [Phase.LOSE_REPLY, Phase.LOSE_REPLY]}, "in_doubt", True),
+    # the answer to the commit breaks off mid-body: the commit was taken, so the initiator is in doubt
+    "commit's reply cut short": ({"commit": [Phase.CUT_REPLY]}, "in_doubt", True),
+    "prepare's reply cut short twice": ({"prepare": [Phase.CUT_REPLY, Phase.CUT_REPLY]}, "failed", False),
+    "prepare's reply cut short once, then retried": ({"prepare": [Phase.CUT_REPLY]}, "ok", True),
 }
 
 
@@ -49,7 +53,7 @@ async def settle(a, b, http, proxy, timeout: float = 15.0) -> None:
 
     def quiet():
         b.gossiper.expire()
-        return not a.gossiper.doubts and not a.gossiper.outbound and not len(b.gossiper.ledger)
+        return not a.gossiper.doubts and not a.gossiper.tasks and not len(b.gossiper.ledger)
 
     deadline = asyncio.get_running_loop().time() + timeout
     while not quiet():
@@ -127,3 +131,98 @@ async def test_an_initiator_that_vanishes_after_preparing_leaves_the_responder_u
         assert b.learner.merges == 0 and b.gossiper.stats.declined == 1
         for k, v in params_of(b).items():
             np.testing.assert_array_equal(v, b0[k])
+
+
+async def test_a_decision_never_waits_and_one_xid_gets_one_outcome(make_config, http):
+    """Review finding: a commit that found the merge flag free but then queued behind another merge
+    committed on a stale check, while a retry of it was answered "aborted"."""
+    from gossipfl import wire
+
+    from .helpers import message
+
+    async with running(make_config(seed=1, no_train=True, gossip_interval=1000, discovery=("static",))) as (b,):
+        xid = wire.new_xid()
+        async with http.post(b.url + "/v1/gossip", data=message(b, xid=xid)) as r:
+            assert r.status == 200
+        b.gossiper._merging = True  # another merge is under way
+        async with http.post(f"{b.url}/v1/gossip/{xid}/commit") as r:
+            doc = await r.json()
+        assert doc["outcome"] == "aborted" and "another merge" in doc["reason"]
+        b.gossiper._merging = False
+        async with http.post(f"{b.url}/v1/gossip/{xid}/commit") as r:
+            assert (await r.json())["outcome"] == "aborted"  # the same answer, though it could merge now
+        assert b.learner.merges == 0
+
+
+async def test_a_commit_is_answered_without_waiting_for_the_learner(make_config, http):
+    """Review finding: the commit's answer waited for the merge, which waits for the learner's lock (held
+    by a long evaluation): the initiator timed out, went in doubt and backed off a healthy peer."""
+    import threading
+    import time
+
+    from gossipfl import wire
+
+    from .helpers import message, settled
+
+    async with running(make_config(seed=1, no_train=True, gossip_interval=1000, discovery=("static",))) as (b,):
+        xid = wire.new_xid()
+        async with http.post(b.url + "/v1/gossip", data=message(b, xid=xid)) as r:
+            assert r.status == 200
+        held, release = threading.Event(), threading.Event()
+
+        def evaluation():
+            with b.learner._lock:
+                held.set()
+                release.wait(10)
+
+        threading.Thread(target=evaluation, daemon=True).start()
+        held.wait(5)
+        start = time.monotonic()
+        async with http.post(f"{b.url}/v1/gossip/{xid}/commit") as r:
+            assert (await r.json())["outcome"] == "committed"
+        assert time.monotonic() - start < 0.5
+        assert b.learner.merges == 0  # decided and answered; applied once the lock is free
+        release.set()
+        await settled(b)
+        assert b.learner.merges == 1
+
+
+async def test_a_merge_learned_late_keeps_weights_positive_and_merges_pause_only_briefly(make_config, http):
+    """Review finding: a commit learned late, after other merges, could push a node's push-sum weight
+    below zero, after which it could send nothing. Now, for FREEZE_S after an exchange goes in doubt the
+    node merges nothing else; after that it does, and a late commit is applied on top with the weight
+    kept positive and the push-sum mass of the network unchanged otherwise."""
+    cfg = dict(no_train=True, gossip_interval=1000, discovery=("static",))
+    async with running(*(make_config(seed=i, **cfg) for i in range(4))) as (a, b, c, d):
+        for node, w in ((a, 1000.0), (b, 10.0), (c, 10.0), (d, 10.0)):
+            node.learner.update(lambda s, w=w: (s.params, s.age, w))
+        quick(a)
+        a.gossiper.freeze_s = 1.0
+        a0, b0 = a.learner.merges, b.learner.merges  # (setting the weights counted as a merge)
+        total0 = sum(flatten(params_of(n)) for n in (a, b, c, d))
+        proxy = FaultProxy(b.url, hold=3.0)
+        proxy.plan["commit"] = [Phase.LOSE_REPLY, Phase.LOSE_REQUEST, Phase.LOSE_REQUEST]
+        async with proxy.running() as via:
+            a.peers.upsert(b.id, via, "digits", "static")
+            assert await a.gossiper.exchange(http, a.peers.get(b.id)) == "in_doubt"
+            a.peers.remove(b.id)
+            # frozen: inbound commits are aborted, and a starts nothing
+            assert a.gossiper.frozen()
+            c.peers.upsert(a.id, a.url, "digits", "static")
+            assert await c.gossiper.exchange(http, c.peers.get(a.id)) == "aborted"
+            await asyncio.sleep(1.1)
+            assert not a.gossiper.frozen()
+            for other in (c, d):  # after the freeze, a merges with others while still in doubt about b
+                other.peers.upsert(a.id, a.url, "digits", "static")
+                assert await other.gossiper.exchange(http, other.peers.get(a.id)) == "ok"
+                await asyncio.sleep(0.05)
+            assert a.gossiper.doubts and b.learner.merges == b0 + 1  # b did commit, a does not know yet
+            await settle(a, b, http, proxy, timeout=20)
+        assert a.gossiper.stats.late == 1 and a.learner.merges == a0 + 3
+        weights = [n.learner.weight for n in (a, b, c, d)]
+        assert min(weights) > 0, weights  # a's would have been 257.5 - 495 = -237.5
+        np.testing.assert_allclose(sum(flatten(params_of(n)) for n in (a, b, c, d)), total0, rtol=0, atol=1e-5)
+        from gossipfl import wire
+
+        async with http.get(a.url + "/v1/model") as r:  # a can still send its model
+            wire.decode(await r.read(), a.gossiper.spec)

@@ -8,7 +8,7 @@ from gossipfl.consensus import consensus_distance, flatten, network_mean
 from gossipfl.learning.digits import DigitsTask
 from gossipfl.learning.learner import build_seeded
 
-from .helpers import params_of, running, spread, wait_for
+from .helpers import params_of, running, settled, spread, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -53,6 +53,7 @@ async def test_one_exchange_leaves_both_partners_at_the_exact_average(make_confi
             assert b.peers.get(a.id).source == "static"
             a0, b0 = params_of(a), params_of(b)
             assert await b.gossiper.exchange(http, b.peers.get(a.id)) == "ok"
+            await settled(a, b)
             expected = merge.weighted_mean(a0, b0, 1.0, 1.0)
             for k in expected:
                 np.testing.assert_array_equal(params_of(a)[k], expected[k])
@@ -174,6 +175,7 @@ async def test_one_exchange_applies_the_merge_rule_on_both_sides(make_config, ht
         )
         b.peers.upsert(a.id, a.url, "digits", "static")
         assert await b.gossiper.exchange(http, b.peers.get(a.id)) == "ok"
+        await settled(a, b)
         for node in (a, b):
             state = node.learner.snapshot()
             assert state.age == 90 and state.weight == 3.0

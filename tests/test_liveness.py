@@ -13,7 +13,7 @@ from gossipfl import wire
 from gossipfl.consensus import flatten
 
 from .faults import Fault, FaultProxy, Phase, faulty_peer, json_of, raw_request, read_response, status_of
-from .helpers import message, params_of, running, wait_for
+from .helpers import message, params_of, running, settled, wait_for
 from .tasks import BatchNormTask, BrokenTask, CountingTask, SlowEvalTask
 
 pytestmark = pytest.mark.timeout(60)
@@ -111,6 +111,7 @@ async def test_a_hung_peer_does_not_block_inbound_exchanges(make_config, http):
                     assert r.status == 200
                 async with http.post(f"{node.url}/v1/gossip/{xid}/commit") as r:
                     assert (await r.json())["outcome"] == "committed"
+                await wait_for(lambda: not node.gossiper._background, 5, interval=0.01)  # applied
             assert not hung.done()
             assert await hung == "failed"
         assert node.gossiper.stats.served == 3 and node.peers.get("hung").failures == 1
@@ -121,11 +122,11 @@ async def test_stop_cancels_an_exchange_stuck_on_a_peer(make_config, http):
         node.gossiper.timeout = aiohttp.ClientTimeout(total=60)  # as for a big model on a slow link
         async with faulty_peer(Fault.HANG) as (url, seen):
             node.peers.upsert("hung", url, "digits", "static")
-            assert await wait_for(lambda: node.gossiper.outbound, timeout=5)
+            assert await wait_for(lambda: node.gossiper.tasks, timeout=5)
             start = time.monotonic()
             await node.stop()
             assert time.monotonic() - start < 5
-            assert not node.gossiper.outbound
+            assert not node.gossiper.tasks
 
 
 async def test_inbound_exchanges_are_refused_before_their_body_is_read_when_there_is_no_room(make_config):
@@ -269,6 +270,8 @@ async def test_a_huge_age_cannot_stop_learning_or_make_a_node_unsendable(make_co
         age_before = node.learner.age
         async with http.post(f"{node.url}/v1/gossip/{xid}/commit") as r:
             assert (await r.json())["outcome"] == "committed"
+        await settled(node)
+        assert node.learner.merges == 1
         assert node.learner.age <= age_before + 10_000 + 100  # one claim adds at most 10,000 steps
         lr = node.learner.lr_at(node.learner.steps)
         assert lr == pytest.approx(node.learner.lr / (1 + node.learner.steps / node.learner.lr_decay_steps))
@@ -292,6 +295,7 @@ async def test_batchnorm_running_statistics_are_gossiped(make_config, http):
             b.learner.model[1].running_mean.fill_(4.0)
         b.peers.upsert(a.id, a.url, "batchnorm", "static")
         assert await b.gossiper.exchange(http, b.peers.get(a.id)) == "ok"
+        await settled(a, b)
         for node, batches in ((a, 7), (b, 0)):
             bn = node.learner.model[1]
             assert bn.running_mean.tolist() == [3.0] * 8
@@ -313,6 +317,7 @@ async def test_local_steps_during_an_exchange_are_kept(make_config, http):
             a.peers.upsert(b.id, via, "counting", "static")
             steps0 = a.learner.steps
             assert await a.gossiper.exchange(http, a.peers.get(b.id)) == "ok"
+        await settled(a, b)
         with a.learner._lock:
             steps, w_a = a.learner.steps, float(a.learner.model.w[0].detach())
         w_b = float(params_of(b)["w"][0])

@@ -96,3 +96,11 @@ def test_error_kind_names_the_type_and_the_raising_line():
         kind = error_kind(e)
     assert kind.startswith("KeyError at test_supervise.py:")
     assert error_kind(ValueError("never raised")) == "ValueError"
+
+
+def test_errors_outside_a_round_are_counted_but_never_fatal():
+    sup, fatal = supervisor(max_consecutive=2)
+    for _ in range(5):
+        sup.error("gossip", RuntimeError("an exchange task failed"), in_a_round=False)
+    h = sup.loops["gossip"]
+    assert h.errors == 5 and h.consecutive == 0 and fatal == []
