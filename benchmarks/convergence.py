@@ -229,7 +229,8 @@ def paired_gap(runs: list[float], references: list[float]) -> str:
 
 
 def recipe(cfg: NodeConfig) -> str:
-    step = f"lr {cfg.lr:g}" + (f" decaying as lr/(1+age/{cfg.lr_decay_steps:g})" if cfg.lr_decay_steps else "")
+    decay = f" decaying as lr/(1+steps/{cfg.lr_decay_steps:g}) (a node's own steps)" if cfg.lr_decay_steps else ""
+    step = f"lr {cfg.lr:g}{decay}"
     opt = f"SGD momentum {cfg.momentum:g}" if cfg.optimizer == "sgd" else "Adam"
     return f"{opt}, {step}, batch {cfg.batch_size}"
 

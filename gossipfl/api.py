@@ -9,7 +9,7 @@ from aiohttp import web
 
 from . import inference_api, modelfile, openapi, wire
 from .exchange import ABORTED
-from .gossip import Busy, Conflict, timeout_for
+from .gossip import Busy, Conflict, Unavailable, timeout_for
 from .httpio import NODE_KEY, BodyError, TooLarge, error, read_limited
 
 if TYPE_CHECKING:
@@ -53,7 +53,11 @@ async def get_model(request: web.Request) -> web.Response:
     node = request.app[NODE_KEY]
     fmt = request.query.get("format", "msgpack")
     if fmt == "msgpack":  # the gossip payload of the working model
-        return web.Response(body=await node.model_payload(), content_type=wire.CONTENT_TYPE)
+        try:
+            body = await node.model_payload()
+        except wire.WireError as e:  # the model itself is not sendable (not finite): the node's problem
+            return error(503, f"the working model cannot be sent: {e}")
+        return web.Response(body=body, content_type=wire.CONTENT_TYPE)
     if fmt == "safetensors":  # the served model, for torch
         body = await node.model_file()
         name = f"{node.task.name}-{node.id}.safetensors"
@@ -101,6 +105,8 @@ async def post_gossip(request: web.Request) -> web.Response:
             return error(409, str(e))
         except wire.WireError as e:
             return error(400, str(e))
+        except Unavailable as e:
+            return error(503, str(e))
     finally:
         gossiper.release()
     return web.Response(body=reply, content_type=wire.CONTENT_TYPE)

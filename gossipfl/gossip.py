@@ -63,6 +63,10 @@ class Conflict(Exception):
     """The exchange id was already decided: HTTP 409."""
 
 
+class Unavailable(Exception):
+    """This node's own model cannot be sent (not finite): HTTP 503, the node's fault, not the peer's."""
+
+
 class ExchangeError(Exception):
     """The peer answered, but not with a usable reply."""
 
@@ -255,8 +259,8 @@ class Gossiper:
 
     async def prepare(self, body: bytes, remote: str | None = None) -> bytes:
         """Phase 1 of an exchange started by a peer (from address ``remote``): reply with this node's state,
-        keep the merge for the decision. Raises wire.WireError (400), Conflict or Busy (409); the model
-        is never changed here."""
+        keep the merge for the decision. Raises wire.WireError (400), Conflict or Busy (409), Unavailable
+        (503); the model is never changed here."""
         try:
             msg = self._decode(body)
         except wire.WireError:
@@ -273,7 +277,10 @@ class Gossiper:
         if self._closed:
             raise Busy("node is stopping")
         state, merged = await asyncio.to_thread(self._snapshot_and_merge, msg)
-        reply = self.encode_state(state, xid)
+        try:
+            reply = self.encode_state(state, xid)
+        except wire.WireError as e:
+            raise Unavailable(f"this node's model cannot be sent: {e}") from None
         if self.ledger.outcome(xid) is not None or self.ledger.prepared(xid) is not None:
             raise Conflict(f"exchange {xid} was decided while it was being prepared")
         self.ledger.prepare(xid, msg.sender, state, merged, self.clock())

@@ -90,8 +90,14 @@ async def infer(request: web.Request) -> web.Response:
 
 async def _infer(request: web.Request, node: Node) -> web.Response:
     limit = max_infer_body(node)
+    if node.inference_uploads.locked():  # enough bodies on their way already: do not take this one in
+        resp = error(503, "too many inference requests being received at once; retry")
+        resp.headers["Retry-After"] = "1"
+        resp.force_close()
+        return resp
     try:
-        body = await read_limited(request.content, request.content_length, limit, timeout_for(limit))
+        async with node.inference_uploads:
+            body = await read_limited(request.content, request.content_length, limit, timeout_for(limit))
     except TooLarge as e:
         return error(413, str(e))
     sig = node.signature

@@ -46,6 +46,7 @@ from .supervise import Supervisor
 STOP_GRACE_S = 3.0  # on stop, loops and exchanges in flight get this long, then are cancelled
 SEED_RETRY_S = 5.0
 INFERENCE_CONCURRENCY = 2  # inference requests running at once; others wait their turn
+INFERENCE_UPLOADS = 8  # inference bodies being received at once; more are answered 503
 MAX_INBOUND_PROBES = 16  # unknown callers being identified at once; more wait for their next call
 
 
@@ -131,6 +132,7 @@ class Node:
         self._started = False
         self.last_eval: Evaluation | None = None
         self.inference_slots = asyncio.Semaphore(INFERENCE_CONCURRENCY)
+        self.inference_uploads = asyncio.Semaphore(INFERENCE_UPLOADS)
         self._probing: set[str] = set()  # addresses of inbound peers being identified
         self.partition = config.partition  # K/N, resolved at start when it is auto/N
         self.partition_source: str | None = None  # the name whose ordinal gave K (auto/N)

@@ -59,7 +59,9 @@ def _v2_model_paths(versioned: bool) -> dict[str, Any]:
                     },
                     "400": ERROR,
                     "404": ERROR,
+                    "408": ERROR,
                     "413": ERROR,
+                    "503": ERROR,
                 },
                 parameters=[
                     *params,
@@ -123,6 +125,7 @@ def document(model_name: str) -> dict[str, Any]:
                             "content": {MSGPACK: {}, "application/octet-stream": {}},
                         },
                         "400": ERROR,
+                        "503": ERROR,
                     },
                     parameters=[
                         {
@@ -145,6 +148,7 @@ def document(model_name: str) -> dict[str, Any]:
                         "408": ERROR,
                         "409": ERROR,
                         "413": ERROR,
+                        "503": ERROR,
                     },
                     requestBody={"required": True, "content": {MSGPACK: {}}},
                 )

@@ -34,7 +34,7 @@ import numpy as np
 
 from . import wire
 from .consensus import consensus_distance, flatten, network_mean
-from .learning.learner import build_seeded
+from .learning.learner import build_seeded, gossiped_tensors
 from .learning.registry import get_task
 from .logs import ROOT as LOG_ROOT
 from .logs import setup_logging
@@ -516,7 +516,8 @@ async def run_testbed(opts: TestbedOptions) -> int:
     out.mkdir(parents=True, exist_ok=True)
     launcher = make_launcher(opts, out)
     task = get_task(opts.task, opts.data)
-    spec = wire.spec_of({k: v.detach().numpy() for k, v in build_seeded(task.build_model, 0).named_parameters()})
+    model = build_seeded(task.build_model, 0)
+    spec = wire.spec_of({k: v.detach().numpy() for k, v in gossiped_tensors(model).items()})
     tag = secrets.token_hex(2)
     ids = [f"node{i}-{tag}" for i in range(opts.nodes)]
     nodes: list[WatchedNode] = []

@@ -325,3 +325,27 @@ async def test_local_steps_during_an_exchange_are_kept(make_config, http):
         assert steps - sent >= 5  # a really trained while the exchange was in flight...
         assert sent >= steps0
         assert w_a == w_b + (steps - sent)  # ...and kept exactly those steps on top of the merge
+
+
+async def test_inference_uploads_are_capped_and_a_broken_model_is_not_sent(make_config, http):
+    """Defect 5: bodies of any route were read with no limit on how many at once. And a model that is
+    not finite is not sent on /v1/model (the node would send what its peers refuse): 503."""
+    async with running(make_config(gossip_interval=1000, **NO_TRAIN)) as (node,):
+        head = b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n"
+        stalled = [await asyncio.open_connection("127.0.0.1", node.port) for _ in range(8)]
+        for _, w in stalled:
+            w.write(head + b"{")
+            await w.drain()
+        assert await wait_for(node.inference_uploads.locked, timeout=5)
+        reply = await raw_request(node.port, head, b"{")
+        assert status_of(reply) == 503 and b"Retry-After: 1" in reply and "retry" in json_of(reply)["error"]
+        for _, w in stalled:
+            w.close()
+        assert await wait_for(lambda: not node.inference_uploads.locked(), timeout=5)
+        node.learner.update(lambda s: ({k: np.full_like(v, np.nan) for k, v in s.params.items()}, s.age, s.weight))
+        async with http.get(node.url + "/v1/model") as r:
+            assert r.status == 503 and "cannot be sent" in (await r.json())["error"]
+        valid = message(node, {k: np.zeros_like(v) for k, v in params_of(node).items()})
+        async with http.post(node.url + "/v1/gossip", data=valid) as r:  # not the sender's fault: 503
+            assert r.status == 503 and "model cannot be sent" in (await r.json())["error"]
+        assert node.gossiper.stats.rejected == 0 and len(node.gossiper.ledger) == 0
