@@ -197,7 +197,7 @@ async def test_nodes_run_other_tasks(make_config, tmp_path):
     ]
     async with running(*configs) as nodes:
         # each really trains and is scored after training (not just the evaluation made at start)
-        assert await wait_for(lambda: all(n.learner.steps >= 20 for n in nodes), timeout=20)
+        assert await wait_for(lambda: all(n.learner.steps >= 60 for n in nodes), timeout=30)  # > publish_after_steps
         evals = [n.supervisor.loops["eval"].rounds for n in nodes]
         assert await wait_for(
             lambda: all(n.supervisor.loops["eval"].rounds > e for n, e in zip(nodes, evals, strict=True)), 10
