@@ -41,11 +41,11 @@ async def test_a_faulty_peer_does_not_stop_gossip_with_a_healthy_one(make_config
             a.peers.upsert(b.id, b.url, "digits", "static")
             assert await wait_for(lambda: "/v1/gossip" in seen, timeout=10)
             after_first = committed(a)
-            # the node retries the faulty peer after its backoff, and meanwhile keeps exchanging with b
-            assert await wait_for(lambda: seen.count("/v1/gossip") >= 2 and committed(a) >= after_first + 10, 20), (
-                seen,
-                a.gossiper.stats,
-            )
+            # while the faulty peer fails (a hang takes the 2 s timeout), the node keeps exchanging with b
+            # at its usual pace, about 10 a second here...
+            assert await wait_for(lambda: committed(a) >= after_first + 10, 5), a.gossiper.stats
+            # ...and tries the faulty peer again once its backoff has passed: nothing stopped the gossip
+            assert await wait_for(lambda: seen.count("/v1/gossip") >= 2, 20), (seen, a.gossiper.stats)
             assert a.peers.get("faulty").failures >= 1 and a.gossiper.stats.failed >= 1
             assert a.status()["loops"]["gossip"]["errors"] == 0  # a failed exchange, not a crashed loop
             start = time.monotonic()
