@@ -95,3 +95,13 @@ def test_doubts_are_bounded_and_the_oldest_is_given_up():
     assert [e.xid for e in book.add(InDoubt("x3", "p3", "u", "s", "m", since=2.0), now=2.0)] == ["x1"]
     assert book.peers() == {"p2", "p3"}
     assert book.fresh(now=3.5, within=2.0) and not book.fresh(now=4.0, within=2.0)
+
+
+def test_retries_double_until_the_cap():
+    book = DoubtBook(retry_base=1.0, retry_max=100.0)
+    book.add(InDoubt("x", "p", "u", "s", "m", since=0.0), now=0.0)
+    delays = []
+    for _ in range(4):
+        book.retry_later("x", 10.0)
+        delays.append(book.due(1e9)[0].next_try - 10.0)
+    assert delays == [2.0, 4.0, 8.0, 16.0]

@@ -226,3 +226,49 @@ async def test_a_merge_learned_late_keeps_weights_positive_and_merges_pause_only
 
         async with http.get(a.url + "/v1/model") as r:  # a can still send its model
             wire.decode(await r.read(), a.gossiper.spec)
+
+
+async def test_an_initiator_that_gives_up_tells_the_responder_at_once(make_config, http):
+    """The best-effort abort: a responder learns within moments that a prepared exchange will never be
+    committed (it would otherwise hold it, and the memory of two states, until it expires)."""
+    cfg = dict(no_train=True, gossip_interval=1000, discovery=("static",))
+    async with running(make_config(seed=1, **cfg), make_config(seed=2, **cfg)) as (a, b):
+        quick(a)
+        b.gossiper.ledger.prepare_ttl = 60.0  # only the abort can end it in time
+        proxy = FaultProxy(b.url, hold=2.0)
+        proxy.plan["prepare"] = [Phase.LOSE_REPLY]
+        async with proxy.running() as via:
+            a.peers.upsert(b.id, via, "digits", "static")
+            assert await a.gossiper.exchange(http, a.peers.get(b.id)) == "failed"
+            assert await wait_for(lambda: len(b.gossiper.ledger) == 0, timeout=3)
+        assert b.gossiper.stats.declined == 1 and "abort:200" in proxy.forwarded
+        assert b.learner.merges == 0
+
+
+async def test_a_merge_learned_late_keeps_batchnorm_variances_non_negative(make_config, http):
+    """As above, with the running variance of BatchNorm: a late half-merge applied on top of others could
+    push it below zero (and the model's outputs to NaN)."""
+    from .tasks import BatchNormTask
+
+    cfg = dict(task="batchnorm", no_train=True, gossip_interval=1000, discovery=("static",))
+    async with running(*(make_config(seed=i, **cfg) for i in range(4)), task=BatchNormTask(128)) as (a, b, c, d):
+        for node, var in ((a, 100.0), (b, 0.01), (c, 0.01), (d, 0.01)):
+            with node.learner._lock:
+                node.learner.model[1].running_var.fill_(var)
+        quick(a)
+        a.gossiper.freeze_s = 0.5
+        proxy = FaultProxy(b.url, hold=3.0)
+        proxy.plan["commit"] = [Phase.LOSE_REPLY, Phase.LOSE_REQUEST, Phase.LOSE_REQUEST]
+        async with proxy.running() as via:
+            a.peers.upsert(b.id, via, "batchnorm", "static")
+            assert await a.gossiper.exchange(http, a.peers.get(b.id)) == "in_doubt"
+            a.peers.remove(b.id)
+            await asyncio.sleep(0.6)
+            for other in (c, d):  # a's variance: 100 -> 50 -> 25; b's commit then takes (0.01 - 100) / 2
+                other.peers.upsert(a.id, a.url, "batchnorm", "static")
+                assert await other.gossiper.exchange(http, other.peers.get(a.id)) == "ok"
+                await asyncio.sleep(0.05)
+            await settle(a, b, http, proxy, timeout=20)
+        assert a.gossiper.stats.late == 1
+        var = a.learner.model[1].running_var
+        assert float(var.min()) >= 0.0, var  # 25 - 50 would be -25

@@ -168,3 +168,27 @@ def test_a_huge_claimed_age_gets_a_bounded_weight_under_the_age_rule():
     m = merge.age_weighted(young, liar)
     assert m.age == 30_000
     assert m.params["w"][0] == pytest.approx(30_000 / 50_000, rel=1e-6)  # not 1.0: the claim was capped
+
+
+def test_a_late_merge_keeps_only_what_was_non_negative_everywhere_non_negative():
+    f32 = lambda *v: np.array(v, np.float32)  # noqa: E731
+    current = {"var": f32(0.0, 2.0), "w": f32(-1.0, 1.0), "empty": np.zeros(0, np.float32)}
+    sent = {"var": f32(4.0, 4.0), "w": f32(1.0, 1.0), "empty": np.zeros(0, np.float32)}
+    merged = {"var": f32(0.5, 3.0), "w": f32(0.0, 1.0), "empty": np.zeros(0, np.float32)}
+    result = {"var": f32(-3.5, 0.5), "w": f32(-2.0, 0.25), "empty": np.zeros(0, np.float32)}
+    out = merge.keep_nonnegative(result, current, sent, merged)
+    assert out["var"].tolist() == [0.0, 0.5] and out["var"].dtype == np.float32  # clamped; a 0 counts as >= 0
+    assert out["w"].tolist() == [-2.0, 0.25]  # had negatives somewhere: left alone
+    assert out["empty"].shape == (0,)
+
+
+def test_a_late_merge_keeps_the_weight_positive():
+    assert merge.keep_positive_weight(-5.0, 10.0, 20.0) == 5.0  # half the smaller of current and merged
+    assert merge.keep_positive_weight(7.0, 10.0, 20.0) == 7.0  # positive already: untouched
+
+
+def test_rebase_keeps_each_arrays_dtype():
+    cur = {"w": np.ones(3, np.float32), "h": np.ones(2, np.float16)}
+    out = merge.rebase(cur, {k: v * 2 for k, v in cur.items()}, {k: v * 3 for k, v in cur.items()})
+    assert out["w"].dtype == np.float32 and out["h"].dtype == np.float16
+    assert out["w"].tolist() == [2.0, 2.0, 2.0]

@@ -111,3 +111,26 @@ def test_timeouts_from_every_source_count_and_only_learned_peers_are_forgotten()
         assert t.get(source).failures == 5 and t.get(source).retry_at > 0
     assert sorted(t.expire(("dns", "pex", "inbound"), 5)) == ["dns", "inbound", "pex"]
     assert sorted(p.id for p in t.all()) == ["mdns", "static"]
+
+
+def test_membership_and_self_are_told_apart():
+    t = PeerTable("me", clock=Clock())
+    t.upsert("a", "http://a:1", None, "static")
+    assert "a" in t and "z" not in t and "me" not in t
+    assert t.ignore("me", "http://me:1", "anything") is False and t.ignored() == []  # never ignores itself
+    assert t.ignore("b", "http://b:1", "other task") is True and t.ignore("b", "http://b:1", "other task") is False
+    assert t.ignore("b", "http://b:1", "other cluster") is True  # a new reason is news
+
+
+def test_the_second_busy_answer_in_a_row_starts_the_backoff():
+    clock = Clock()
+    t = PeerTable("me", backoff_base=1.0, backoff_max=8.0, clock=clock)
+    t.upsert("a", "http://a:1", None, "mdns")
+    t.mark_busy("a")
+    assert t.get("a").retry_at == 0.0
+    t.mark_busy("a")
+    assert t.get("a").retry_at == clock.t + 1.0  # from the second 409 on
+    for p in "a":
+        t.mark_failed(p)
+    t.refresh("a")
+    assert t.get("a").retry_at == 0.0

@@ -243,3 +243,15 @@ def test_state_digest_tells_models_apart():
     b = {**a, "b": np.array([0.5, -1.5], "<f4")}
     assert wire.state_digest(a) == wire.state_digest({k: v.copy() for k, v in a.items()})
     assert wire.state_digest(a) != wire.state_digest(b) and len(wire.state_digest(a)) == 12
+
+
+def test_digests_are_part_of_the_contract():
+    """Nodes compare these over mDNS and /v1/status: a change here splits a cluster of mixed versions."""
+    from gossipfl.learning.digits import DigitsTask
+    from gossipfl.learning.learner import build_seeded, gossiped_tensors
+
+    state = {k: v.detach().numpy() for k, v in gossiped_tensors(build_seeded(DigitsTask().build_model, 0)).items()}
+    assert wire.spec_digest(wire.spec_of(state)) == "d7e891428c21"  # names, dtypes and shapes only
+    fixed = {"w": np.arange(6, dtype="<f4").reshape(2, 3), "b": np.array([0.5, -1.0], "<f4")}
+    assert wire.state_digest(fixed) == "d6c5c9c41b86"
+    assert wire.state_digest(fixed) != wire.state_digest({**fixed, "w": fixed["w"].reshape(3, 2)})
