@@ -13,11 +13,11 @@ from dataclasses import replace
 
 import torch
 
+from gossipfl.assembly import build_learner
 from gossipfl.config import NodeConfig
-from gossipfl.learning.digits import DigitsTask
 from gossipfl.learning.partition import iid_partition
 from gossipfl.learning.task import Dataset
-from gossipfl.node import build_learner
+from gossipfl.learning.tasks.digits import DigitsTask
 
 
 def train_eval(train: Dataset, test: Dataset, seed: int, steps: int) -> float:

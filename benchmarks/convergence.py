@@ -44,12 +44,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gossipfl.cli import node_config_from_args
+from gossipfl.args import node_config_from_args
+from gossipfl.assembly import build_learner, init_seed
 from gossipfl.config import NodeConfig
-from gossipfl.learning.digits import DigitsTask
 from gossipfl.learning.partition import label_skew, partition
 from gossipfl.learning.task import Dataset, TaskData
-from gossipfl.node import build_learner, init_seed
+from gossipfl.learning.tasks.digits import DigitsTask
 from gossipfl.testbed import TestbedOptions, run_testbed
 
 RESULTS = Path(__file__).parent / "results"

@@ -45,9 +45,9 @@ from pathlib import Path
 import msgpack
 import numpy as np
 
-from gossipfl.consensus import flatten
-from gossipfl.learning.digits import DigitsTask
 from gossipfl.learning.learner import build_seeded, gossiped_tensors
+from gossipfl.learning.tasks.digits import DigitsTask
+from gossipfl.protocol.consensus import flatten
 
 RESULTS = Path(__file__).parent / "results"
 ROOT = Path(__file__).resolve().parent.parent

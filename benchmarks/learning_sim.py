@@ -22,10 +22,10 @@ import random
 import numpy as np
 import torch
 
-from gossipfl.learning.digits import DigitsTask
 from gossipfl.learning.learner import Learner, build_seeded
 from gossipfl.learning.partition import partition
 from gossipfl.learning.task import Dataset
+from gossipfl.learning.tasks.digits import DigitsTask
 
 
 def mean_params(nodes: list[Learner]) -> dict[str, np.ndarray]:

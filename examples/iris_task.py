@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from gossipfl.learning.task import ClassificationTask, InputSpec, TaskData, split
+from gossipfl import ClassificationTask, InputSpec, TaskData, split
 
 
 class Standardize(nn.Module):

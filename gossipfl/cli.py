@@ -6,56 +6,25 @@ import argparse
 import asyncio
 import signal
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING
 
-from .config import ConfigError, NodeConfig, load_config, option_fields
+from gossipfl.args import add_node_options, config_from_namespace
+from gossipfl.config import ConfigError, NodeConfig
+from gossipfl.version import __version__
 
 if TYPE_CHECKING:
-    from .learning.task import Task
-
-
-def _add_node_options(p: argparse.ArgumentParser) -> None:
-    """One flag per NodeConfig field; defaults are suppressed so only given flags reach load_config."""
-    p.add_argument("--config", metavar="FILE", help="TOML file with node options (env: GOSSIPFL_CONFIG)")
-    for f in option_fields():
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata.get('help', '')} (env GOSSIPFL_{f.name.upper()}; default {f.default!r})"
-        if str(f.type) == "bool":
-            p.add_argument(flag, action="store_const", const=True, default=argparse.SUPPRESS, help=help_text)
-        else:
-            p.add_argument(flag, default=argparse.SUPPRESS, metavar=f.name.upper(), help=help_text)
-
-
-class _NodeOptionsParser(argparse.ArgumentParser):
-    """Parses ``gossipfl node`` options given as a list (the testbed's ``-- NODE OPTIONS`` in inproc
-    mode): an error raises ConfigError instead of printing usage and exiting."""
-
-    def error(self, message: str) -> NoReturn:
-        raise ConfigError(f"node options: {message}")
-
-
-def node_config_from_args(argv: Sequence[str], env: Mapping[str, str] | None = None) -> NodeConfig:
-    """The NodeConfig that ``gossipfl node ARGV`` would run with, from the same flags and the same merge
-    (``--config FILE`` and the ``GOSSIPFL_*`` environment included, as for a node process)."""
-    parser = _NodeOptionsParser(prog="gossipfl node", add_help=False)
-    _add_node_options(parser)
-    return _config_from_namespace(parser.parse_args(list(argv)), env)
-
-
-def _config_from_namespace(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> NodeConfig:
-    """Merge the node flags that were given (defaults are suppressed) with env, config file and defaults."""
-    cli: dict[str, Any] = {f.name: getattr(args, f.name) for f in option_fields() if hasattr(args, f.name)}
-    return load_config(cli, env=env, config_file=args.config)
+    from gossipfl.learning.task import Task
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gossipfl", description="Peer-to-peer, serverless learning.")
+    parser.add_argument("--version", action="version", version=f"gossipfl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     node = sub.add_parser("node", help="run one node until SIGINT/SIGTERM")
-    _add_node_options(node)
+    add_node_options(node)
 
     tb = sub.add_parser("testbed", help="launch N nodes on 127.0.0.1 (mDNS on loopback) and watch them")
     tb.add_argument("--nodes", type=int, default=8)
@@ -105,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def _run_node(config: NodeConfig, task: Task) -> int:
-    from .node import Node, StartError
+    from gossipfl.node import Node, StartError
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -143,9 +112,9 @@ def raise_fd_limit() -> None:
 
 
 def cmd_node(args: argparse.Namespace) -> int:
-    config = _config_from_namespace(args)
-    from .learning.registry import get_task
-    from .logs import setup_logging
+    config = config_from_namespace(args)
+    from gossipfl.common.logs import setup_logging
+    from gossipfl.learning.registry import get_task
 
     try:
         task = get_task(config.task, config.data)  # fail early, before anything starts
@@ -160,14 +129,14 @@ def cmd_node(args: argparse.Namespace) -> int:
 
 
 def cmd_testbed(args: argparse.Namespace) -> int:
-    from .logs import setup_logging
-    from .testbed import TestbedOptions, run_testbed
+    from gossipfl.common.logs import setup_logging
+    from gossipfl.testbed import TestbedOptions, run_testbed
 
     setup_logging("text", "info")
     extra = list(args.node_args)
     if extra and extra[0] == "--":
         extra = extra[1:]
-    from .learning.registry import get_task
+    from gossipfl.learning.registry import get_task
 
     if "--data" in extra or any(a.startswith("--data=") for a in extra):
         raise ConfigError("give --data to the testbed, before --: it reads the file too (the model's shape)")
@@ -202,7 +171,7 @@ def cmd_testbed(args: argparse.Namespace) -> int:
 def cmd_peers(args: argparse.Namespace) -> int:
     import json
 
-    from .discovery import browse
+    from gossipfl.discovery.mdns import browse
 
     interfaces = [i.strip() for i in args.mdns_interface.split(",") if i.strip()]
     found = asyncio.run(browse(interfaces, args.timeout))
@@ -218,7 +187,7 @@ def cmd_peers(args: argparse.Namespace) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from .client import pull
+    from gossipfl.serving.client import pull
 
     info = pull(args.url, args.output)
     meta = info["metadata"]
@@ -232,7 +201,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
 def cmd_query(args: argparse.Namespace) -> int:
     import json
 
-    from .client import load_input, query
+    from gossipfl.serving.client import load_input, query
 
     out = query(args.url, load_input(args.input), model=args.model)
     if args.json or "label" not in out:
@@ -247,7 +216,7 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .client import ClientError
+    from gossipfl.serving.client import ClientError
 
     args = build_parser().parse_args(argv)
     commands = {"node": cmd_node, "testbed": cmd_testbed, "peers": cmd_peers, "pull": cmd_pull, "query": cmd_query}

@@ -16,8 +16,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .learning.partition import parse_scheme
-from .merge import RULES
+from gossipfl.discovery.seeds import parse_hostport
+from gossipfl.learning.partition import parse_scheme
+from gossipfl.protocol.merge import RULES
 
 ENV_PREFIX = "GOSSIPFL_"
 DISCOVERY_BACKENDS = ("mdns", "static", "dns")
@@ -113,13 +114,6 @@ def parse_partition(text: str) -> tuple[int | None, int]:
     return k, n
 
 
-def parse_hostport(text: str) -> tuple[str, int]:
-    host, sep, port_s = text.strip().rpartition(":")
-    if not sep or not host or not port_s.isdigit() or not 0 < int(port_s) < 65536:
-        raise ConfigError(f"seed {text!r}: expected host:port with a port from 1 to 65535")
-    return host.strip("[]"), int(port_s)
-
-
 _DNS_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _DNS_NAME_RE = re.compile(rf"^(?=.{{1,253}}$){_DNS_LABEL}(\.{_DNS_LABEL})*\.?$")
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
@@ -143,7 +137,10 @@ def validate(c: NodeConfig) -> None:
         except ValueError:
             raise ConfigError(f"mdns-interface {ip!r}: expected an IPv4 address") from None
     for s in c.seeds:
-        parse_hostport(s)
+        try:
+            parse_hostport(s)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if "dns" in c.discovery and not c.dns_name:
         raise ConfigError("discovery dns needs --dns-name NAME")
     if c.dns_name is not None and not _DNS_NAME_RE.match(c.dns_name):

@@ -7,133 +7,57 @@ from __future__ import annotations
 
 import asyncio
 import random
-import re
-import socket
 import time
 from typing import Any
 
 import aiohttp
 import numpy as np
 from aiohttp import web
-from zeroconf import NonUniqueNameException
 from zeroconf.asyncio import AsyncZeroconf
 
-from . import modelfile, replica, serving, wire
-from .api import build_app
-from .config import NodeConfig
-from .discovery import (
-    Identity,
-    MdnsDiscovery,
-    SeedDiscovery,
-    advertised_addresses,
-    make_zeroconf,
-    mdns_interfaces,
-)
-from .dns import DnsDiscovery, DnsError
-from .gossip import Gossiper
-from .httpserver import NodeRunner
-from .learning.learner import Learner, build_seeded, resolve_device
-from .learning.partition import class_histogram, partition
-from .learning.registry import build_checked, get_task, load_checked
-from .learning.task import Dataset, Evaluation, Task
-from .logs import node_logger
-from .metrics import NodeMetrics, Readings
-from .peers import PeerTable
-from .pex import PeerExchange
-from .probing import Prober
-from .supervise import Supervisor
+from gossipfl.assembly import bind_socket, build_learner, default_node_id, discovery_settings, resolve_shard
+from gossipfl.common.logs import node_logger
+from gossipfl.common.supervise import Supervisor
+from gossipfl.config import NodeConfig
+from gossipfl.discovery.identity import Identity
+from gossipfl.discovery.peers import PeerTable
+from gossipfl.discovery.service import Discovery, DiscoveryError
+from gossipfl.learning.partition import class_histogram, partition
+from gossipfl.learning.registry import get_task, load_checked
+from gossipfl.learning.task import Evaluation, Task
+from gossipfl.protocol import wire
+from gossipfl.protocol.gossiper import Gossiper
+from gossipfl.serving import modelfile
+from gossipfl.serving import predict as serving
+from gossipfl.serving.httpserver import NodeRunner
+from gossipfl.serving.metrics import NodeMetrics, Readings
+from gossipfl.serving.routes import build_app
 
 STOP_GRACE_S = 3.0  # on stop, loops and exchanges in flight get this long, then are cancelled
-SEED_RETRY_S = 5.0
 INFERENCE_CONCURRENCY = 2  # inference requests running at once; others wait their turn
 INFERENCE_UPLOADS = 8  # inference bodies being received at once; more are answered 503
-MAX_INBOUND_PROBES = 16  # unknown callers being identified at once; more wait for their next call
 
 
 class StartError(Exception):
     """The node cannot start as configured (port taken, mDNS interface missing, id in use)."""
 
 
-PUBLISH_AFTER_INTERVALS = 3
-
-
-def build_learner(task: Task, train: Dataset, test: Dataset, cfg: NodeConfig, *, weight: float = 1.0) -> Learner:
-    """The Learner a node with this configuration trains: model initialised from ``init_seed(cfg)``,
-    minibatch order from ``cfg.seed``, optimizer and schedule from ``cfg`` (benchmarks use it too, for
-    reference models trained the same way)."""
-    model = build_seeded(lambda: build_checked(task), init_seed(cfg))
-    return Learner(
-        task,
-        model,
-        train,
-        test,
-        seed=cfg.seed,
-        optimizer=cfg.optimizer,
-        lr=cfg.lr,
-        momentum=cfg.momentum,
-        lr_decay_steps=cfg.lr_decay_steps,
-        batch_size=cfg.batch_size,
-        weight=weight,
-        device=resolve_device(cfg.device),
-        publish_after_steps=publish_after_steps(cfg),
-    )
-
-
-def init_seed(cfg: NodeConfig) -> int:
-    """The seed of a node's initial model. By default every node of a training cluster starts from the
-    same parameters (seeded by the cluster-wide ``--data-seed``), as a federated server's first broadcast
-    would make them: averaging independently initialised networks mixes unrelated hidden units (they are
-    only defined up to a permutation) and shrinks the weights. Pure averaging (``--no-train``) starts
-    each node from its own ``--seed`` instead, so that there is something to average."""
-    if cfg.init_seed is not None:
-        return cfg.init_seed
-    return cfg.seed if cfg.no_train else cfg.data_seed
-
-
-def publish_after_steps(cfg: NodeConfig) -> int:
-    """Local steps after which a node that has not merged serves its working copy: three gossip
-    intervals' worth of training (0 with --no-train, where there are no local steps)."""
-    if cfg.no_train:
-        return 0
-    return round(PUBLISH_AFTER_INTERVALS * cfg.gossip_interval * cfg.steps_per_round / cfg.train_interval)
-
-
-def default_node_id(port: int) -> str:
-    host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname().split(".")[0]) or "node"
-    return f"{host[:50]}-{port}"
-
-
-def bind_socket(host: str, port: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError:
-        sock.close()
-        raise
-    sock.listen(128)
-    sock.setblocking(False)
-    return sock
-
-
 class Node:
     def __init__(self, config: NodeConfig, *, zeroconf: AsyncZeroconf | None = None, task: Task | None = None):
         self.config = config
         self.task = task or get_task(config.task, config.data)
-        self._shared_zc = zeroconf
-        self._own_zc: AsyncZeroconf | None = None
+        self._zeroconf = zeroconf
         self._stopping = asyncio.Event()
         self.failed = asyncio.Event()  # set when a background loop cannot go on (see supervise.py)
         self.failure: str | None = None
         self._tasks: list[asyncio.Task] = []
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
-        self._mdns: MdnsDiscovery | None = None
+        self.discovery: Discovery | None = None
         self._started = False
         self.last_eval: Evaluation | None = None
         self.inference_slots = asyncio.Semaphore(INFERENCE_CONCURRENCY)
         self.inference_uploads = asyncio.Semaphore(INFERENCE_UPLOADS)
-        self._probing: set[str] = set()  # addresses of inbound peers being identified
         self.partition = config.partition  # K/N, resolved at start when it is auto/N
         self.partition_source: str | None = None  # the name whose ordinal gave K (auto/N)
         self.train_loss: float | None = None
@@ -157,7 +81,9 @@ class Node:
         cfg = self.config
         try:
             data = await asyncio.to_thread(load_checked, self.task, cfg.data_seed)
-            k, n = await self._shard()
+            k, n, source = await resolve_shard(cfg.shard)
+            if source is not None:  # auto/N: the replica's ordinal
+                self.partition, self.partition_source = f"{k}/{n}", source
             self.shard = partition(data.train.y, n, cfg.partition_scheme, cfg.data_seed)[k]
             local = data.train.subset(self.shard)
             # push-sum weight = local sample count: the consensus becomes the data-weighted mean
@@ -201,29 +127,23 @@ class Node:
         await web.SockSite(self._runner, sock).start()
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10, sock_connect=2))
 
-        if "mdns" in cfg.discovery:
-            await self._start_mdns()
-        prober = Prober(identity=self.identity, peers=self.peers, session_factory=lambda: self._session, log=self.log)
-        if cfg.seeds:
-            self._loop("seeds", SEED_RETRY_S, SeedDiscovery(cfg.seeds, prober=prober, log=self.log).round)
-        if cfg.dns_name:
-            dns = DnsDiscovery(
-                cfg.dns_name, self.port, prober=prober, peers=self.peers, log=self.log, interval=cfg.dns_interval
-            )
-            try:
-                await dns.check()
-            except DnsError as e:
-                raise StartError(str(e)) from None
-            self._loop("dns", cfg.dns_interval, dns.round)
-        pex = PeerExchange(
-            prober=prober,
+        self.discovery = Discovery(
+            discovery_settings(cfg),
+            node_id=self.id,
+            port=self.port,
+            identity=self.identity,
             peers=self.peers,
             session_factory=lambda: self._session,
-            rng=random.Random(f"{cfg.seed}/pex/{self.id}"),
             log=self.log,
+            zeroconf=self._zeroconf,
         )
-        self._loop("pex", cfg.pex_interval, pex.round)
-        self.gossiper.on_inbound = lambda sender, url: self._learn_inbound(prober, url)
+        try:
+            rounds = await self.discovery.start()
+        except DiscoveryError as e:
+            raise StartError(str(e)) from None
+        for r in rounds:
+            self._loop(r.name, r.interval, r.work)
+        self.gossiper.on_inbound = lambda sender, url: self.discovery.learn_inbound(url)
 
         self.started_at = time.monotonic()
         session = self._session
@@ -251,61 +171,6 @@ class Node:
         self.failure = reason
         self.failed.set()
 
-    def _learn_inbound(self, prober: Prober, url: str) -> None:
-        """A peer we did not know exchanged with us: check who it is (once at a time per address)."""
-        if url in self._probing or len(self._probing) >= MAX_INBOUND_PROBES or self._stopping.is_set():
-            return
-        self._probing.add(url)
-
-        async def probe() -> None:
-            try:
-                await prober.probe(url, "inbound")
-            finally:
-                self._probing.discard(url)
-
-        self._spawn(probe())
-
-    async def _shard(self) -> tuple[int, int]:
-        k, n = self.config.shard
-        if k is not None:
-            return k, n
-        names = await asyncio.to_thread(replica.own_names)
-        found = replica.shard_index(names, n)
-        if found is None:
-            raise StartError(
-                f"partition auto/{n}: no replica ordinal in this host's names ({', '.join(names)}); "
-                "give --partition K/N"
-            )
-        self.partition = f"{found[0]}/{n}"
-        self.partition_source = found[1]
-        return found[0], n
-
-    async def _start_mdns(self) -> None:
-        cfg = self.config
-        interfaces = mdns_interfaces(cfg.host, cfg.mdns_interface)
-        where = ",".join(interfaces) or "all interfaces"
-        try:
-            if self._shared_zc is None:
-                self._own_zc = make_zeroconf(interfaces)
-            self._mdns = MdnsDiscovery(
-                self._shared_zc or self._own_zc,
-                node_id=self.id,
-                port=self.port,
-                addresses=advertised_addresses(cfg.host, interfaces),
-                identity=self.identity,
-                peers=self.peers,
-                log=self.log,
-            )
-            await self._mdns.start()
-        except NonUniqueNameException:
-            raise StartError(f"node id {self.id!r} is already taken on the network: choose another --id") from None
-        except OSError as e:
-            raise StartError(f"mDNS on {where}: {e.strerror or e}") from None
-
-    def _spawn(self, coro: Any) -> None:
-        self._tasks = [t for t in self._tasks if not t.done()]  # short-lived probes must not pile up
-        self._tasks.append(asyncio.get_running_loop().create_task(coro))
-
     async def stop(self) -> None:
         """Refuse new exchanges, give loops and exchanges in flight STOP_GRACE_S to finish (then cancel
         them), say goodbye on mDNS, then shut the HTTP side (requests in flight get up to 2 s more)."""
@@ -313,7 +178,8 @@ class Node:
             return
         self._stopping.set()
         self.gossiper.close()
-        tasks = self._tasks + self.gossiper.tasks
+        self.discovery.close()
+        tasks = self._tasks + self.gossiper.tasks + self.discovery.tasks
         _, pending = await asyncio.wait(tasks, timeout=STOP_GRACE_S) if tasks else (set(), set())
         for t in pending:
             t.cancel()
@@ -323,10 +189,8 @@ class Node:
 
     async def _close(self) -> None:
         """Release what start() acquired, in reverse order; safe on a partly started node."""
-        if self._mdns is not None:
-            await self._mdns.stop()
-        if self._own_zc is not None:
-            await self._own_zc.async_close()
+        if self.discovery is not None:
+            await self.discovery.stop()
         if self._runner is not None:
             await self._runner.cleanup()
         if self._session is not None:

@@ -5,4 +5,5 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/setup.sh
 .venv/bin/ruff check gossipfl tests benchmarks examples
 .venv/bin/ruff format --check gossipfl tests benchmarks examples
+.venv/bin/lint-imports --no-cache  # the layers contract in pyproject.toml (docs/architecture.md)
 exec .venv/bin/python -m pytest "$@"

@@ -10,10 +10,10 @@ from collections.abc import AsyncIterator, Callable
 import numpy as np
 from zeroconf.asyncio import AsyncZeroconf
 
-from gossipfl import wire
 from gossipfl.config import NodeConfig
-from gossipfl.consensus import consensus_distance, flatten
 from gossipfl.node import Node
+from gossipfl.protocol import wire
+from gossipfl.protocol.consensus import consensus_distance, flatten
 
 LOOPBACK = "127.0.0.1"
 

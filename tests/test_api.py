@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from aiohttp import web
 
-from gossipfl import wire
-from gossipfl.peers import Peer
+from gossipfl.discovery.peers import Peer
+from gossipfl.protocol import wire
 
 from .helpers import message, params_of, running, settled
 

@@ -2,9 +2,9 @@
 
 import pytest
 
-from gossipfl.consensus import consensus_distance, flatten
-from gossipfl.learning.digits import DigitsTask
 from gossipfl.learning.learner import Learner, build_seeded
+from gossipfl.learning.tasks.digits import DigitsTask
+from gossipfl.protocol.consensus import consensus_distance, flatten
 
 from .helpers import params_of, running, spread, wait_for
 from .test_gossip import initial_params

@@ -15,10 +15,10 @@ import textwrap
 import pytest
 
 from gossipfl.config import ConfigError, NodeConfig
-from gossipfl.dns import DnsDiscovery
-from gossipfl.peers import PeerTable
-from gossipfl.pex import FORGETTABLE, _base_url
-from gossipfl.replica import ordinal_of, shard_index
+from gossipfl.discovery.dns import DnsDiscovery
+from gossipfl.discovery.peers import PeerTable
+from gossipfl.discovery.pex import FORGETTABLE, _base_url
+from gossipfl.discovery.replica import ordinal_of, shard_index
 
 from .helpers import running, wait_for
 
@@ -79,7 +79,7 @@ async def test_dns_discovery_adds_every_address_and_follows_the_answer(make_conf
                 raise answer
             return list(answer)
 
-        from gossipfl.probing import Prober
+        from gossipfl.discovery.probing import Prober
 
         prober = Prober(identity=a.identity, peers=a.peers, session_factory=lambda: a._session, log=a.log)
         log = logging.LoggerAdapter(logging.getLogger("test"), {})
@@ -287,7 +287,7 @@ async def test_a_seed_with_another_data_split_is_ignored_with_the_reason(make_co
 
 
 def test_mdns_stays_on_the_interface_of_the_address_a_node_binds():
-    from gossipfl.discovery import mdns_interfaces
+    from gossipfl.discovery.mdns import mdns_interfaces
 
     assert mdns_interfaces("127.0.0.1", ()) == ("127.0.0.1",)  # used to announce 127.0.0.1 everywhere
     assert mdns_interfaces("0.0.0.0", ()) == ()  # all interfaces
@@ -295,11 +295,12 @@ def test_mdns_stays_on_the_interface_of_the_address_a_node_binds():
 
 
 async def test_a_node_bound_to_loopback_runs_mdns_on_loopback_only(make_config, monkeypatch):
-    import gossipfl.node
+    import gossipfl.discovery.service
 
     used = []
-    real = gossipfl.node.make_zeroconf
-    monkeypatch.setattr(gossipfl.node, "make_zeroconf", lambda interfaces: used.append(interfaces) or real(interfaces))
+    service = gossipfl.discovery.service
+    real = service.make_zeroconf
+    monkeypatch.setattr(service, "make_zeroconf", lambda interfaces: used.append(interfaces) or real(interfaces))
     async with running(make_config(discovery=("mdns",), mdns_interface=(), gossip_interval=1000)) as (node,):
         assert used == [("127.0.0.1",)]
-        assert [str(a) for a in node._mdns.info.parsed_addresses()] == ["127.0.0.1"]
+        assert [str(a) for a in node.discovery.mdns.info.parsed_addresses()] == ["127.0.0.1"]

@@ -2,7 +2,7 @@
 
 import pytest
 
-from gossipfl.exchange import ABORTED, COMMITTED, DoubtBook, InDoubt, Ledger
+from gossipfl.protocol.ledger import ABORTED, COMMITTED, DoubtBook, InDoubt, Ledger
 
 
 def ledger(**kw):

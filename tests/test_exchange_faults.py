@@ -7,7 +7,7 @@ import aiohttp
 import numpy as np
 import pytest
 
-from gossipfl.consensus import flatten
+from gossipfl.protocol.consensus import flatten
 
 from .faults import FaultProxy, Phase
 from .helpers import params_of, running, wait_for
@@ -136,7 +136,7 @@ async def test_an_initiator_that_vanishes_after_preparing_leaves_the_responder_u
 async def test_a_decision_never_waits_and_one_xid_gets_one_outcome(make_config, http):
     """Review finding: a commit that found the merge flag free but then queued behind another merge
     committed on a stale check, while a retry of it was answered "aborted"."""
-    from gossipfl import wire
+    from gossipfl.protocol import wire
 
     from .helpers import message
 
@@ -160,7 +160,7 @@ async def test_a_commit_is_answered_without_waiting_for_the_learner(make_config,
     import threading
     import time
 
-    from gossipfl import wire
+    from gossipfl.protocol import wire
 
     from .helpers import message, settled
 
@@ -222,7 +222,7 @@ async def test_a_merge_learned_late_keeps_weights_positive_and_merges_pause_only
         weights = [n.learner.weight for n in (a, b, c, d)]
         assert min(weights) > 0, weights  # a's would have been 257.5 - 495 = -237.5
         np.testing.assert_allclose(sum(flatten(params_of(n)) for n in (a, b, c, d)), total0, rtol=0, atol=1e-5)
-        from gossipfl import wire
+        from gossipfl.protocol import wire
 
         async with http.get(a.url + "/v1/model") as r:  # a can still send its model
             wire.decode(await r.read(), a.gossiper.spec)

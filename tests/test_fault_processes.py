@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gossipfl import wire
-from gossipfl.consensus import flatten
-from gossipfl.learning.digits import DigitsTask
 from gossipfl.learning.learner import build_seeded, gossiped_tensors
+from gossipfl.learning.tasks.digits import DigitsTask
+from gossipfl.protocol import wire
+from gossipfl.protocol.consensus import flatten
 
 from .faults import NodeProcess, consistent_cut, exchanges_done, free_port
 
@@ -116,7 +116,7 @@ def test_a_loop_that_cannot_go_on_makes_the_process_exit_non_zero(tmp_path, clus
     task.write_text(
         textwrap.dedent(
             """
-            from gossipfl.learning.digits import DigitsTask
+            from gossipfl.learning.tasks.digits import DigitsTask
 
             class Broken(DigitsTask):
                 name = "broken"
@@ -144,7 +144,7 @@ BLACKHOLE_DRIVER = textwrap.dedent(
     sys.path.insert(0, sys.argv[1])
     from tests.faults import NodeProcess, consistent_cut, exchanges_done
     from tests.test_fault_processes import decode, initial_state, rates
-    from gossipfl.consensus import flatten
+    from gossipfl.protocol.consensus import flatten
     import numpy as np
 
     def ip(*args):

@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from gossipfl import merge
-from gossipfl.consensus import consensus_distance, flatten, network_mean
-from gossipfl.learning.digits import DigitsTask
 from gossipfl.learning.learner import build_seeded
+from gossipfl.learning.tasks.digits import DigitsTask
+from gossipfl.protocol import merge
+from gossipfl.protocol.consensus import consensus_distance, flatten, network_mean
 
 from .helpers import params_of, running, settled, spread, wait_for
 
@@ -25,7 +25,7 @@ async def test_seed_sets_the_initial_model(make_config):
 
 
 def test_training_nodes_share_one_initial_model_unless_told_otherwise(make_config):
-    from gossipfl.node import build_learner, init_seed
+    from gossipfl.assembly import build_learner, init_seed
 
     task = DigitsTask()
     data = task.load_data(2026)
@@ -98,7 +98,7 @@ async def test_mdns_peers_that_cannot_be_gossiped_with_are_ignored_with_the_reas
 
     from zeroconf.asyncio import AsyncServiceInfo
 
-    from gossipfl.discovery import SERVICE_TYPE
+    from gossipfl.discovery.mdns import SERVICE_TYPE
 
     good = {"proto": "2", "task": "digits", "merge": "average", "split": "2026/1/iid"}
     variants = {
@@ -184,7 +184,7 @@ async def test_one_exchange_applies_the_merge_rule_on_both_sides(make_config, ht
 
 
 async def test_peers_with_another_merge_rule_are_refused(make_config, http):
-    from gossipfl import wire
+    from gossipfl.protocol import wire
 
     async with running(make_config(no_train=True, merge="pushsum")) as (node,):
         state = node.learner.snapshot()
@@ -200,7 +200,7 @@ async def test_peers_with_another_merge_rule_are_refused(make_config, http):
 
 
 async def test_clusters_do_not_mix(make_config, zc, http):
-    from gossipfl import wire
+    from gossipfl.protocol import wire
 
     a = make_config(discovery=("mdns",), cluster="blue", gossip_interval=1000)
     b = make_config(discovery=("mdns",), cluster="green", gossip_interval=1000)
@@ -208,9 +208,9 @@ async def test_clusters_do_not_mix(make_config, zc, http):
     async with running(a, b, c, zeroconf=zc) as (blue, green1, green2):
         assert await wait_for(lambda: green2.id in green1.peers and green1.id in green2.peers, timeout=15)
         # each has resolved the other cluster's node (so it had every chance to list it) and did not list it
-        assert await wait_for(lambda: all(n._mdns.other_clusters for n in (blue, green1, green2)), timeout=15)
-        assert await wait_for(lambda: len(blue._mdns.other_clusters.get("green", ())) == 2, timeout=15)
-        assert green1._mdns.other_clusters == {"blue": {blue.id}}
+        assert await wait_for(lambda: all(n.discovery.mdns.other_clusters for n in (blue, green1, green2)), timeout=15)
+        assert await wait_for(lambda: len(blue.discovery.mdns.other_clusters.get("green", ())) == 2, timeout=15)
+        assert green1.discovery.mdns.other_clusters == {"blue": {blue.id}}
         assert len(blue.peers) == 0 and blue.id not in green1.peers and green1.status()["ignored_peers"] == []
         state = blue.learner.snapshot()
         msg = wire.GossipMessage(blue.id, 0, state.params, "digits", "average", 1, 1.0, "blue", xid=wire.new_xid())

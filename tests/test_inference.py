@@ -19,7 +19,7 @@ import torch
 import tritonclient.http as triton
 from safetensors.torch import load as load_safetensors
 
-from gossipfl.learning.digits import DigitsTask
+from gossipfl.learning.tasks.digits import DigitsTask
 
 from .helpers import running
 

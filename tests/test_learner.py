@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from gossipfl.learning.digits import DigitsTask
 from gossipfl.learning.learner import Learner, build_seeded, make_optimizer, resolve_device
+from gossipfl.learning.tasks.digits import DigitsTask
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import aiohttp
 import numpy as np
 import pytest
 
-from gossipfl import wire
-from gossipfl.consensus import flatten
+from gossipfl.protocol import wire
+from gossipfl.protocol.consensus import flatten
 
 from .faults import Fault, FaultProxy, Phase, faulty_peer, json_of, raw_request, read_response, status_of
 from .helpers import message, params_of, running, settled, wait_for

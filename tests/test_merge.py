@@ -4,8 +4,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from gossipfl import merge
-from gossipfl.merge import Side
+from gossipfl.protocol import merge
+from gossipfl.protocol.merge import Side
 
 finite = st.floats(-1e3, 1e3, width=32)
 arr = hnp.arrays(np.float32, (4, 3), elements=finite)

@@ -9,7 +9,7 @@ import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
-from gossipfl.httpio import NODE_KEY
+from gossipfl.serving.ports import NODE_KEY
 
 from .helpers import running, wait_for
 

@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from gossipfl import oip
-from gossipfl.client import decode_response
+from gossipfl.serving import oip
+from gossipfl.serving.client import decode_response
 
 INPUTS = (oip.TensorSpec("input", "FP32", (-1, 4)),)
 OUTPUTS = (oip.TensorSpec("probabilities", "FP32", (-1, 3)), oip.TensorSpec("label", "INT64", (-1,)))

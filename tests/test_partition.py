@@ -44,7 +44,7 @@ def test_iid_is_deterministic_in_the_seed():
 
 
 def test_iid_keeps_class_balance_on_digits():
-    from gossipfl.learning.digits import DigitsTask
+    from gossipfl.learning.tasks.digits import DigitsTask
 
     data = DigitsTask().load_data(2026)
     shards = iid_partition(data.train.y, 8, 2026)
@@ -54,7 +54,7 @@ def test_iid_keeps_class_balance_on_digits():
 
 
 def test_digits_split_is_fixed_by_data_seed():
-    from gossipfl.learning.digits import DigitsTask
+    from gossipfl.learning.tasks.digits import DigitsTask
 
     a, b = DigitsTask().load_data(1), DigitsTask().load_data(1)
     assert np.array_equal(a.test.y, b.test.y) and len(a.train) == 1437 and len(a.test) == 360
@@ -67,7 +67,7 @@ SCHEMES = ["iid", "dirichlet:100", "dirichlet:0.5", "dirichlet:0.1", "shards:1",
 
 
 def _digits_y():
-    from gossipfl.learning.digits import DigitsTask
+    from gossipfl.learning.tasks.digits import DigitsTask
 
     return DigitsTask().load_data(2026).train.y
 

@@ -1,6 +1,6 @@
 import random
 
-from gossipfl.peers import PeerTable
+from gossipfl.discovery.peers import PeerTable
 
 
 class Clock:

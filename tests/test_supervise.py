@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from gossipfl.supervise import Supervisor, error_kind
+from gossipfl.common.supervise import Supervisor, error_kind
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from gossipfl import wire
+from gossipfl.protocol import wire
 
 SPEC = {"w": wire.TensorSpec("<f4", (3, 2)), "b": wire.TensorSpec("<f4", (2,))}
 
@@ -247,8 +247,8 @@ def test_state_digest_tells_models_apart():
 
 def test_digests_are_part_of_the_contract():
     """Nodes compare these over mDNS and /v1/status: a change here splits a cluster of mixed versions."""
-    from gossipfl.learning.digits import DigitsTask
     from gossipfl.learning.learner import build_seeded, gossiped_tensors
+    from gossipfl.learning.tasks.digits import DigitsTask
 
     state = {k: v.detach().numpy() for k, v in gossiped_tensors(build_seeded(DigitsTask().build_model, 0)).items()}
     assert wire.spec_digest(wire.spec_of(state)) == "d7e891428c21"  # names, dtypes and shapes only

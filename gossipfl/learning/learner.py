@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .task import Dataset, Evaluation, Task
+from gossipfl.learning.task import Dataset, Evaluation, Task
 
 Params = dict[str, np.ndarray]
 T = TypeVar("T")

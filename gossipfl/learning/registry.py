@@ -15,10 +15,10 @@ from collections.abc import Callable
 
 from torch import nn
 
-from .digits import DigitsCnnTask, DigitsTask
-from .synthetic import SyntheticTask
-from .tabular import TabularTask
-from .task import Dataset, InputSpec, Task, TaskData
+from gossipfl.learning.task import Dataset, InputSpec, Task, TaskData
+from gossipfl.learning.tasks.digits import DigitsCnnTask, DigitsTask
+from gossipfl.learning.tasks.synthetic import SyntheticTask
+from gossipfl.learning.tasks.tabular import TabularTask
 
 BUILTIN_TASKS: dict[str, Callable[..., Task]] = {
     "digits": DigitsTask,

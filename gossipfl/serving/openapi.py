@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import __version__
+from gossipfl.version import __version__
 
 ERROR = {"$ref": "#/components/responses/Error"}
 JSON = "application/json"

@@ -9,8 +9,8 @@ import logging
 import socket
 from collections.abc import Awaitable, Callable
 
-from .peers import PeerTable
-from .probing import Prober
+from gossipfl.discovery.peers import PeerTable
+from gossipfl.discovery.probing import Prober
 
 Resolver = Callable[[str], Awaitable[list[str]]]
 SOURCE = "dns"

@@ -1,4 +1,5 @@
-"""Discovery backends feeding the PeerTable: mDNS (zeroconf) and static seeds (DNS: ``dns.py``)."""
+"""mDNS discovery (zeroconf): announce this node, browse for peers, feed the PeerTable; ``browse`` for
+``gossipfl peers``. Static seeds: ``seeds.py``; DNS: ``dns.py``."""
 
 from __future__ import annotations
 
@@ -7,20 +8,14 @@ import ipaddress
 import logging
 import socket
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from zeroconf import IPVersion, ServiceStateChange, get_all_addresses
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
-from .config import parse_hostport
-from .peers import PeerTable
-
-if TYPE_CHECKING:
-    from .probing import Prober
+from gossipfl.discovery.identity import Identity
+from gossipfl.discovery.peers import PeerTable
 
 SERVICE_TYPE = "_gossipfl._tcp.local."
-PROTO = "2"  # wire.PROTOCOL_VERSION: nodes of other protocols ignore each other
 TXT_VERSION = "1"
 RESOLVE_TIMEOUT_MS = 3000
 MAX_OTHER_CLUSTERS = 64
@@ -72,65 +67,6 @@ def describe_service(info: AsyncServiceInfo) -> dict[str, str | None]:
         "split": _txt(props, "split"),
         "init": _txt(props, "init"),
     }
-
-
-@dataclass(frozen=True)
-class Identity:
-    """What a peer must share with this node to be gossiped with: the protocol, cluster, task and model
-    shape, and the cluster-wide settings that must agree (merge rule; data split: data seed, number of
-    shards and scheme; initial model of training nodes). Advertised in mDNS TXT and ``/v1/status``."""
-
-    task: str
-    model: str  # wire.spec_digest of the model's parameter names, dtypes and shapes
-    cluster: str = "default"
-    merge: str | None = None  # merge rule
-    split: str | None = None  # "DATA_SEED/N/SCHEME": how the training data is cut into shards
-    init: str | None = None  # digest of the initial model (training nodes only)
-
-    def txt(self) -> dict[str, str]:
-        out = {"proto": PROTO, "task": self.task, "model": self.model, "cluster": self.cluster}
-        out.update({k: v for k, v in (("merge", self.merge), ("split", self.split), ("init", self.init)) if v})
-        return out
-
-    def mismatch(
-        self,
-        proto: str | None,
-        task: str | None,
-        model: str | None,
-        cluster: str | None,
-        merge: str | None = None,
-        split: str | None = None,
-    ) -> str:
-        """Why a node with these values cannot be gossiped with ("" if it can). A value the peer does not
-        state is not held against it: the message check still rejects a model of another shape or rule."""
-        if cluster != self.cluster:
-            return f"cluster {cluster!r}, ours {self.cluster!r}"
-        if proto != PROTO:
-            return f"protocol {proto!r}, ours {PROTO!r}"
-        if task != self.task:
-            return f"task {task!r}, ours {self.task!r}"
-        if model is not None and model != self.model:
-            return f"model shape {model}, ours {self.model}"
-        if merge and self.merge and merge != self.merge:
-            return f"merge rule {merge!r}, ours {self.merge!r}"
-        if split and self.split and split != self.split:
-            return f"data split {split} (data-seed/shards/scheme), ours {self.split}"
-        return ""
-
-    def caveat(self, init: str | None) -> str:
-        """A difference worth a warning but not a refusal: another initial model (chosen on purpose with
-        --init-seed, or made by another torch build from the same seed)."""
-        if init and self.init and init != self.init:
-            return (
-                f"it started from another initial model ({init}, ours {self.init}); averaging models that "
-                "did not start together costs accuracy: give every node the same --data-seed or --init-seed"
-            )
-        return ""
-
-    def mismatch_of(self, found: dict[str, str | None]) -> str:
-        """``mismatch`` for a peer described by ``describe_service`` or its ``/v1/status``."""
-        keys = ("proto", "task", "model", "cluster", "merge", "split")
-        return self.mismatch(*(found.get(k) for k in keys))
 
 
 def _txt(properties: dict[bytes, bytes | None], key: str) -> str | None:
@@ -247,34 +183,3 @@ async def browse(interfaces: Sequence[str], timeout: float) -> list[dict]:
         await azc.async_close()
     found = [describe_service(info) for info in infos]
     return found
-
-
-class SeedDiscovery:
-    """Static peers: learn each seed's id and task from its /v1/status, retrying every round until it
-    answers (a seed was named by a person, so one that does not answer is worth a warning, once). A seed
-    of another task or cluster is listed under ignored peers with the reason."""
-
-    def __init__(self, seeds: Iterable[str], *, prober: Prober, log: logging.LoggerAdapter) -> None:
-        self.urls = [f"http://{h}:{p}" for h, p in map(parse_hostport, seeds)]
-        self.pending = list(self.urls)
-        self.prober = prober
-        self.log = log
-        self._warned: set[str] = set()
-
-    async def round(self) -> None:
-        """Probe the seeds not found yet, all at once."""
-        if not self.pending:
-            return
-        results = await asyncio.gather(*(self._probe(u) for u in self.pending))
-        self.pending = [u for u, found in zip(self.pending, results, strict=True) if not found]
-
-    async def _probe(self, url: str) -> bool:
-        result = await self.prober.probe(url, "static")
-        if result == "unreachable":
-            if url not in self._warned:
-                self._warned.add(url)
-                self.log.warning("seed %s does not answer (%s); retrying", url, self.prober.last_error or "no reply")
-            return False
-        if url in self._warned:
-            self.log.info("seed %s answers now", url)
-        return True

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from .task import ClassificationTask, InputSpec, TaskData, split
+from gossipfl.learning.task import ClassificationTask, InputSpec, TaskData, split
 
 
 def read_table(path: str | Path) -> tuple[np.ndarray, np.ndarray]:

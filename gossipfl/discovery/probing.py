@@ -8,9 +8,9 @@ from collections.abc import Callable
 
 import aiohttp
 
-from .discovery import Identity
-from .httpio import TooLarge, get_json
-from .peers import PeerTable
+from gossipfl.common.httpio import TooLarge, get_json
+from gossipfl.discovery.identity import Identity
+from gossipfl.discovery.peers import PeerTable
 
 MAX_STATUS_BYTES = 256 * 1024
 

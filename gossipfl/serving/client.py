@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from . import oip
+from gossipfl.serving import oip
 
 
 class ClientError(Exception):

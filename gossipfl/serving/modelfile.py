@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from safetensors.numpy import save
 
-from . import __version__
+from gossipfl.version import __version__
 
 CONTENT_TYPE = "application/octet-stream"
 

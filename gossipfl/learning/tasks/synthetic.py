@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 from torch import nn
 
-from .task import ClassificationTask, InputSpec, TaskData, split
+from gossipfl.learning.task import ClassificationTask, InputSpec, TaskData, split
 
 
 class SyntheticTask(ClassificationTask):

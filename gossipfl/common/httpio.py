@@ -1,24 +1,13 @@
-"""HTTP helpers shared by the routes and the gossip client: size-limited reads, the error shape, the
-app key under which routes find their node."""
+"""HTTP body reading shared by the routes, the exchange and discovery: size-limited, deadline-bound
+reads, and a JSON GET from a peer."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
-
-if TYPE_CHECKING:
-    from .node import Node
-
-NODE_KEY: web.AppKey[Node] = web.AppKey("node")
-
-
-def error(status: int, message: str) -> web.Response:
-    """The one error shape of every route: ``{"error": "..."}``."""
-    return web.json_response({"error": message}, status=status)
 
 
 class TooLarge(Exception):

@@ -11,9 +11,9 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from .httpio import TooLarge, get_json
-from .peers import LEARNED, PeerTable
-from .probing import Prober
+from gossipfl.common.httpio import TooLarge, get_json
+from gossipfl.discovery.peers import LEARNED, PeerTable
+from gossipfl.discovery.probing import Prober
 
 SOURCE = "pex"
 MAX_LIST_BYTES = 1 << 20

@@ -10,30 +10,30 @@ import asyncio
 import math
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 from aiohttp import web
 
-from . import __version__, oip
-from .gossip import timeout_for
-from .httpio import NODE_KEY, TooLarge, error, read_limited
-
-if TYPE_CHECKING:
-    from .node import Node
+from gossipfl.common.httpio import TooLarge, read_limited
+from gossipfl.protocol.transport import timeout_for
+from gossipfl.serving import oip
+from gossipfl.serving.errors import error
+from gossipfl.serving.ports import NODE_KEY, NodeView
+from gossipfl.version import __version__
 
 T = TypeVar("T")
 MAX_BATCH = 4096
 JSON_CHARS_PER_VALUE = 32  # generous: "-1.2345678901234567e-05, " is 25
 
 
-def max_infer_body(node: Node) -> int:
+def max_infer_body(node: NodeView) -> int:
     """Largest infer request accepted: MAX_BATCH rows as JSON text, plus room for the header."""
     values = sum(math.prod(d for d in t.shape if d != -1) for t in node.signature.inputs)
     return 64 * 1024 + MAX_BATCH * values * JSON_CHARS_PER_VALUE
 
 
-def _model(request: web.Request) -> tuple[Node, web.Response | None]:
+def _model(request: web.Request) -> tuple[NodeView, web.Response | None]:
     node = request.app[NODE_KEY]
     name = request.match_info["name"]
     version = request.match_info.get("version")
@@ -88,7 +88,7 @@ async def infer(request: web.Request) -> web.Response:
     return response
 
 
-async def _infer(request: web.Request, node: Node) -> web.Response:
+async def _infer(request: web.Request, node: NodeView) -> web.Response:
     limit = max_infer_body(node)
     if node.inference_uploads.locked():  # enough bodies on their way already: do not take this one in
         resp = error(503, "too many inference requests being received at once; retry")

@@ -2,40 +2,16 @@
 
 from __future__ import annotations
 
-import logging
-from typing import TYPE_CHECKING
-
 from aiohttp import web
 
-from . import inference_api, modelfile, openapi, wire
-from .exchange import ABORTED
-from .gossip import Busy, Conflict, Unavailable, timeout_for
-from .httpio import NODE_KEY, BodyError, TooLarge, error, read_limited
-
-if TYPE_CHECKING:
-    from .node import Node
-
-log = logging.getLogger("gossipfl.api")
-
-
-@web.middleware
-async def json_errors(request: web.Request, handler: object) -> web.StreamResponse:
-    """Every HTTP error leaves as JSON; unexpected exceptions become a logged 500 (never for bad input)."""
-    try:
-        return await handler(request)  # type: ignore[operator]
-    except web.HTTPException as e:
-        if e.status < 400:
-            raise
-        return error(e.status, e.reason if e.text is None or e.text.startswith(str(e.status)) else e.text)
-    except BodyError as e:  # the client hung up or stalled mid-body: its problem, not worth a traceback
-        log.debug("%s %s from %s: %s", request.method, request.path, request.remote, e)
-        return _closing(error(400, str(e)))
-    except ConnectionError as e:  # the client is gone: nobody to answer, nothing to report above debug
-        log.debug("%s %s from %s: connection lost: %s", request.method, request.path, request.remote, e)
-        return _closing(error(400, "connection lost"))
-    except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return error(500, "internal error")
+from gossipfl.common.httpio import BodyError, TooLarge, read_limited
+from gossipfl.protocol import wire
+from gossipfl.protocol.ledger import ABORTED
+from gossipfl.protocol.responder import Busy, Conflict, Unavailable
+from gossipfl.protocol.transport import timeout_for
+from gossipfl.serving import inference, modelfile, openapi
+from gossipfl.serving.errors import closing, error, json_errors
+from gossipfl.serving.ports import NODE_KEY, NodeView
 
 
 async def get_status(request: web.Request) -> web.Response:
@@ -78,27 +54,21 @@ async def get_openapi(request: web.Request) -> web.Response:
     return web.json_response(openapi.document(request.app[NODE_KEY].task.name))
 
 
-def _closing(resp: web.Response) -> web.Response:
-    """Close the connection after this answer instead of reading (draining) an unread body."""
-    resp.force_close()
-    return resp
-
-
 async def post_gossip(request: web.Request) -> web.Response:
     """Phase 1 of an exchange. Whether there is room is checked before the body is read, and the body
     must arrive within a deadline that grows with its size."""
     gossiper = request.app[NODE_KEY].gossiper
     if not gossiper.reserve():
-        return _closing(error(409, "busy: no room for another exchange now" if not gossiper.closed else "stopping"))
+        return closing(error(409, "busy: no room for another exchange now" if not gossiper.closed else "stopping"))
     try:
         declared = request.content_length
         deadline = timeout_for(min(declared or gossiper.max_body, gossiper.max_body))
         try:
             body = await read_limited(request.content, declared, gossiper.max_body, deadline)
         except TooLarge as e:
-            return _closing(error(413, str(e)))
+            return closing(error(413, str(e)))
         except BodyError as e:
-            return _closing(error(408 if "within" in str(e) else 400, str(e)))
+            return closing(error(408 if "within" in str(e) else 400, str(e)))
         try:
             reply = await gossiper.prepare(body, remote=request.remote)
         except (Busy, Conflict) as e:
@@ -125,7 +95,7 @@ async def post_decision(request: web.Request) -> web.Response:
     return web.json_response(doc)
 
 
-def build_app(node: Node) -> web.Application:
+def build_app(node: NodeView) -> web.Application:
     app = web.Application(middlewares=[json_errors], client_max_size=node.gossiper.max_body)
     app[NODE_KEY] = node
     app.router.add_get("/v1/status", get_status)
@@ -135,5 +105,5 @@ def build_app(node: Node) -> web.Application:
     app.router.add_post("/v1/gossip/{xid}/{decision:commit|abort}", post_decision)
     app.router.add_get("/v1/openapi.json", get_openapi)
     app.router.add_get("/metrics", get_metrics)
-    inference_api.add_routes(app)
+    inference.add_routes(app)
     return app

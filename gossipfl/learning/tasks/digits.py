@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .task import ClassificationTask, InputSpec, TaskData, split
+from gossipfl.learning.task import ClassificationTask, InputSpec, TaskData, split
 
 PIXEL_MAX = 16.0
 

@@ -13,9 +13,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .learning.learner import Learner
-from .learning.task import OutputSpec, Task
-from .oip import TensorSpec, datatype_of
+from gossipfl.learning.learner import Learner
+from gossipfl.learning.task import OutputSpec, Task
+from gossipfl.serving.oip import TensorSpec, datatype_of
 
 BATCH = -1
 

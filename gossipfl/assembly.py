@@ -1,0 +1,105 @@
+"""How a node's parts are made from its configuration: the Learner (model, seeds, optimizer, schedule),
+the node id, the listening socket. Benchmarks use ``build_learner`` too, for references trained the same
+way as a node."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+
+from gossipfl.config import NodeConfig
+from gossipfl.discovery import replica
+from gossipfl.discovery.service import DiscoverySettings
+from gossipfl.learning.learner import Learner, build_seeded, resolve_device
+from gossipfl.learning.registry import build_checked
+from gossipfl.learning.task import Dataset, Task
+
+PUBLISH_AFTER_INTERVALS = 3
+
+
+def build_learner(task: Task, train: Dataset, test: Dataset, cfg: NodeConfig, *, weight: float = 1.0) -> Learner:
+    """The Learner a node with this configuration trains: model initialised from ``init_seed(cfg)``,
+    minibatch order from ``cfg.seed``, optimizer and schedule from ``cfg`` (benchmarks use it too, for
+    reference models trained the same way)."""
+    model = build_seeded(lambda: build_checked(task), init_seed(cfg))
+    return Learner(
+        task,
+        model,
+        train,
+        test,
+        seed=cfg.seed,
+        optimizer=cfg.optimizer,
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        lr_decay_steps=cfg.lr_decay_steps,
+        batch_size=cfg.batch_size,
+        weight=weight,
+        device=resolve_device(cfg.device),
+        publish_after_steps=publish_after_steps(cfg),
+    )
+
+
+def init_seed(cfg: NodeConfig) -> int:
+    """The seed of a node's initial model. By default every node of a training cluster starts from the
+    same parameters (seeded by the cluster-wide ``--data-seed``), as a federated server's first broadcast
+    would make them: averaging independently initialised networks mixes unrelated hidden units (they are
+    only defined up to a permutation) and shrinks the weights. Pure averaging (``--no-train``) starts
+    each node from its own ``--seed`` instead, so that there is something to average."""
+    if cfg.init_seed is not None:
+        return cfg.init_seed
+    return cfg.seed if cfg.no_train else cfg.data_seed
+
+
+def publish_after_steps(cfg: NodeConfig) -> int:
+    """Local steps after which a node that has not merged serves its working copy: three gossip
+    intervals' worth of training (0 with --no-train, where there are no local steps)."""
+    if cfg.no_train:
+        return 0
+    return round(PUBLISH_AFTER_INTERVALS * cfg.gossip_interval * cfg.steps_per_round / cfg.train_interval)
+
+
+def default_node_id(port: int) -> str:
+    host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname().split(".")[0]) or "node"
+    return f"{host[:50]}-{port}"
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+async def resolve_shard(shard: tuple[int | None, int]) -> tuple[int, int, str | None]:
+    """(K, N, source) of ``--partition``: K as given, or for auto/N the ordinal in this host's names and the
+    name it came from. ValueError when auto/N finds no ordinal."""
+    k, n = shard
+    if k is not None:
+        return k, n, None
+    names = await asyncio.to_thread(replica.own_names)
+    found = replica.shard_index(names, n)
+    if found is None:
+        raise ValueError(
+            f"partition auto/{n}: no replica ordinal in this host's names ({', '.join(names)}); give --partition K/N"
+        )
+    return found[0], n, found[1]
+
+
+def discovery_settings(cfg: NodeConfig) -> DiscoverySettings:
+    return DiscoverySettings(
+        backends=tuple(cfg.discovery),
+        host=cfg.host,
+        mdns_interfaces=tuple(cfg.mdns_interface),
+        seeds=tuple(cfg.seeds),
+        dns_name=cfg.dns_name,
+        dns_interval=cfg.dns_interval,
+        pex_interval=cfg.pex_interval,
+        rng_seed=cfg.seed,
+    )

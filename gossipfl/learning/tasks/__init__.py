@@ -1,0 +1,1 @@
+"""The built-in tasks: digits (MLP, CNN), synthetic, tabular (CSV)."""

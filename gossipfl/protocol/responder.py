@@ -1,0 +1,128 @@
+"""The responder's side of an exchange: room is claimed before a body is read, the prepare is answered
+with this node's state while the merge waits under the exchange id, and the decision (commit or abort)
+is made once, at once, and answered the same to every later call about that id."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from gossipfl.protocol import merge, wire
+from gossipfl.protocol.core import GossipCore
+from gossipfl.protocol.ledger import ABORTED, COMMITTED, Ledger
+from gossipfl.protocol.ports import Snapshot
+from gossipfl.protocol.transport import BASE_TIMEOUT_S
+
+PREPARED_MEMORY = 256 << 20  # bytes of prepared exchanges (two states each) a responder may hold
+
+
+class Busy(Exception):
+    """This node cannot prepare an exchange now (too many prepared, or stopping): HTTP 409."""
+
+
+class Conflict(Exception):
+    """The exchange id was already decided: HTTP 409."""
+
+
+class Unavailable(Exception):
+    """This node's own model cannot be sent (not finite): HTTP 503, the node's fault, not the peer's."""
+
+
+class Responder(GossipCore):
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        max_prepared = max(1, min(4, PREPARED_MEMORY // (2 * self.max_body)))
+        self.ledger: Ledger[Snapshot, merge.Merged] = Ledger(
+            max_prepared=max_prepared, prepare_ttl=self.request_timeout + BASE_TIMEOUT_S
+        )
+        # called with (sender id, url) when a peer this node does not know prepares an exchange with it
+        self.on_inbound: Callable[[str, str], None] | None = None
+        self._receiving = 0  # gossip bodies being read (they count against the prepared exchanges)
+
+    def reserve(self) -> bool:
+        """Claim room for one incoming exchange before its body is read; False (answer 409) if there is
+        none or the node is stopping. Call ``release`` once the body was handled."""
+        self.expire()
+        if self._closed or not self.ledger.room(self._receiving):
+            return False
+        self._receiving += 1
+        return True
+
+    def expire(self) -> None:
+        """Abort prepared exchanges whose decision did not come in time."""
+        for entry in self.ledger.expire(self.clock()):
+            self.stats.declined += 1
+            self.log.debug("exchange %s from %s expired undecided", entry.xid, entry.sender)
+
+    def release(self) -> None:
+        self._receiving -= 1
+
+    async def prepare(self, body: bytes, remote: str | None = None) -> bytes:
+        """Phase 1 of an exchange started by a peer (from address ``remote``): reply with this node's state,
+        keep the merge for the decision. Raises wire.WireError (400), Conflict or Busy (409), Unavailable
+        (503); the model is never changed here."""
+        try:
+            msg = self._decode(body)
+        except wire.WireError:
+            self.stats.rejected += 1
+            raise
+        xid = msg.xid
+        assert xid is not None
+        if (outcome := self.ledger.outcome(xid)) is not None:
+            raise Conflict(f"exchange {xid} was already {outcome}")
+        if (entry := self.ledger.prepared(xid)) is not None:  # a retried prepare: the same reply again
+            if entry.sender != msg.sender:
+                raise Conflict(f"exchange {xid} belongs to another sender")
+            return self.encode_state(entry.sent, xid)
+        if self._closed:
+            raise Busy("node is stopping")
+        state, merged = await asyncio.to_thread(self._snapshot_and_merge, msg)
+        try:
+            reply = self.encode_state(state, xid)
+        except wire.WireError as e:
+            raise Unavailable(f"this node's model cannot be sent: {e}") from None
+        if self.ledger.outcome(xid) is not None or self.ledger.prepared(xid) is not None:
+            raise Conflict(f"exchange {xid} was decided while it was being prepared")
+        self.ledger.prepare(xid, msg.sender, state, merged, self.clock())
+        self.stats.bytes_received += len(body)
+        self.stats.bytes_sent += len(reply)
+        if remote and msg.port and self.on_inbound is not None:
+            host = f"[{remote}]" if ":" in remote else remote
+            url, known = f"http://{host}:{msg.port}", self.peers.get(msg.sender)
+            if known is None or known.url != url:  # a new peer, or one that came back at a new address
+                self.on_inbound(msg.sender, url)
+        return reply
+
+    async def decide(self, xid: str, decision: str) -> tuple[str, str]:
+        """Phase 2: the initiator asks to commit or abort ``xid``. Returns (outcome, reason); the same
+        outcome to every later call about the same xid. Decided without waiting for anything; a commit is
+        answered once recorded, and applied right after (the node merges nothing else meanwhile)."""
+        now = self.clock()
+        self.expire()
+        if (outcome := self.ledger.outcome(xid)) is not None:
+            return outcome, "already decided"
+        entry = self.ledger.prepared(xid)
+        if entry is None:
+            self.ledger.decide(xid, ABORTED, now)  # a prepare still on its way is refused when it arrives
+            return ABORTED, "unknown exchange (never prepared here, or expired)"
+        if decision != "commit":
+            self.ledger.decide(xid, ABORTED, now)
+            self.stats.declined += 1
+            return ABORTED, "aborted by the initiator"
+        if self._merging or self.frozen() or self.learner.merges != entry.sent.merges:
+            self.ledger.decide(xid, ABORTED, now)
+            self.stats.declined += 1
+            return ABORTED, "another merge changed this node's model since the exchange was prepared"
+        self.ledger.decide(xid, COMMITTED, now)
+        self.stats.served += 1
+        self._merging = True  # set before any await: from here on, no other merge can start
+        self._background_task(self._apply_committed(entry.sent, entry.merged, xid, entry.sender))
+        return COMMITTED, ""
+
+    async def _apply_committed(self, sent: Snapshot, merged: merge.Merged, xid: str, sender: str) -> None:
+        try:
+            await self._apply(sent, merged)
+        finally:
+            self._merging = False
+        self.log.debug("committed exchange %s from %s", xid, sender)

@@ -1,0 +1,28 @@
+"""Counts of one node's exchanges, both sides, as ``/v1/status`` and ``/metrics`` report them."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ExchangeStats:
+    ok: int = 0  # exchanges this node started that committed
+    failed: int = 0  # started exchanges that failed (peer down or hung, error reply, invalid reply)
+    busy: int = 0  # started exchanges the peer declined with 409
+    aborted: int = 0  # started exchanges aborted (overlapping merges, or the peer's decision)
+    in_doubt: int = 0  # started exchanges whose commit went unanswered (counted in failed too)
+    late: int = 0  # of those, committed by the peer and merged when this node learned it
+    served: int = 0  # exchanges started by peers that this node committed
+    declined: int = 0  # prepared exchanges this node aborted (expired, overlapping, unknown)
+    rejected: int = 0  # incoming messages refused as invalid (4xx)
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    durations: deque[float] = field(default_factory=lambda: deque(maxlen=100), repr=False)
+
+    def as_dict(self) -> dict:
+        mean = sum(self.durations) / len(self.durations) if self.durations else None
+        out = {k: v for k, v in self.__dict__.items() if k != "durations"}
+        out["mean_duration_s"] = mean
+        return out

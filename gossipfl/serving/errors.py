@@ -1,0 +1,42 @@
+"""The one error shape of every route, ``{"error": "..."}``, and the middleware that keeps it so."""
+
+from __future__ import annotations
+
+import logging
+
+from aiohttp import web
+
+from gossipfl.common.httpio import BodyError
+
+log = logging.getLogger("gossipfl.api")
+
+
+def error(status: int, message: str) -> web.Response:
+    """The one error shape of every route: ``{"error": "..."}``."""
+    return web.json_response({"error": message}, status=status)
+
+
+def closing(resp: web.Response) -> web.Response:
+    """Close the connection after this answer instead of reading (draining) an unread body."""
+    resp.force_close()
+    return resp
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: object) -> web.StreamResponse:
+    """Every HTTP error leaves as JSON; unexpected exceptions become a logged 500 (never for bad input)."""
+    try:
+        return await handler(request)  # type: ignore[operator]
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        return error(e.status, e.reason if e.text is None or e.text.startswith(str(e.status)) else e.text)
+    except BodyError as e:  # the client hung up or stalled mid-body: its problem, not worth a traceback
+        log.debug("%s %s from %s: %s", request.method, request.path, request.remote, e)
+        return closing(error(400, str(e)))
+    except ConnectionError as e:  # the client is gone: nobody to answer, nothing to report above debug
+        log.debug("%s %s from %s: connection lost: %s", request.method, request.path, request.remote, e)
+        return closing(error(400, "connection lost"))
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error(500, "internal error")

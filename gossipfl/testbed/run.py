@@ -1,0 +1,111 @@
+"""``run_testbed``: launch, wait until every node is ready and knows the others, sample until the
+duration is over, stop, write the results."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import aiohttp
+import numpy as np
+
+from gossipfl.learning.learner import build_seeded, gossiped_tensors
+from gossipfl.learning.registry import get_task
+from gossipfl.protocol import wire
+from gossipfl.testbed.launchers import make_launcher
+from gossipfl.testbed.observe import render, sample, wait_ready
+from gossipfl.testbed.options import (
+    DISCOVERY_TIMEOUT_S,
+    TestbedOptions,
+    WatchedNode,
+)
+from gossipfl.testbed.report import final_table, summarize
+
+if TYPE_CHECKING:
+    pass
+
+
+async def run_testbed(opts: TestbedOptions) -> int:
+    t_launch = time.monotonic()
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    launcher = make_launcher(opts, out)
+    task = get_task(opts.task, opts.data)
+    model = build_seeded(task.build_model, 0)
+    spec = wire.spec_of({k: v.detach().numpy() for k, v in gossiped_tensors(model).items()})
+    tag = secrets.token_hex(2)
+    ids = [f"node{i}-{tag}" for i in range(opts.nodes)]
+    nodes: list[WatchedNode] = []
+    series: list[dict] = []
+    exit_codes: dict[str, int | None] = {}
+    startup_s = None
+    tty = sys.stdout.isatty() and opts.live
+    failure = None
+    try:
+        nodes = await launcher.start(ids, f"testbed-{tag}")
+        print(
+            f"testbed: started {opts.nodes} nodes ({opts.task}, {launcher.where}), waiting for them to be up...",
+            flush=True,
+        )
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+            found = await wait_ready(session, nodes, launcher)
+            startup_s = time.monotonic() - t_launch
+            if found:
+                print(
+                    f"testbed: all {opts.nodes} nodes up and know each other after {startup_s:.1f} s; "
+                    f"running for {opts.duration:g} s",
+                    flush=True,
+                )
+            else:
+                print(
+                    f"testbed: all {opts.nodes} nodes up, but not all found each other in "
+                    f"{DISCOVERY_TIMEOUT_S:.0f} s; running for {opts.duration:g} s anyway",
+                    flush=True,
+                )
+            t0 = time.monotonic()
+            mean0 = None
+            last_print = -1e9
+            while True:
+                t = time.monotonic() - t0
+                row, mean = await sample(session, nodes, spec, t)
+                if mean0 is None and mean is not None:
+                    mean0 = mean
+                if mean is not None and mean0 is not None:
+                    row["mean_shift_relative"] = float(np.linalg.norm(mean - mean0) / np.linalg.norm(mean0))
+                series.append(row)
+                if opts.live and (tty or t - last_print >= 5.0):
+                    text = render(nodes, row, opts.duration)
+                    print(("\x1b[H\x1b[2J" if tty else "\n") + text, flush=True)
+                    last_print = t
+                if t >= opts.duration:
+                    break
+                await asyncio.sleep(max(0.0, opts.sample_interval - (time.monotonic() - t0 - t)))
+    except RuntimeError as e:  # a node died or never came up
+        failure = str(e)
+    finally:
+        exit_codes = await launcher.stop()
+    if failure:
+        print(f"testbed: error: {failure}", file=sys.stderr)
+        return 1
+    resources = {"mode": opts.mode, "wall_s": round(time.monotonic() - t_launch, 2), **launcher.resources()}
+    result = summarize(nodes, series, opts, exit_codes, startup_s=startup_s, resources=resources)
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    print("\n" + final_table(result))
+    if opts.mode == "inproc":
+        r = resources
+        print(
+            f"testbed: {opts.nodes} nodes in one process ({r['workers']} worker threads): "
+            f"peak RSS {r['peak_rss_mib']:.0f} MiB, CPU {r['cpu_user_s'] + r['cpu_system_s']:.1f} s "
+            f"(user {r['cpu_user_s']:.1f}, system {r['cpu_system_s']:.1f}) in {r['wall_s']:.1f} s wall"
+        )
+    print(f"testbed: results in {out / 'results.json'}")
+    bad = {k: v for k, v in exit_codes.items() if v != 0}
+    if bad:
+        print(f"testbed: nodes did not exit cleanly: {bad}", file=sys.stderr)
+        return 1
+    return 0
