@@ -39,7 +39,7 @@ async def test_status_has_the_documented_fields(node, http):
     async with http.get(node.url + "/v1/status") as r:
         assert r.status == 200
         s = await r.json()
-    # every documented field, and nothing else (the README's HTTP API table lists them)
+    # every documented field, and nothing else (docs/http-api.md lists them)
     assert set(s) == {
         "id", "protocol", "task", "cluster", "url", "age", "steps", "merges", "partition", "partition_from",
         "partition_scheme", "split", "init_model", "samples", "class_histogram", "training", "failure", "device",

@@ -255,3 +255,10 @@ def test_digests_are_part_of_the_contract():
     fixed = {"w": np.arange(6, dtype="<f4").reshape(2, 3), "b": np.array([0.5, -1.0], "<f4")}
     assert wire.state_digest(fixed) == "d6c5c9c41b86"
     assert wire.state_digest(fixed) != wire.state_digest({**fixed, "w": fixed["w"].reshape(3, 2)})
+
+
+def test_the_mdns_protocol_field_is_the_wire_version():
+    """Discovery may not import the protocol layer, so it states the version itself: they must agree."""
+    from gossipfl.discovery.identity import PROTO
+
+    assert PROTO == str(wire.PROTOCOL_VERSION)
