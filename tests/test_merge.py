@@ -192,3 +192,18 @@ def test_rebase_keeps_each_arrays_dtype():
     out = merge.rebase(cur, {k: v * 2 for k, v in cur.items()}, {k: v * 3 for k, v in cur.items()})
     assert out["w"].dtype == np.float32 and out["h"].dtype == np.float16
     assert out["w"].tolist() == [2.0, 2.0, 2.0]
+
+
+def test_a_side_of_zero_weight_contributes_nothing_and_two_give_the_plain_mean():
+    a, b = {"w": np.array([2.0], np.float32)}, {"w": np.array([-6.0], np.float32)}
+    assert merge.weighted_mean(a, b, 0.0, 1.0)["w"][0] == -6.0  # a model of age 0 against one of age 1
+    assert merge.weighted_mean(a, b, 1.0, 0.0)["w"][0] == 2.0
+    assert merge.weighted_mean(a, b, 0.0, 0.0)["w"][0] == -2.0  # no weight on either side: the mean
+
+
+def test_a_weight_is_set_exactly_when_nothing_changed_meanwhile():
+    """Both partners must end with bit-identical push-sum weights: merged, not sent + (merged - sent),
+    which can differ in the last bit."""
+    sent, merged = 9.385958677423488, 2.834747652200631
+    assert sent + (merged - sent) != merged
+    assert merge.apply_weight(sent, sent, merged) == merged

@@ -134,3 +134,39 @@ def test_the_second_busy_answer_in_a_row_starts_the_backoff():
         t.mark_failed(p)
     t.refresh("a")
     assert t.get("a").retry_at == 0.0
+
+
+def test_an_ignored_peer_leaves_the_table_and_is_listed_with_its_reason():
+    t = PeerTable("me", clock=Clock())
+    t.upsert("a", "http://a:1", None, "mdns")
+    t.ignore("a", "http://a:1", "other task")
+    assert "a" not in t and t.choose(random.Random(0)) is None
+    t.ignore("b", None, "other cluster")
+    assert t.ignored() == [
+        {"id": "a", "url": "http://a:1", "reason": "other task"},
+        {"id": "b", "url": "", "reason": "other cluster"},
+    ]
+
+
+def test_the_ignored_list_is_bounded_and_forgets_the_oldest_first(monkeypatch):
+    import gossipfl.discovery.peers as peers
+
+    monkeypatch.setattr(peers, "MAX_IGNORED", 3)
+    t = PeerTable("me", clock=Clock())
+    for name in "abc":
+        t.ignore(name, None, "other task")
+    t.ignore("b", None, "other model")  # already listed: nothing is evicted for it
+    assert [e["id"] for e in t.ignored()] == ["a", "b", "c"]
+    t.ignore("d", None, "other task")
+    assert [e["id"] for e in t.ignored()] == ["b", "c", "d"]
+
+
+def test_times_in_the_peer_list_are_in_milliseconds():
+    clock = Clock()
+    t = PeerTable("me", backoff_base=1.0, clock=clock)
+    t.upsert("a", "http://a:1", None, "static")
+    t.mark_ok("a")
+    t.mark_failed("a")
+    clock.t += 0.123456
+    (row,) = t.describe()
+    assert row["last_ok_s_ago"] == 0.123 and row["retry_in_s"] == 0.877
