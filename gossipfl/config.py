@@ -104,7 +104,7 @@ class NodeConfig:
 
 
 def parse_partition(text: str) -> tuple[int | None, int]:
-    """(K, N) from "K/N"; K is None for "auto/N" (the replica's ordinal decides, see replica.py)."""
+    """(K, N) from "K/N"; K is None for "auto/N" (the replica's ordinal decides, see discovery/replica.py)."""
     m = re.fullmatch(r"\s*(\d+|auto)\s*/\s*(\d+)\s*", text)
     if not m:
         raise ConfigError(f"partition {text!r}: expected K/N (e.g. 0/8) or auto/N")

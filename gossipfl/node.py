@@ -48,7 +48,7 @@ class Node:
         self.task = task or get_task(config.task, config.data)
         self._zeroconf = zeroconf
         self._stopping = asyncio.Event()
-        self.failed = asyncio.Event()  # set when a background loop cannot go on (see supervise.py)
+        self.failed = asyncio.Event()  # set when a background loop cannot go on (see common/supervise.py)
         self.failure: str | None = None
         self._tasks: list[asyncio.Task] = []
         self._runner: web.AppRunner | None = None
@@ -161,7 +161,7 @@ class Node:
         )
 
     def _loop(self, name: str, interval: Any, work: Any, *, first_wait: bool = False) -> None:
-        """A supervised background loop (see supervise.py)."""
+        """A supervised background loop (see common/supervise.py)."""
         loop = self.supervisor.loop(name, interval, self._stopping, work, first_wait=first_wait)
         task = asyncio.get_running_loop().create_task(loop)
         self.supervisor.watch(task, name, self._stopping)

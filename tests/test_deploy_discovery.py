@@ -304,3 +304,63 @@ async def test_a_node_bound_to_loopback_runs_mdns_on_loopback_only(make_config, 
     async with running(make_config(discovery=("mdns",), mdns_interface=(), gossip_interval=1000)) as (node,):
         assert used == [("127.0.0.1",)]
         assert [str(a) for a in node.discovery.mdns.info.parsed_addresses()] == ["127.0.0.1"]
+
+
+async def test_inbound_callers_are_probed_once_each_at_most_16_at_once_and_not_after_close():
+    import asyncio
+    import logging
+
+    from gossipfl.discovery.identity import Identity
+    from gossipfl.discovery.service import MAX_INBOUND_PROBES, Discovery, DiscoverySettings
+
+    settings = DiscoverySettings(("static",), "127.0.0.1", (), (), None, 5.0, 5.0, 0)
+    log = logging.LoggerAdapter(logging.getLogger("test"), {})
+    d = Discovery(
+        settings, node_id="me", port=1, identity=Identity("t", "m"), peers=PeerTable("me"),
+        session_factory=lambda: None, log=log,
+    )  # fmt: skip
+    release = asyncio.Event()
+    probed: list[str] = []
+
+    async def probe(url: str, source: str) -> str:
+        probed.append(url)
+        await release.wait()
+        return "added"
+
+    d.prober.probe = probe  # type: ignore[method-assign]
+    for i in range(MAX_INBOUND_PROBES + 4):
+        d.learn_inbound(f"http://10.0.0.{i}:1")
+        d.learn_inbound(f"http://10.0.0.{i}:1")  # asked again while its probe runs: not twice
+    await asyncio.sleep(0)
+    assert len(probed) == MAX_INBOUND_PROBES == len(set(probed)) and len(d.tasks) == MAX_INBOUND_PROBES
+    release.set()
+    await asyncio.gather(*d.tasks)
+    assert d.tasks == []
+    d.learn_inbound("http://10.0.0.1:1")  # room again: probed again
+    await asyncio.sleep(0)
+    assert probed.count("http://10.0.0.1:1") == 2
+    d.close()
+    d.learn_inbound("http://10.0.0.99:1")
+    await asyncio.sleep(0)
+    assert "http://10.0.0.99:1" not in probed
+    await asyncio.gather(*d.tasks)
+    await d.stop()  # never started: nothing to release
+
+
+async def test_a_node_that_cannot_start_leaves_nothing_running(make_config, monkeypatch):
+    import asyncio
+
+    from gossipfl.discovery.dns import DnsError
+    from gossipfl.discovery.service import DnsDiscovery
+    from gossipfl.node import Node, StartError
+
+    async def fail(self: object) -> list[str]:
+        raise DnsError("name 'nodes.example' does not resolve")  # no query leaves this machine
+
+    monkeypatch.setattr(DnsDiscovery, "check", fail)
+    before = set(asyncio.all_tasks())
+    node = Node(make_config(discovery=("static", "dns"), dns_name="nodes.example", seeds=("127.0.0.1:9",)))
+    with pytest.raises(StartError, match="does not resolve"):
+        await node.start()
+    await asyncio.sleep(0.1)
+    assert set(asyncio.all_tasks()) - before == set()  # the seeds loop did not start (it used to, then ran on)

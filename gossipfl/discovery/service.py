@@ -34,12 +34,12 @@ class DiscoveryError(Exception):
 class DiscoverySettings:
     backends: tuple[str, ...]  # of "mdns", "dns" (seeds and peer exchange run whenever they have work)
     host: str  # the address the node listens on (mDNS stays on it unless interfaces are given)
-    mdns_interfaces: tuple[str, ...] = ()
-    seeds: tuple[str, ...] = ()
-    dns_name: str | None = None
-    dns_interval: float = 10.0
-    pex_interval: float = 5.0
-    rng_seed: int = 0
+    mdns_interfaces: tuple[str, ...]  # empty: the interface of host, or all when host is 0.0.0.0
+    seeds: tuple[str, ...]  # HOST:PORT
+    dns_name: str | None
+    dns_interval: float
+    pex_interval: float
+    rng_seed: int  # seeds the choice of peer-exchange partners
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ Initiator: snapshot its state, POST it to a random peer's ``/v1/gossip`` with a 
 receive the peer's state, compute the merge, then ``POST /v1/gossip/{xid}/commit`` and apply the merge
 if and only if the peer answers "committed". Responder: on a valid message, snapshot its state, compute
 the same merge (rules are symmetric, see merge.py), keep it under the xid and reply with its state; on
-the commit, apply it, once. See exchange.py for why an exchange then happens on both sides or neither.
+the commit, apply it, once. See ledger.py for why an exchange then happens on both sides or neither.
 
 A merge is applied on top of whatever local training happened since the snapshot (``merge.apply``). A
 node makes one merge at a time (``_merging``, a flag checked and set with no await in between, so no

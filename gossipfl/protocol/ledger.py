@@ -15,7 +15,7 @@ So an exchange happens on both sides or on neither, whatever is lost or delayed:
 out is never committed (the responder's entry expires, or a later abort removes it); a commit whose
 answer is lost leaves the initiator *in doubt*, and it asks again (``InDoubt``) until it learns the
 outcome. The cost of that guarantee: while in doubt, the initiator's half of the merge waits (and for
-the first seconds of a doubt the node merges nothing else, see gossip.py).
+the first seconds of a doubt the node merges nothing else, see gossiper.py).
 
 Outcomes of exchanges that were prepared here are kept for ``remember_s``, never evicted earlier
 unless more than ``max_remembered`` were prepared in that time (each took a whole model to prepare).

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING
 
 import aiohttp
 import numpy as np
@@ -18,9 +17,6 @@ from gossipfl.testbed.options import (
     Launcher,
     WatchedNode,
 )
-
-if TYPE_CHECKING:
-    pass
 
 
 async def _status(session: aiohttp.ClientSession, node: WatchedNode) -> dict | None:

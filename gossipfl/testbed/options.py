@@ -5,10 +5,7 @@ from __future__ import annotations
 import socket
 import sys
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
-
-if TYPE_CHECKING:
-    pass
+from typing import Any, Protocol
 
 LOOPBACK = "127.0.0.1"
 MODES = ("process", "inproc")

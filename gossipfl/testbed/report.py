@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -11,9 +11,6 @@ from gossipfl.testbed.options import (
     TestbedOptions,
     WatchedNode,
 )
-
-if TYPE_CHECKING:
-    pass
 
 
 def summarize(

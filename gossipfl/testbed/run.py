@@ -9,7 +9,6 @@ import secrets
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import aiohttp
 import numpy as np
@@ -25,9 +24,6 @@ from gossipfl.testbed.options import (
     WatchedNode,
 )
 from gossipfl.testbed.report import final_table, summarize
-
-if TYPE_CHECKING:
-    pass
 
 
 async def run_testbed(opts: TestbedOptions) -> int:
