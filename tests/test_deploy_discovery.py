@@ -17,7 +17,7 @@ import pytest
 from gossipfl.config import ConfigError, NodeConfig
 from gossipfl.discovery.dns import DnsDiscovery
 from gossipfl.discovery.peers import PeerTable
-from gossipfl.discovery.pex import FORGETTABLE, _base_url
+from gossipfl.discovery.pex import _base_url
 from gossipfl.discovery.replica import ordinal_of, shard_index
 
 from .helpers import running, wait_for
@@ -51,18 +51,6 @@ def test_replica_ordinals():
 def test_bad_discovery_configuration(kw, fragment):
     with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
         NodeConfig(**kw)
-
-
-def test_forgettable_peers_age_out():
-    now = [0.0]
-    table = PeerTable("me", clock=lambda: now[0])
-    for pid, source in [("a", "pex"), ("b", "dns"), ("c", "static"), ("d", "mdns"), ("e", "pex")]:
-        table.upsert(pid, f"http://{pid}:1", "digits", source)
-    for _ in range(5):
-        for pid in "abcd":
-            table.mark_failed(pid)
-    assert table.expire(FORGETTABLE, 5) == ["a", "b"]  # explicit seeds and mDNS peers stay
-    assert sorted(p.id for p in table.all()) == ["c", "d", "e"]
 
 
 async def test_dns_discovery_adds_every_address_and_follows_the_answer(make_config):
@@ -217,17 +205,6 @@ async def test_a_peer_that_calls_from_a_new_address_is_found_there(make_config):
             b.peers.upsert("moved-a", "http://127.0.0.1:1", "digits", "static")  # stale: nothing listens there
             assert await wait_for(lambda: b.peers.get("moved-a").url == a.url, 10)
             assert b.peers.get("moved-a").source == "static"  # still a seed: never forgotten
-
-
-def test_learned_sources_do_not_displace_a_working_seed_or_mdns_peer():
-    table = PeerTable("me")
-    table.upsert("s", "http://10.0.0.1:1", "digits", "static")
-    table.mark_ok("s")
-    assert not table.upsert("s", "http://6.6.6.6:1", "digits", "inbound")  # a working seed stays where it is
-    assert table.get("s").url == "http://10.0.0.1:1"
-    table.mark_failed("s")
-    assert table.upsert("s", "http://10.0.0.2:1", "digits", "pex")  # a failing one may move, and stays a seed
-    assert (table.get("s").url, table.get("s").source) == ("http://10.0.0.2:1", "static")
 
 
 def test_peer_lists_only_yield_plain_base_urls():

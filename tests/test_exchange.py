@@ -105,3 +105,52 @@ def test_retries_double_until_the_cap():
         book.retry_later("x", 10.0)
         delays.append(book.due(1e9)[0].next_try - 10.0)
     assert delays == [2.0, 4.0, 8.0, 16.0]
+
+
+def test_a_prepared_entry_keeps_who_sent_it_and_what_was_sent():
+    led = ledger()
+    sent = object()
+    led.prepare("x", "node-a", sent, "m", now=0.0)
+    assert led.prepared("x").sender == "node-a" and led.prepared("x").sent is sent
+
+
+def test_deciding_again_is_a_no_op_whatever_the_decision():
+    led = ledger()
+    led.prepare("x", "a", "s", "m", now=0.0)
+    led.decide("x", COMMITTED, now=1.0)
+    assert led.decide("x", COMMITTED, now=2.0) is None  # a repeated commit, not "never prepared"
+    assert led.decide("x", ABORTED, now=2.0) is None and led.outcome("x") == COMMITTED
+
+
+def test_outcomes_are_forgotten_exactly_remember_s_later_oldest_first():
+    led = ledger(remember_s=10.0)
+    led.prepare("p", "a", "s", "m", now=0.0)
+    led.decide("p", COMMITTED, now=0.0)
+    led.decide("u", ABORTED, now=0.0)  # never prepared
+    led.decide("v", ABORTED, now=5.0)
+    led.expire(now=9.999)
+    assert (led.outcome("p"), led.outcome("u")) == (COMMITTED, ABORTED)
+    led.expire(now=10.0)
+    assert (led.outcome("p"), led.outcome("u"), led.outcome("v")) == (None, None, ABORTED)
+    led.expire(now=15.0)
+    assert led.outcome("v") is None
+
+
+def test_the_oldest_outcome_is_the_one_forgotten_when_memory_is_full():
+    led = ledger(max_remembered=2)
+    for i, xid in enumerate(("p1", "p2", "p3")):
+        led.prepare(xid, "a", "s", "m", now=float(i))
+        led.decide(xid, COMMITTED, now=float(i))
+    assert [led.outcome(x) for x in ("p1", "p2", "p3")] == [None, COMMITTED, COMMITTED]
+    for xid in ("u1", "u2", "u3"):
+        led.decide(xid, ABORTED, now=5.0)
+    assert [led.outcome(x) for x in ("u1", "u2", "u3")] == [None, ABORTED, ABORTED]
+
+
+def test_documented_defaults():
+    """Outcomes are remembered 10 minutes (65,536 at most); a doubt is asked about again with a backoff
+    from 1 s up to 30 s, given up after 2 minutes, and at most 4 are kept (docs/liveness.md)."""
+    led = ledger()
+    assert (led.remember_s, led.max_remembered) == (600.0, 65536)
+    book = DoubtBook()
+    assert (book.give_up_s, book.retry_base, book.retry_max, book.max_entries) == (120.0, 1.0, 30.0, 4)

@@ -1,6 +1,7 @@
 import random
 
 from gossipfl.discovery.peers import PeerTable
+from gossipfl.discovery.pex import FORGETTABLE
 
 
 class Clock:
@@ -170,3 +171,51 @@ def test_times_in_the_peer_list_are_in_milliseconds():
     clock.t += 0.123456
     (row,) = t.describe()
     assert row["last_ok_s_ago"] == 0.123 and row["retry_in_s"] == 0.877
+
+
+def test_forgettable_peers_age_out():
+    now = [0.0]
+    table = PeerTable("me", clock=lambda: now[0])
+    for pid, source in [("a", "pex"), ("b", "dns"), ("c", "static"), ("d", "mdns"), ("e", "pex")]:
+        table.upsert(pid, f"http://{pid}:1", "digits", source)
+    for _ in range(5):
+        for pid in "abcd":
+            table.mark_failed(pid)
+    assert table.expire(FORGETTABLE, 5) == ["a", "b"]  # explicit seeds and mDNS peers stay
+    assert sorted(p.id for p in table.all()) == ["c", "d", "e"]
+
+
+def test_learned_sources_do_not_displace_a_working_seed_or_mdns_peer():
+    table = PeerTable("me")
+    table.upsert("s", "http://10.0.0.1:1", "digits", "static")
+    table.mark_ok("s")
+    assert not table.upsert("s", "http://6.6.6.6:1", "digits", "inbound")  # a working seed stays where it is
+    assert table.get("s").url == "http://10.0.0.1:1"
+    table.mark_failed("s")
+    assert table.upsert("s", "http://10.0.0.2:1", "digits", "pex")  # a failing one may move, and stays a seed
+    assert (table.get("s").url, table.get("s").source) == ("http://10.0.0.2:1", "static")
+
+
+def test_a_peer_announced_again_keeps_what_it_said_before_and_leaves_the_ignored_list():
+    t = PeerTable("me")
+    t.ignore("a", "http://a:1", "other task")
+    assert t.upsert("a", "http://a:1", "digits", "mdns")  # compatible now (restarted with our task)
+    assert t.ignored() == [] and t.get("a").task == "digits"
+    assert not t.upsert("a", "http://a:1", None, "pex")  # a refresh that does not say the task keeps it
+    assert t.get("a").task == "digits"
+    t.upsert("a", "http://a:1", "digits-cnn", "mdns")
+    assert t.get("a").task == "digits-cnn"
+    t.ignore("b", None, "other task")
+    t.remove("b")
+    assert t.ignored() == []
+
+
+def test_the_default_backoff_doubles_from_1_s_to_30_s():
+    clock = Clock()
+    t = PeerTable("me", clock=clock)
+    t.upsert("a", "http://a:1", None, "static")
+    delays = []
+    for _ in range(7):
+        t.mark_failed("a")
+        delays.append(t.get("a").retry_at - clock.t)
+    assert delays == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]

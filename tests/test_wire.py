@@ -262,3 +262,77 @@ def test_the_mdns_protocol_field_is_the_wire_version():
     from gossipfl.discovery.identity import PROTO
 
     assert PROTO == str(wire.PROTOCOL_VERSION)
+
+
+def test_the_size_limit_covers_many_long_names():
+    """The 413 limit must hold for models with many small tensors and long names (the per-tensor and
+    per-name allowances both count)."""
+    names = [f"layer{i:03d}." + "n" * 480 for i in range(40)]
+    params = {n: np.zeros(1, "<f4") for n in names}
+    spec = wire.spec_of(params)
+    body = wire.encode(
+        wire.GossipMessage("x" * 63, wire.MAX_AGE, params, task="t" * 100, xid=wire.new_xid(), samples=2**53)
+    )
+    assert len(body) <= wire.max_message_size(spec) <= len(body) + 4096 + 40 * 512
+
+
+def test_arrays_in_any_memory_order_are_sent_as_c_order():
+    w = np.asfortranarray(np.arange(6, dtype="<f4").reshape(3, 2))
+    assert not w.flags.c_contiguous
+    msg = wire.decode(wire.encode(wire.GossipMessage("a", 1, {"w": w, "b": good_params()["b"]})), SPEC)
+    np.testing.assert_array_equal(msg.params["w"], w)
+
+
+def test_cluster_and_xid_are_decoded():
+    xid = wire.new_xid()
+    msg = wire.decode(wire.encode(wire.GossipMessage("a", 1, good_params(), cluster="blue", xid=xid)), SPEC)
+    assert (msg.cluster, msg.xid) == ("blue", xid)
+    assert wire.decode(pack(raw()), SPEC).cluster is None
+    with pytest.raises(wire.WireError, match="^message: field 'cluster' must be str$"):
+        wire.decode(pack(raw(cluster=3)), SPEC)
+
+
+def test_map_keys_must_be_strings():
+    with pytest.raises(wire.WireError, match="^malformed msgpack: ValueError: "):
+        wire.decode(pack({**raw(), 7: "x"}), SPEC)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (pack([1]), "message must be a msgpack map"),
+        (pack({k: v for k, v in raw().items() if k != "age"}), "message: missing field 'age'"),
+        (tensor_body(dtype=5), "parameter 'w': field 'dtype' must be str"),
+        (tensor_body(shape="3x2"), "parameter 'w': field 'shape' must be list"),
+        (tensor_body(data=[1]), "parameter 'w': field 'data' must be bytes"),
+        (pack(raw({"w": good_params()["w"]})), "missing parameters: b"),
+        (pack(raw({**good_params(), "x": np.zeros(1, "<f4"), "y": np.zeros(1, "<f4")})), "unknown parameters: x, y"),
+        (pack(raw(port=0)), "field 'port' must be from 1 to 65535"),
+        (pack(raw(xid="z")), "field 'xid' must be 32 lowercase hex digits"),
+    ],
+)
+def test_errors_name_the_problem_exactly(body, message):
+    with pytest.raises(wire.WireError) as e:
+        wire.decode(body, SPEC)
+    assert str(e.value) == message
+
+
+def test_two_missing_parameters_are_listed_with_commas():
+    spec = {**SPEC, "c": wire.TensorSpec("<f4", (1,))}
+    with pytest.raises(wire.WireError) as e:
+        wire.decode(pack(raw({"w": good_params()["w"]})), spec)
+    assert str(e.value) == "missing parameters: b, c"
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{"samples": 0}, {"weight": 0.5}, {"weight": wire.MAX_WEIGHT}, {"port": 1}, {"port": 65535}],
+)
+def test_bounds_are_inclusive_where_documented(extra):
+    wire.decode(pack(raw(**extra)), SPEC)
+    wire.encode(wire.GossipMessage("a", 1, good_params(), **extra))
+
+
+def test_port_65536_is_refused():
+    with pytest.raises(wire.WireError, match="'port'"):
+        wire.decode(pack(raw(port=65536)), SPEC)
