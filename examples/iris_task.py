@@ -1,4 +1,5 @@
-"""A complete user task for gossipfl: Fisher's iris flowers (ships with scikit-learn), a small MLP.
+"""A complete user task for gossipfl: Fisher's iris flowers (ships with scikit-learn, which this example
+needs: ``pip install scikit-learn``), a small MLP.
 
 Run a node with it (from the repository root, so that ``examples`` is importable):
 

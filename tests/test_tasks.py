@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gossipfl.learning.learner import Learner, build_seeded
 from gossipfl.learning.registry import TaskError, build_checked, get_task, load_checked
@@ -231,18 +233,107 @@ def test_cli_task_errors_are_one_line_exit_2(args, fragment):
 
 def test_nodes_loading_data_at_once_in_a_fresh_process_do_not_race_on_imports(tmp_path):
     """Defect 9: nodes with different tasks starting together in one process imported scikit-learn in
-    two worker threads at once: "partially initialized module 'sklearn.base'" (3 runs in 4 alone)."""
-    x, y = blobs()
-    np.savez(tmp_path / "d.npz", x=x, y=y)
+    two worker threads at once: "partially initialized module 'sklearn.base'". The built-in tasks no
+    longer import scikit-learn, but a user's task may, lazily in load_data; two such tasks, importing
+    different parts of it, race in about half of fresh interpreters unless tasks load one at a time."""
+    (tmp_path / "racy.py").write_text(RACY_TASKS)
     script = f"""
-import concurrent.futures
+import concurrent.futures, sys
+sys.path.insert(0, {str(tmp_path)!r})
 from gossipfl.learning.registry import get_task, load_checked
-tasks = [get_task("digits"), get_task("tabular:classes=3", {str(tmp_path / "d.npz")!r}), get_task("digits-cnn")] * 2
+tasks = [get_task("racy:Iris"), get_task("racy:Scaled")] * 3
 with concurrent.futures.ThreadPoolExecutor(6) as pool:
     sizes = list(pool.map(lambda t: len(load_checked(t, 2026).train), tasks))
 print(sizes)
 """
-    for _ in range(3):  # each run is a fresh interpreter, where nothing has imported scikit-learn yet
+    for _ in range(6):  # each run is a fresh interpreter, where nothing has imported scikit-learn yet
         r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr[-2000:]
-        assert r.stdout.strip() == "[1437, 96, 1437, 1437, 96, 1437]"
+        assert r.stdout.strip() == "[120, 120, 120, 120, 120, 120]"
+
+
+RACY_TASKS = """
+import numpy as np
+from torch import nn
+
+from gossipfl import ClassificationTask, Dataset, InputSpec, TaskData, split
+
+
+class Iris(ClassificationTask):
+    name = "racy-iris"
+    input_spec = InputSpec((4,), "float32")
+
+    def load_data(self, data_seed):
+        from sklearn.datasets import load_iris
+
+        x, y = load_iris(return_X_y=True)
+        train, test = split(x.astype(np.float32), y.astype(np.int64), data_seed)
+        return TaskData(train, test, 3)
+
+    def build_model(self):
+        return nn.Linear(4, 3)
+
+
+class Scaled(Iris):
+    name = "racy-scaled"
+
+    def load_data(self, data_seed):
+        from sklearn.model_selection import train_test_split
+        from sklearn.preprocessing import StandardScaler
+
+        x = StandardScaler().fit_transform(np.random.default_rng(0).normal(size=(150, 4))).astype(np.float32)
+        y = (np.arange(150) % 3).astype(np.int64)
+        a, b, c, d = train_test_split(x, y, test_size=0.2, random_state=data_seed, stratify=y)
+        return TaskData(Dataset(a, c), Dataset(b, d), 3)
+"""
+
+
+def test_the_bundled_digits_are_scikit_learns():
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    from gossipfl.learning.tasks.digits import load_digits
+
+    x, y = load_digits()
+    xs, ys = sklearn_digits(return_X_y=True)
+    assert x.shape == (1797, 64) and (x == xs).all() and (y == ys).all()
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    labels=st.lists(st.integers(0, 5), min_size=5, max_size=300),
+    seed=st.integers(0, 2**31 - 1),
+    test_fraction=st.sampled_from([0.1, 0.2, 0.25, 0.5]),
+)
+def test_the_split_is_scikit_learns_train_test_split(labels, seed, test_fraction):
+    """Same indices as sklearn's train_test_split (stratified when every class has two samples), so
+    every split, and every number measured on one, stays what it was before scikit-learn left the
+    runtime dependencies."""
+    from sklearn.model_selection import train_test_split
+
+    from gossipfl.learning.splitting import split_indices
+
+    y = np.array(labels)
+    _, counts = np.unique(y, return_counts=True)
+    stratify = y if counts.min() >= 2 else None
+    try:
+        expected = train_test_split(np.arange(len(y)), test_size=test_fraction, random_state=seed, stratify=stratify)
+    except ValueError:
+        with pytest.raises(ValueError):
+            split_indices(y, test_fraction, seed)
+        return
+    train, test = split_indices(y, test_fraction, seed)
+    assert train.tolist() == expected[0].tolist() and test.tolist() == expected[1].tolist()
+
+
+def test_a_node_process_imports_neither_scikit_learn_nor_scipy():
+    code = (
+        "import sys\n"
+        "from gossipfl.learning.registry import get_task, load_checked\n"
+        "for name in ('digits', 'digits-cnn'):\n"
+        "    load_checked(get_task(name), 2026)\n"
+        "import gossipfl.node, gossipfl.cli\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('sklearn', 'scipy')))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from gossipfl.learning.splitting import split_indices
+
 
 @dataclass(frozen=True)
 class Dataset:
@@ -124,10 +126,6 @@ class ClassificationTask:
 
 
 def split(x: np.ndarray, y: np.ndarray, data_seed: int, test_fraction: float = 0.2) -> tuple[Dataset, Dataset]:
-    """Seeded, stratified train/test split (every node computes the same one)."""
-    from sklearn.model_selection import train_test_split
-
-    _, counts = np.unique(y, return_counts=True)
-    stratify = y if counts.min() >= 2 else None  # a class with one sample cannot be on both sides
-    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=test_fraction, random_state=data_seed, stratify=stratify)
-    return Dataset(x_tr, y_tr), Dataset(x_te, y_te)
+    """Seeded, stratified train/test split (every node computes the same one; see splitting.py)."""
+    train, test = split_indices(y, test_fraction, data_seed)
+    return Dataset(x[train], y[train]), Dataset(x[test], y[test])

@@ -1,7 +1,10 @@
-"""Built-in tasks on scikit-learn's 8x8 handwritten digits (ships offline): ``digits`` (MLP 64-64-10)
-and ``digits-cnn`` (a small CNN). Both take the raw 64 pixel values (0 to 16) and scale inside."""
+"""Built-in tasks on the 8x8 handwritten digits (UCI, as scikit-learn ships them; bundled in
+``data/digits.npz``, see ``data/README.md``): ``digits`` (MLP 64-64-10) and ``digits-cnn`` (a small CNN).
+Both take the raw 64 pixel values (0 to 16) and scale inside."""
 
 from __future__ import annotations
+
+from importlib import resources
 
 import numpy as np
 import torch
@@ -10,6 +13,13 @@ from torch import nn
 from gossipfl.learning.task import ClassificationTask, InputSpec, TaskData, split
 
 PIXEL_MAX = 16.0
+
+
+def load_digits() -> tuple[np.ndarray, np.ndarray]:
+    """The 1,797 images (uint8, 1797 x 64, values 0..16) and labels (uint8), in scikit-learn's order."""
+    with resources.files("gossipfl.learning.tasks").joinpath("data/digits.npz").open("rb") as f:
+        with np.load(f, allow_pickle=False) as data:
+            return data["x"], data["y"]
 
 
 class Scale(nn.Module):
@@ -28,9 +38,7 @@ class DigitsTask(ClassificationTask):
     input_spec = InputSpec((64,), "float32")
 
     def load_data(self, data_seed: int) -> TaskData:
-        from sklearn.datasets import load_digits
-
-        x, y = load_digits(return_X_y=True)
+        x, y = load_digits()
         train, test = split(x.astype(np.float32), y.astype(np.int64), data_seed)
         return TaskData(train, test, num_classes=10)
 
