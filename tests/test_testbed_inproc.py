@@ -37,17 +37,21 @@ def test_inproc_testbed_trains_and_converges(tmp_path):
     assert "node up at" in (out / "nodes.log").read_text()  # node logs go to one file, not the terminal
 
 
-@pytest.mark.parametrize("mode", ["inproc", "process"])
-def test_node_options_after_dashes_reach_the_nodes_in_both_modes(tmp_path, mode):
+@pytest.mark.parametrize(("mode", "spawn"), [("inproc", None), ("process", "fork"), ("process", "exec")])
+def test_node_options_after_dashes_reach_the_nodes_in_every_mode(tmp_path, mode, spawn):
     out = tmp_path / mode
     args = ["--mode", mode, "--nodes", "2", "--duration", "2", "--out", str(out), "--inproc-workers", "3"]
-    r = gossipfl_testbed(*args, "--", "--merge", "samples")
+    r = gossipfl_testbed(*args, *(["--no-fork"] if spawn == "exec" else []), "--", "--merge", "samples")
     assert r.returncode == 0, r.stdout + r.stderr
     res = json.loads((out / "results.json").read_text())
     assert res["mode"] == mode and res["options"]["extra_node_args"] == ["--merge", "samples"]
     assert [f["merge"]["rule"] for f in res["final"].values()] == ["samples", "samples"]
+    assert [f["exit_code"] for f in res["final"].values()] == [0, 0]
     if mode == "inproc":
         assert res["resources"]["workers"] == 3
+    else:
+        assert res["resources"]["spawn"] == spawn and res["options"]["fork"] == (spawn == "fork")
+        assert all("node up at" in (out / f"{node_id}.log").read_text() for node_id in res["final"])
 
 
 def test_inproc_refuses_bad_node_options_before_starting(tmp_path):
@@ -80,3 +84,29 @@ def test_testbed_runs_a_tabular_task_from_one_data_file(tmp_path):
     assert refused.returncode == 2 and "give --data to the testbed" in refused.stderr, refused.stderr
     missing = gossipfl_testbed("--task", "tabular", "--out", str(tmp_path))
     assert missing.returncode == 2 and "needs --data" in missing.stderr, missing.stderr
+
+
+def test_the_zygote_forks_each_request_and_reports_pids_and_exit_codes(tmp_path):
+    """The process testbed's zygote (gossipfl/testbed/zygote.py): one child per request, running what
+    ``python -m gossipfl ARGV`` runs with its output in the log; the exit code of each, then it exits."""
+    import subprocess
+    import sys
+
+    requests = [
+        {"id": "ok", "argv": ["--version"], "log": str(tmp_path / "ok.log")},
+        {"id": "bad", "argv": ["node", "--lr", "-1"], "log": str(tmp_path / "bad.log")},
+    ]
+    r = subprocess.run(
+        [sys.executable, "-m", "gossipfl.testbed.zygote", "gossipfl.cli"],
+        input="".join(json.dumps(q) + "\n" for q in requests),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(line) for line in r.stdout.splitlines()]
+    pids = {m["id"]: m["pid"] for m in lines if "pid" in m}
+    assert set(pids) == {"ok", "bad"} and len(set(pids.values())) == 2
+    assert {m["id"]: m["exit"] for m in lines if "exit" in m} == {"ok": 0, "bad": 2}
+    assert (tmp_path / "ok.log").read_text().strip().startswith("gossipfl ")
+    assert "lr must be > 0" in (tmp_path / "bad.log").read_text()

@@ -29,6 +29,7 @@ class TestbedOptions:
     extra_node_args: tuple[str, ...] = ()
     mode: str = "process"  # one of MODES
     inproc_workers: int = 0  # inproc: threads of the loop's default executor; 0 picks inproc_workers()
+    fork: bool = True  # process: fork node processes from a zygote that imported torch once (zygote.py)
 
 
 @dataclass
