@@ -28,6 +28,7 @@ _EXPORTS = {
     "OutputSpec": "gossipfl.learning.task",
     "Evaluation": "gossipfl.learning.task",
     "split": "gossipfl.learning.task",
+    "Standardize": "gossipfl.learning.normalize",
     "get_task": "gossipfl.learning.registry",
     "TaskError": "gossipfl.learning.registry",
     # a node and its configuration
@@ -55,6 +56,7 @@ __all__ = [
     "Node",
     "NodeConfig",
     "OutputSpec",
+    "Standardize",
     "StartError",
     "Task",
     "TaskData",
@@ -71,6 +73,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from gossipfl.config import ConfigError, NodeConfig, load_config
+    from gossipfl.learning.normalize import Standardize
     from gossipfl.learning.registry import TaskError, get_task
     from gossipfl.learning.task import (
         ClassificationTask,

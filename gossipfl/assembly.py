@@ -12,17 +12,20 @@ from gossipfl.config import NodeConfig
 from gossipfl.discovery import replica
 from gossipfl.discovery.service import DiscoverySettings
 from gossipfl.learning.learner import Learner, build_seeded, resolve_device
+from gossipfl.learning.normalize import fit_standardizers, standardizer_buffers
 from gossipfl.learning.registry import build_checked
 from gossipfl.learning.task import Dataset, Task
+from gossipfl.protocol import wire
 
 PUBLISH_AFTER_INTERVALS = 3
 
 
 def build_learner(task: Task, train: Dataset, test: Dataset, cfg: NodeConfig, *, weight: float = 1.0) -> Learner:
-    """The Learner a node with this configuration trains: model initialised from ``init_seed(cfg)``,
-    minibatch order from ``cfg.seed``, optimizer and schedule from ``cfg`` (benchmarks use it too, for
-    reference models trained the same way)."""
+    """The Learner a node with this configuration trains: model initialised from ``init_seed(cfg)``, its
+    Standardize layers (if any) fitted to ``train``, minibatch order from ``cfg.seed``, optimizer and
+    schedule from ``cfg`` (benchmarks use it too, for reference models trained the same way)."""
     model = build_seeded(lambda: build_checked(task), init_seed(cfg))
+    fit_standardizers(model, train.x)  # input statistics from the local shard; the gossip averages them
     return Learner(
         task,
         model,
@@ -103,3 +106,10 @@ def discovery_settings(cfg: NodeConfig) -> DiscoverySettings:
         pex_interval=cfg.pex_interval,
         rng_seed=cfg.seed,
     )
+
+
+def initial_model_digest(learner: Learner) -> str:
+    """The digest of the initial model that nodes of one cluster share (advertised as ``init``): its
+    state, less the input statistics each node fitted to its own shard."""
+    local = standardizer_buffers(learner.model)
+    return wire.state_digest({k: v for k, v in learner.snapshot().params.items() if k not in local})

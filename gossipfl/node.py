@@ -15,7 +15,7 @@ import numpy as np
 from aiohttp import web
 from zeroconf.asyncio import AsyncZeroconf
 
-from gossipfl.assembly import bind_socket, build_learner, default_node_id, discovery_settings, resolve_shard
+from gossipfl import assembly
 from gossipfl.common.logs import node_logger
 from gossipfl.common.supervise import Supervisor
 from gossipfl.config import NodeConfig
@@ -81,25 +81,25 @@ class Node:
         cfg = self.config
         try:
             data = await asyncio.to_thread(load_checked, self.task, cfg.data_seed)
-            k, n, source = await resolve_shard(cfg.shard)
+            k, n, source = await assembly.resolve_shard(cfg.shard)
             if source is not None:  # auto/N: the replica's ordinal
                 self.partition, self.partition_source = f"{k}/{n}", source
             self.shard = partition(data.train.y, n, cfg.partition_scheme, cfg.data_seed)[k]
             local = data.train.subset(self.shard)
             # push-sum weight = local sample count: the consensus becomes the data-weighted mean
-            self.learner = build_learner(self.task, local, data.test, cfg, weight=len(local))
+            self.learner = assembly.build_learner(self.task, local, data.test, cfg, weight=len(local))
         except ValueError as e:  # TaskError, or a partition that cannot be made
             raise StartError(str(e)) from None
         self.class_histogram = class_histogram(data.train.y, self.shard, data.num_classes)
         self.signature = await asyncio.to_thread(serving.signature, self.task, self.learner, data.num_classes)
-        initial = None if cfg.no_train else wire.state_digest(self.learner.snapshot().params)
+        initial = None if cfg.no_train else assembly.initial_model_digest(self.learner)
 
         try:
-            sock = bind_socket(cfg.host, cfg.port)
+            sock = assembly.bind_socket(cfg.host, cfg.port)
         except OSError as e:
             raise StartError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}") from None
         self.port = sock.getsockname()[1]
-        self.id = cfg.id or default_node_id(self.port)
+        self.id = cfg.id or assembly.default_node_id(self.port)
         self.log = node_logger(self.id)
         self.url = f"http://{'127.0.0.1' if cfg.host in ('0.0.0.0', '') else cfg.host}:{self.port}"
         self.peers = PeerTable(self.id)
@@ -128,7 +128,7 @@ class Node:
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10, sock_connect=2))
 
         self.discovery = Discovery(
-            discovery_settings(cfg),
+            assembly.discovery_settings(cfg),
             node_id=self.id,
             port=self.port,
             identity=self.identity,

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
+from gossipfl.learning.normalize import Standardize
 from gossipfl.learning.task import ClassificationTask, InputSpec, TaskData, split
 
 
@@ -90,4 +91,5 @@ class TabularTask(ClassificationTask):
 
     def build_model(self) -> nn.Module:
         d = self.x.shape[1]
-        return nn.Sequential(nn.Linear(d, self.hidden), nn.ReLU(), nn.Linear(self.hidden, self.classes))
+        # columns are standardised inside the model, with statistics the network averages (normalize.py)
+        return nn.Sequential(Standardize(d), nn.Linear(d, self.hidden), nn.ReLU(), nn.Linear(self.hidden, self.classes))
