@@ -6,8 +6,8 @@ central accuracy, and (worst gossiping node, worst node alone) per partition, on
 
     .venv/bin/python benchmarks/tabular_sim.py            # needs scikit-learn (the test extra)
 
-A first look before ``benchmarks/tabular.py`` (real nodes, more node counts and seeds): one run, the
-test split, 1,200 steps.
+A first look, before a benchmark with real nodes, more node counts and seeds: one run, the test split,
+1,200 steps.
 """
 
 from __future__ import annotations

@@ -92,3 +92,77 @@ async def test_nodes_agree_on_the_statistics_through_gossip_and_share_one_initia
             ma, mb = a.learner.snapshot().params["0.mean"], b.learner.snapshot().params["0.mean"]
     np.testing.assert_allclose(ma, mb, rtol=1e-5)  # every merge averages them: after the last one, equal
     np.testing.assert_allclose(ma, (before_a + before_b) / 2, rtol=1e-4)  # `average`: the plain mean
+
+
+@pytest.mark.parametrize(("mean", "sd"), [(1e4, 1.0), (3e6, 20.0), (5e-7, 1e-7), (881.0, 350.0)])
+def test_columns_with_a_small_spread_next_to_their_mean_are_still_scaled(mean, sd):
+    x = (mean + sd * np.random.default_rng(1).standard_normal((500, 1))).astype(np.float64)
+    layer = Standardize(1)
+    layer.fit(x)
+    out = layer(torch.from_numpy(x)).numpy()
+    assert out.std() == pytest.approx(1.0, rel=1e-3)
+
+
+def test_a_standardize_layer_that_does_not_take_the_raw_inputs_is_refused():
+    model = nn.Sequential(nn.Linear(5, 8), Standardize(8))
+    with pytest.raises(ValueError, match=r"Standardize\(8\) was given inputs of width 5: it must be the model's first"):
+        fit_standardizers(model, unscaled_table()[0])
+
+
+def test_a_late_merge_keeps_the_statistics_a_valid_pair_of_moments():
+    """A merge applied late is current + (merged - sent): with other merges in between, that is not a
+    convex mix of the nodes' moments, and second - mean**2 can go negative (the column would then go in
+    unscaled). Statistics take the mean of the current and merged values instead."""
+    from gossipfl.protocol import merge
+
+    def moments(values):
+        v = np.asarray(values, np.float64)
+        return {"0.mean": np.array([v.mean()]), "0.second": np.array([(v**2).mean()])}
+
+    sent, other, late_peer = moments([-1800.0]), moments([800.0]), moments([2000.0])
+    current = {k: 0.2 * sent[k] + 0.8 * other[k] for k in sent}  # a `samples` merge (50:200 rows) landed first
+    merged = {k: 0.5 * sent[k] + 0.5 * late_peer[k] for k in sent}
+    rebased = merge.rebase(current, sent, merged)
+    assert rebased["0.second"][0] < rebased["0.mean"][0] ** 2  # the problem
+    kept = merge.keep_convex(rebased, current, merged, {"0.mean", "0.second"})
+    assert kept["0.second"][0] >= kept["0.mean"][0] ** 2
+    np.testing.assert_allclose(kept["0.mean"], (current["0.mean"] + merged["0.mean"]) / 2)
+
+
+async def test_the_exchange_applies_late_merges_to_statistics_as_convex_mixes(tmp_path):
+    """The same, through the exchange itself (GossipCore._apply with a merge learned late)."""
+    import logging
+    import random
+
+    from gossipfl.discovery.peers import PeerTable
+    from gossipfl.protocol import merge
+    from gossipfl.protocol.gossiper import Gossiper
+
+    x, y = unscaled_table()
+    np.savez(tmp_path / "t.npz", x=x, y=y)
+    task = TabularTask(str(tmp_path / "t.npz"))
+    data = task.load_data(2026)
+    learner = build_learner(task, data.train, data.test, NodeConfig(task="tabular"))
+    assert learner.statistics == {"0.mean", "0.second"}
+    log = logging.LoggerAdapter(logging.getLogger("test"), {})
+    g = Gossiper(node_id="me", task="tabular", learner=learner, peers=PeerTable("me"), interval=1.0,
+                 rng=random.Random(0), log=log)  # fmt: skip
+
+    def set_stats(mean: float, frac: float = 0.0, other: tuple[float, float] = (0.0, 0.0)):
+        def fn(now):
+            params = dict(now.params)
+            params["0.mean"] = np.full(5, (1 - frac) * mean + frac * other[0])
+            params["0.second"] = np.full(5, (1 - frac) * mean**2 + frac * other[1])
+            return params, now.age, now.weight
+
+        return fn
+
+    learner.update(set_stats(-1800.0))  # the statistics as this node sent them: a column at -1800
+    sent = learner.snapshot()
+    learner.update(set_stats(-1800.0, 0.8, (800.0, 800.0**2)))  # another merge (0.2 : 0.8) landed first
+    merged = dict(sent.params)
+    merged["0.mean"] = (sent.params["0.mean"] + 2000.0) / 2  # the late merge, with a peer at 2000
+    merged["0.second"] = (sent.params["0.second"] + 2000.0**2) / 2
+    await g._apply(sent, merge.Merged(merged, sent.age, sent.weight))
+    after = learner.snapshot().params
+    assert (after["0.second"] >= after["0.mean"] ** 2).all()

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from gossipfl.learning.normalize import standardizer_buffers
 from gossipfl.learning.task import Dataset, Evaluation, Task
 
 Params = dict[str, np.ndarray]
@@ -125,6 +126,7 @@ class Learner:
         self._published = False  # the served model is still the bare initialisation
         self._unpublished_steps = 0
         self._named = gossiped_tensors(self.model)
+        self.statistics = frozenset(standardizer_buffers(self.model))  # see protocol/merge.keep_convex
         # Optimizer state (Adam's moments, SGD's momentum buffer) is kept across merges: partners' models
         # are close after averaging, so the running gradient statistics stay valid, and resetting them
         # would restart Adam's bias correction at every exchange.

@@ -18,27 +18,37 @@ import numpy as np
 import torch
 from torch import nn
 
-MIN_STD = 1e-6  # relative to the column's scale: below it a column counts as constant and is not scaled
+REL_VAR_FLOOR = 1e-12  # a variance under this fraction of mean**2 is float64 rounding: a constant column
+ABS_VAR_FLOOR = 1e-300  # and an exactly constant column of zeros
 
 
 class Standardize(nn.Module):
-    """(x - mean) / std per column, from the buffers ``mean`` and ``second`` (mean of squares)."""
+    """(x - mean) / std per column, from the buffers ``mean`` and ``second`` (mean of squares). The
+    buffers are float64: the variance is their difference, which float32 would lose to cancellation for
+    a column whose spread is small next to its mean (1e4 +- 1). A column whose variance is not above
+    float64 rounding of its mean (a constant column) is centred but not scaled."""
 
     def __init__(self, features: int) -> None:
         super().__init__()
-        self.register_buffer("mean", torch.zeros(features))
-        self.register_buffer("second", torch.ones(features))
+        self.features = features
+        self.register_buffer("mean", torch.zeros(features, dtype=torch.float64))
+        self.register_buffer("second", torch.ones(features, dtype=torch.float64))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        var = (self.second - self.mean**2).clamp(min=0.0)
-        std = var.sqrt()
-        std = torch.where(std > MIN_STD * (1.0 + self.mean.abs()), std, torch.ones_like(std))
-        return (x - self.mean) / std
+        var = self.second - self.mean**2
+        scaled = var > (REL_VAR_FLOOR * self.mean**2).clamp(min=ABS_VAR_FLOOR)
+        std = torch.where(scaled, var.clamp(min=ABS_VAR_FLOOR).sqrt(), torch.ones_like(var))
+        return ((x.to(torch.float64) - self.mean) / std).to(x.dtype)
 
     @torch.no_grad()
     def fit(self, x: np.ndarray) -> None:
-        """Set the moments from the rows of ``x`` (computed in float64)."""
+        """Set the moments from the rows of ``x``, whose width must be ``features``."""
         x64 = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
+        if x64.shape[1] != self.features:
+            raise ValueError(
+                f"Standardize({self.features}) was given inputs of width {x64.shape[1]}: it must be the "
+                "model's first layer, taking the raw input columns"
+            )
         self.mean.copy_(torch.from_numpy(x64.mean(axis=0)))
         self.second.copy_(torch.from_numpy((x64**2).mean(axis=0)))
 
@@ -48,7 +58,8 @@ def standardizers(model: nn.Module) -> dict[str, Standardize]:
 
 
 def fit_standardizers(model: nn.Module, x: np.ndarray) -> None:
-    """Fill every Standardize layer that sees the raw inputs from the local training rows ``x``."""
+    """Fill the model's Standardize layers from the local training rows ``x``. A Standardize layer must be
+    the model's first, taking the raw input columns (ValueError when its width does not match them)."""
     for module in standardizers(model).values():
         module.fit(x)
 

@@ -115,6 +115,7 @@ class GossipCore:
             params = merge.apply(now.params, sent.params, merged.params, changed=now.version != sent.version)
             weight = merge.apply_weight(now.weight, sent.weight, merged.weight)
             if now.merges != sent.merges:  # applied late, on top of other merges
+                params = merge.keep_convex(params, now.params, merged.params, self.learner.statistics)
                 params = merge.keep_nonnegative(params, now.params, sent.params, merged.params)
                 weight = merge.keep_positive_weight(weight, now.weight, merged.weight)
             return params, max(now.age, merged.age), weight

@@ -24,7 +24,7 @@ age 2**53 thus adds at most 10,000 steps to the node it reaches, not 2**53 to th
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -124,6 +124,19 @@ def keep_nonnegative(result: Params, current: Params, sent: Params, merged: Para
     for name, value in result.items():
         if all(np.min(p[name], initial=0.0) >= 0 for p in (current, sent, merged)):
             out[name] = np.maximum(value, 0).astype(value.dtype, copy=False)
+    return out
+
+
+def keep_convex(result: Params, current: Params, merged: Params, names: Collection[str]) -> dict[str, np.ndarray]:
+    """For a merge applied late: the tensors in ``names`` (statistics such as the moments of a
+    Standardize layer, which must stay a convex combination of the nodes' own, or a variance taken from
+    them can go negative) become the mean of the current and the merged values, both convex, instead of
+    current + (merged - sent), which is not. Like the clamps, this gives up conservation for them."""
+    out = dict(result)
+    for name in names:
+        if name in out:
+            mean = (np.asarray(current[name], np.float64) + np.asarray(merged[name], np.float64)) / 2
+            out[name] = mean.astype(out[name].dtype)
     return out
 
 

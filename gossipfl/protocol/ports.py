@@ -35,6 +35,8 @@ class ModelStore(Protocol):
     def train_size(self) -> int: ...  # local samples (the ``samples`` merge rule's weight)
     @property
     def merges(self) -> int: ...
+    @property
+    def statistics(self) -> frozenset[str]: ...  # state that must stay a convex mix (merge.keep_convex)
 
     def snapshot(self) -> Snapshot: ...
 
