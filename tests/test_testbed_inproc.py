@@ -110,3 +110,70 @@ def test_the_zygote_forks_each_request_and_reports_pids_and_exit_codes(tmp_path)
     assert {m["id"]: m["exit"] for m in lines if "exit" in m} == {"ok": 0, "bad": 2}
     assert (tmp_path / "ok.log").read_text().strip().startswith("gossipfl ")
     assert "lr must be > 0" in (tmp_path / "bad.log").read_text()
+
+
+async def _wait_all_up(nodes, timeout=60.0):
+    import asyncio
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    for node in nodes:
+        while True:
+            try:
+                await asyncio.to_thread(urllib.request.urlopen, node.url + "/v1/status", None, 2)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, f"{node.id} never answered"
+                await asyncio.sleep(0.2)
+
+
+def _exists(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def test_forked_nodes_are_stopped_even_when_the_zygote_dies(tmp_path):
+    import os
+    import signal
+    import time
+
+    from gossipfl.testbed.forked import ForkedProcessLauncher
+    from gossipfl.testbed.options import TestbedOptions
+
+    launcher = ForkedProcessLauncher(TestbedOptions(nodes=2, out=str(tmp_path)), tmp_path)
+    nodes = await launcher.start(["zd-a", "zd-b"], "zygote-death")
+    await _wait_all_up(nodes)
+    pids = list(launcher._pids.values())
+    os.kill(launcher._zygote.pid, signal.SIGKILL)
+    await launcher._gone.wait()
+    t0 = time.monotonic()
+    codes = await launcher.stop()
+    assert time.monotonic() - t0 < 15  # not 30 s per node waiting for reports that cannot come
+    assert codes == {"zd-a": None, "zd-b": None}  # stopped, exit codes unknown without the zygote
+    assert not any(_exists(p) for p in pids)
+    assert all("node stopped" in (tmp_path / f"{n}.log").read_text() for n in ("zd-a", "zd-b"))
+
+
+async def test_an_interrupted_start_leaves_no_node_behind(tmp_path):
+    import asyncio
+
+    from gossipfl.testbed.forked import ForkedProcessLauncher
+    from gossipfl.testbed.options import TestbedOptions
+
+    launcher = ForkedProcessLauncher(TestbedOptions(nodes=2, out=str(tmp_path)), tmp_path)
+    start = asyncio.ensure_future(launcher.start(["ia-a", "ia-b"], "interrupted"))
+    while launcher._zygote is None or not launcher._ended:  # the requests are on their way
+        await asyncio.sleep(0.01)
+    start.cancel()  # Ctrl-C while the zygote imports
+    with pytest.raises(asyncio.CancelledError):
+        await start
+    codes = await asyncio.wait_for(launcher.stop(), 60)
+    assert set(codes) == {"ia-a", "ia-b"}  # the zygote forked both anyway, and both were stopped
+    assert not any(_exists(p) for p in launcher._pids.values())
+    assert launcher._zygote.returncode == 0

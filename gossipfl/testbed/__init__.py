@@ -13,8 +13,31 @@ from their mean), and draws a live table. At the end it stops the nodes and writ
 (``report``).
 """
 
-from gossipfl.testbed.options import TestbedOptions
-from gossipfl.testbed.report import relative
-from gossipfl.testbed.run import run_testbed
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __all__ = ["TestbedOptions", "relative", "run_testbed"]
+
+_EXPORTS = {
+    "TestbedOptions": "gossipfl.testbed.options",
+    "relative": "gossipfl.testbed.report",
+    "run_testbed": "gossipfl.testbed.run",
+}
+
+if TYPE_CHECKING:
+    from gossipfl.testbed.options import TestbedOptions
+    from gossipfl.testbed.report import relative
+    from gossipfl.testbed.run import run_testbed
+
+
+def __getattr__(name: str) -> Any:
+    """Loaded on first use: the zygote (``python -m gossipfl.testbed.zygote``) must not import torch
+    through this package before it has set its signal handling."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'gossipfl.testbed' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -4,8 +4,6 @@ or all nodes in this process on one event loop with one shared loopback AsyncZer
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import logging
 import os
 import resource
@@ -19,9 +17,7 @@ from gossipfl.common.logs import ROOT as LOG_ROOT
 from gossipfl.common.logs import setup_logging
 from gossipfl.testbed.options import (
     LOOPBACK,
-    MODES,
     STOP_TIMEOUT_S,
-    Launcher,
     TestbedOptions,
     WatchedNode,
     free_ports,
@@ -99,91 +95,6 @@ class ProcessLauncher:
             "spawn": self.spawn,
             "scope": "CPU: the testbed and all node processes; peak RSS: the largest node process",
         }
-
-
-class ForkedProcessLauncher(ProcessLauncher):
-    """One process per node, forked from a zygote that imported torch and the node's modules once
-    (``zygote.py``); otherwise as ProcessLauncher: each runs ``python -m gossipfl node ...``, logs to
-    OUT/<id>.log, is stopped with SIGTERM and gives its exit code."""
-
-    spawn = "fork"
-
-    def __init__(self, opts: TestbedOptions, out: Path) -> None:
-        super().__init__(opts, out)
-        self._zygote: asyncio.subprocess.Process | None = None
-        self._pids: dict[str, int] = {}
-        self._codes: dict[str, int] = {}
-        self._ended: dict[str, asyncio.Event] = {}
-        self._reader: asyncio.Task | None = None
-
-    async def start(self, ids: list[str], cluster: str) -> list[WatchedNode]:
-        self._zygote = zygote = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "gossipfl.testbed.zygote",
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        assert zygote.stdin is not None and zygote.stdout is not None
-        nodes = []
-        for i, (node_id, port) in enumerate(zip(ids, free_ports(len(ids)), strict=True)):
-            request = {
-                "id": node_id,
-                "argv": ["node", *node_args(self.opts, i, node_id, port, cluster)],
-                "log": str(self.out / f"{node_id}.log"),
-            }
-            zygote.stdin.write(json.dumps(request).encode() + b"\n")
-            self._ended[node_id] = asyncio.Event()
-            nodes.append(WatchedNode(i, node_id, url=f"http://{LOOPBACK}:{port}"))
-        await zygote.stdin.drain()
-        zygote.stdin.close()
-        while len(self._pids) < len(ids):  # every node forked (the zygote imports first: a second or two)
-            line = await zygote.stdout.readline()
-            if not line:
-                raise RuntimeError(f"the testbed's zygote exited with code {await zygote.wait()} before forking")
-            self._record(json.loads(line))
-        self._reader = asyncio.get_running_loop().create_task(self._read(zygote.stdout))
-        return nodes
-
-    def _record(self, msg: dict[str, Any]) -> None:
-        if "pid" in msg:
-            self._pids[msg["id"]] = msg["pid"]
-        elif "exit" in msg:
-            self._codes[msg["id"]] = msg["exit"]
-            self._ended[msg["id"]].set()
-
-    async def _read(self, stream: asyncio.StreamReader) -> None:
-        while line := await stream.readline():
-            self._record(json.loads(line))
-
-    def check(self) -> None:
-        for node_id, code in self._codes.items():
-            raise RuntimeError(f"{node_id} exited with code {code} during start-up; see {self.out / node_id}.log")
-
-    async def stop(self) -> dict[str, int | None]:
-        for node_id, pid in self._pids.items():
-            if node_id not in self._codes:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGTERM)
-
-        async def wait(node_id: str) -> int | None:
-            try:
-                await asyncio.wait_for(self._ended[node_id].wait(), STOP_TIMEOUT_S)
-                return self._codes[node_id]
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(self._pids[node_id], signal.SIGKILL)
-                with contextlib.suppress(TimeoutError):  # reaped by the zygote, unless it died too
-                    await asyncio.wait_for(self._ended[node_id].wait(), 5.0)
-                return None  # did not stop in time
-
-        codes = await asyncio.gather(*(wait(node_id) for node_id in self._pids))
-        if self._zygote is not None:
-            await self._zygote.wait()  # it has reaped every node: their CPU time now counts as ours
-        if self._reader is not None:
-            await self._reader
-        return dict(zip(self._pids, codes, strict=True))
 
 
 class InprocLauncher:
@@ -302,11 +213,3 @@ def _raise_fd_limit(wanted: int) -> None:
         )
     except (ValueError, OSError):
         pass
-
-
-def make_launcher(opts: TestbedOptions, out: Path) -> Launcher:
-    if opts.mode == "process":
-        return ForkedProcessLauncher(opts, out) if opts.fork else ProcessLauncher(opts, out)
-    if opts.mode == "inproc":
-        return InprocLauncher(opts, out)
-    raise ValueError(f"testbed mode {opts.mode!r}: expected one of {', '.join(MODES)}")

@@ -16,10 +16,13 @@ import numpy as np
 from gossipfl.learning.learner import build_seeded, gossiped_tensors
 from gossipfl.learning.registry import get_task
 from gossipfl.protocol import wire
-from gossipfl.testbed.launchers import make_launcher
+from gossipfl.testbed.forked import ForkedProcessLauncher
+from gossipfl.testbed.launchers import InprocLauncher, ProcessLauncher
 from gossipfl.testbed.observe import render, sample, wait_ready
 from gossipfl.testbed.options import (
     DISCOVERY_TIMEOUT_S,
+    MODES,
+    Launcher,
     TestbedOptions,
     WatchedNode,
 )
@@ -105,3 +108,13 @@ async def run_testbed(opts: TestbedOptions) -> int:
         print(f"testbed: nodes did not exit cleanly: {bad}", file=sys.stderr)
         return 1
     return 0
+
+
+def make_launcher(opts: TestbedOptions, out: Path) -> Launcher:
+    if opts.mode == "process":
+        if opts.fork:
+            return ForkedProcessLauncher(opts, out)
+        return ProcessLauncher(opts, out)
+    if opts.mode == "inproc":
+        return InprocLauncher(opts, out)
+    raise ValueError(f"testbed mode {opts.mode!r}: expected one of {', '.join(MODES)}")
