@@ -34,6 +34,20 @@ def mean_params(nodes: list[Learner]) -> dict[str, np.ndarray]:
     return {k: np.mean([p[k] for p in params], axis=0) for k in params[0]}
 
 
+def pairwise_round(nodes: list[Learner], rng: random.Random) -> None:
+    """One exchange round: every node, in random order, averages with a uniformly random partner
+    (push-pull, atomic; the older partner's age)."""
+    order = list(range(len(nodes))) if len(nodes) > 1 else []
+    rng.shuffle(order)
+    for i in order:
+        j = rng.choice([x for x in range(len(nodes)) if x != i])
+        si, sj = nodes[i].snapshot(), nodes[j].snapshot()
+        avg = {k: (si.params[k] + sj.params[k]) / 2 for k in si.params}
+        age = max(si.age, sj.age)
+        for node in (nodes[i], nodes[j]):
+            node.update(lambda s, avg=avg, age=age: (avg, age, s.weight))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nodes", type=int, default=16)
@@ -79,15 +93,7 @@ def main() -> None:
             for node in nodes:
                 node.update(lambda s, mean=mean: (mean, s.age, s.weight))
             continue
-        order = list(range(a.nodes)) if a.nodes > 1 else []
-        rng.shuffle(order)
-        for i in order:
-            j = rng.choice([x for x in range(a.nodes) if x != i])
-            si, sj = nodes[i].snapshot(), nodes[j].snapshot()
-            avg = {k: (si.params[k] + sj.params[k]) / 2 for k in si.params}
-            age = max(si.age, sj.age)
-            for node in (nodes[i], nodes[j]):
-                node.update(lambda s, avg=avg, age=age: (avg, age, s.weight))
+        pairwise_round(nodes, rng)
     accs = [node.evaluate_working().accuracy for node in nodes]
     mean = mean_params(nodes)
     nodes[0].update(lambda s: (mean, s.age, s.weight))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import sys
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -28,6 +29,9 @@ from gossipfl.config import NodeConfig
 from gossipfl.learning.partition import partition
 from gossipfl.learning.tasks.tabular import TabularTask
 
+sys.path.insert(0, str(Path(__file__).parent))
+from learning_sim import pairwise_round  # noqa: E402
+
 TABLES = {"breast_cancer": load_breast_cancer, "wine": load_wine}
 
 
@@ -35,14 +39,7 @@ def gossip(nodes: list, rounds: int, steps: int, rng: random.Random) -> None:
     for _ in range(rounds):
         for n in nodes:
             n.train_steps(steps)
-        order = list(range(len(nodes)))
-        rng.shuffle(order)
-        for i in order:
-            j = rng.choice([k for k in range(len(nodes)) if k != i])
-            pi, pj = nodes[i].snapshot().params, nodes[j].snapshot().params
-            mean = {k: (pi[k] + pj[k]) / 2 for k in pi}
-            for n in (nodes[i], nodes[j]):
-                n.update(lambda s, m=mean: (m, s.age, s.weight))
+        pairwise_round(nodes, rng)
 
 
 def main() -> None:
