@@ -13,9 +13,9 @@ torch is imported only by what needs it.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from gossipfl.common.lazy import lazy_getattr
 from gossipfl.version import __version__
 
 _EXPORTS = {
@@ -90,13 +90,7 @@ if TYPE_CHECKING:
     from gossipfl.testbed import TestbedOptions, run_testbed
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'gossipfl' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
 
 
 def __dir__() -> list[str]:

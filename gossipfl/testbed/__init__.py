@@ -15,8 +15,9 @@ from their mean), and draws a live table. At the end it stops the nodes and writ
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from gossipfl.common.lazy import lazy_getattr
 
 __all__ = ["TestbedOptions", "relative", "run_testbed"]
 
@@ -32,12 +33,6 @@ if TYPE_CHECKING:
     from gossipfl.testbed.run import run_testbed
 
 
-def __getattr__(name: str) -> Any:
-    """Loaded on first use: the zygote (``python -m gossipfl.testbed.zygote``) must not import torch
-    through this package before it has set its signal handling."""
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'gossipfl.testbed' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+# loaded on first use: the zygote (python -m gossipfl.testbed.zygote) imports this package and must not
+# import torch through it before it has set its signal handling
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
