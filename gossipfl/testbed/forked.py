@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from gossipfl.testbed.launchers import ProcessLauncher
-from gossipfl.testbed.options import LOOPBACK, STOP_TIMEOUT_S, TestbedOptions, WatchedNode, free_ports, node_args
+from gossipfl.testbed.options import STOP_TIMEOUT_S, TestbedOptions, WatchedNode, node_args
 
 
 class ForkedProcessLauncher(ProcessLauncher):
@@ -47,16 +47,15 @@ class ForkedProcessLauncher(ProcessLauncher):
         assert zygote.stdin is not None and zygote.stdout is not None
         self._reader = asyncio.get_running_loop().create_task(self._read(zygote.stdout))
         self._expected = len(ids)
-        nodes = []
-        for i, (node_id, port) in enumerate(zip(ids, free_ports(len(ids)), strict=True)):
+        plan = self._plan(ids)
+        for i, node_id, port, log_path in plan:
             request = {
                 "id": node_id,
                 "argv": ["node", *node_args(self.opts, i, node_id, port, cluster)],
-                "log": str(self.out / f"{node_id}.log"),
+                "log": str(log_path),
             }
             zygote.stdin.write(json.dumps(request).encode() + b"\n")
             self._ended[node_id] = asyncio.Event()
-            nodes.append(WatchedNode(i, node_id, url=f"http://{LOOPBACK}:{port}"))
         await zygote.stdin.drain()
         zygote.stdin.close()
         await self._wait_forked(self.FORK_TIMEOUT_S)
@@ -65,7 +64,7 @@ class ForkedProcessLauncher(ProcessLauncher):
                 f"the testbed's zygote forked {len(self._pids)} of {len(ids)} nodes "
                 + ("and exited" if self._gone.is_set() else f"in {self.FORK_TIMEOUT_S:.0f} s")
             )
-        return nodes
+        return self._watched(plan)
 
     async def _wait_forked(self, timeout: float) -> None:
         waits = [asyncio.ensure_future(e.wait()) for e in (self._forked, self._gone)]

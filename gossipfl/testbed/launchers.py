@@ -48,11 +48,22 @@ class ProcessLauncher:
         self.where = f"logs in {out}/"
         self._procs: dict[str, tuple[asyncio.subprocess.Process, Path]] = {}
 
+    def _plan(self, ids: list[str]) -> list[tuple[int, str, int, Path]]:
+        """(index, id, port, log file) of each node; ``_watched`` gives the testbed's view of them."""
+        ports = free_ports(len(ids))
+        return [
+            (i, node_id, port, self.out / f"{node_id}.log")
+            for i, (node_id, port) in enumerate(zip(ids, ports, strict=True))
+        ]
+
+    @staticmethod
+    def _watched(plan: list[tuple[int, str, int, Path]]) -> list[WatchedNode]:
+        return [WatchedNode(i, node_id, url=f"http://{LOOPBACK}:{port}") for i, node_id, port, _ in plan]
+
     async def start(self, ids: list[str], cluster: str) -> list[WatchedNode]:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        nodes = []
-        for i, (node_id, port) in enumerate(zip(ids, free_ports(len(ids)), strict=True)):
-            log_path = self.out / f"{node_id}.log"
+        plan = self._plan(ids)
+        for i, node_id, port, log_path in plan:
             with open(log_path, "wb") as log_file:
                 proc = await asyncio.create_subprocess_exec(
                     *node_command(self.opts, i, node_id, port, cluster),
@@ -62,8 +73,7 @@ class ProcessLauncher:
                     env=env,
                 )
             self._procs[node_id] = (proc, log_path)
-            nodes.append(WatchedNode(i, node_id, url=f"http://{LOOPBACK}:{port}"))
-        return nodes
+        return self._watched(plan)
 
     def check(self) -> None:
         for node_id, (proc, log_path) in self._procs.items():
