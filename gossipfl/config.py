@@ -22,6 +22,7 @@ from gossipfl.protocol.merge import RULES
 
 ENV_PREFIX = "GOSSIPFL_"
 DISCOVERY_BACKENDS = ("mdns", "static", "dns")
+EVAL_SPLITS = ("test", "validation")
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 
@@ -86,7 +87,14 @@ class NodeConfig:
     batch_size: int = field(default=32, metadata=_opt("minibatch size"))
     train_interval: float = field(default=0.1, metadata=_opt("seconds between local training rounds"))
     steps_per_round: int = field(default=2, metadata=_opt("minibatch steps per training round"))
-    eval_interval: float = field(default=1.0, metadata=_opt("seconds between evaluations on the test split"))
+    eval_interval: float = field(default=1.0, metadata=_opt("seconds between evaluations (on --eval-split)"))
+    eval_split: str = field(
+        default="test",
+        metadata=_opt(
+            "what a node scores its model on: test (the task's test split) or validation (a seeded 20%% of the "
+            "training split, held out on every node before partitioning; for choosing settings)"
+        ),
+    )
     torch_threads: int = field(default=1, metadata=_opt("torch intra-op threads of a node process"))
     device: str = field(default="auto", metadata=_opt("auto (CUDA when present, else CPU), cpu, cuda or cuda:N"))
     log_format: str = field(default="text", metadata=_opt("text or json"))
@@ -153,6 +161,8 @@ def validate(c: NodeConfig) -> None:
             raise ConfigError(f"{name.replace('_', '-')} must be > 0")
     if c.merge not in RULES:
         raise ConfigError(f"merge {c.merge!r}: expected one of {', '.join(RULES)}")
+    if c.eval_split not in EVAL_SPLITS:
+        raise ConfigError(f"eval-split {c.eval_split!r}: expected test or validation")
     if c.optimizer not in ("adam", "sgd"):
         raise ConfigError(f"optimizer {c.optimizer!r}: expected adam or sgd")
     if not 0 <= c.momentum < 1:

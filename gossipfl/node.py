@@ -24,7 +24,7 @@ from gossipfl.discovery.peers import PeerTable
 from gossipfl.discovery.service import Discovery, DiscoveryError
 from gossipfl.learning.partition import class_histogram, partition
 from gossipfl.learning.registry import get_task, load_checked
-from gossipfl.learning.task import Evaluation, Task
+from gossipfl.learning.task import Evaluation, Task, with_validation
 from gossipfl.protocol import wire
 from gossipfl.protocol.gossiper import Gossiper
 from gossipfl.serving import modelfile
@@ -81,6 +81,8 @@ class Node:
         cfg = self.config
         try:
             data = await asyncio.to_thread(load_checked, self.task, cfg.data_seed)
+            if cfg.eval_split == "validation":  # the test split stays unseen; train less the hold-out
+                data = with_validation(data, cfg.data_seed)
             k, n, source = await assembly.resolve_shard(cfg.shard)
             if source is not None:  # auto/N: the replica's ordinal
                 self.partition, self.partition_source = f"{k}/{n}", source
@@ -117,7 +119,9 @@ class Node:
             port=self.port,
         )
         self.gossiper.on_error = lambda e: self.supervisor.error("gossip", e, in_a_round=False)
-        split = f"{cfg.data_seed}/{n}/{cfg.partition_scheme}"
+        split = f"{cfg.data_seed}/{n}/{cfg.partition_scheme}" + (
+            "/validation" if cfg.eval_split == "validation" else ""
+        )
         self.identity = Identity(self.task.name, self.gossiper.model_digest, cfg.cluster, cfg.merge, split, initial)
         self.metrics = NodeMetrics(self._readings, node_id=self.id, task=self.task.name)
         self.gossiper.on_exchange = self.metrics.exchange
@@ -268,7 +272,8 @@ class Node:
             "partition": self.partition,
             "partition_from": self.partition_source,
             "partition_scheme": self.config.partition_scheme,
-            "split": self.identity.split,  # data-seed/shards/scheme: must agree across the cluster
+            "split": self.identity.split,  # data-seed/shards/scheme[/validation]: must agree across the cluster
+            "eval_split": self.config.eval_split,  # what metrics.accuracy is measured on
             "init_model": self.identity.init,  # digest of the initial model (training nodes)
             "samples": self.learner.train_size,
             "class_histogram": self.class_histogram,

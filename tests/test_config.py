@@ -50,6 +50,7 @@ def test_config_file_from_env_and_node_table(tmp_path):
         ({"merge": "median"}, {}, "merge 'median'"),
         ({"partition_scheme": "shards:0"}, {}, "S must be a positive integer"),
         ({"optimizer": "lbfgs"}, {}, "optimizer 'lbfgs'"),
+        ({"eval_split": "train"}, {}, "eval-split 'train'"),
         ({"momentum": "1.5"}, {}, "momentum must be in"),
         ({"device": "gpu"}, {}, "device 'gpu'"),
     ],

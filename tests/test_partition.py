@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -59,6 +61,26 @@ def test_digits_split_is_fixed_by_data_seed():
     a, b = DigitsTask().load_data(1), DigitsTask().load_data(1)
     assert np.array_equal(a.test.y, b.test.y) and len(a.train) == 1437 and len(a.test) == 360
     assert not np.array_equal(DigitsTask().load_data(2).test.x, a.test.x)
+
+
+def test_the_validation_hold_out_is_fixed_stratified_and_never_the_test_split():
+    from gossipfl.learning.task import with_validation
+    from gossipfl.learning.tasks.digits import DigitsTask
+
+    data = DigitsTask().load_data(2026)
+    held = with_validation(data, 2026)
+    assert held.test is not data.test and len(held.train) + len(held.test) == len(data.train)
+    assert len(held.test) == math.ceil(0.2 * len(data.train))  # as scikit-learn rounds it
+    rows = {r.tobytes() for r in data.train.x}
+    assert all(r.tobytes() in rows for r in held.test.x)  # carved from the training split only
+    val = {r.tobytes() for r in held.test.x}
+    assert not any(r.tobytes() in val for r in held.train.x)  # disjoint from what nodes train on
+    # stratified: each class's share of the hold-out within one image of its share of the training split
+    expected = np.bincount(data.train.y, minlength=10) * len(held.test) / len(data.train)
+    assert np.abs(np.bincount(held.test.y, minlength=10) - expected).max() <= 1
+    again = with_validation(DigitsTask().load_data(2026), 2026)
+    assert np.array_equal(again.test.x, held.test.x)  # every node carves the same rows
+    assert not np.array_equal(with_validation(data, 7).test.x, held.test.x)
 
 
 # --- non-IID schemes: dirichlet, shards, the scheme string, skew ---------------------------------------------

@@ -1,5 +1,6 @@
 """The task plug-in API: built-ins, user factories, data files, and every way they can be wrong."""
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -210,6 +211,23 @@ async def test_nodes_run_other_tasks(make_config, tmp_path):
     for s in statuses:
         assert s["training"] and s["served"]["age"] > 0 and s["metrics"]["loss"] is not None
         assert all(loop["errors"] == 0 for loop in s["loops"].values()), s["loops"]
+
+
+async def test_eval_split_validation_scores_a_hold_out_and_trains_without_it(make_config):
+    from gossipfl.learning.tasks.digits import DigitsTask
+
+    data = DigitsTask().load_data(2026)
+    configs = [make_config(partition="0/2"), make_config(partition="0/2", eval_split="validation")]
+    async with running(*configs) as (plain, held):
+        assert await wait_for(lambda: all(n.last_eval is not None for n in (plain, held)), 10)
+        assert len(plain.learner._y_test) == len(data.test)
+        assert len(held.learner._y_test) == math.ceil(0.2 * len(data.train))  # as scikit-learn rounds it
+        test_rows = {r.tobytes() for r in data.test.x}
+        assert not any(r.tobytes() in test_rows for r in held.learner._x_test.cpu().numpy())
+        assert held.status()["samples"] < plain.status()["samples"]  # the hold-out left the shards
+        assert held.status()["eval_split"] == "validation" and plain.status()["eval_split"] == "test"
+        # nodes that hold out and nodes that do not cut different shards: they do not gossip together
+        assert held.status()["split"].endswith("/validation") and held.identity.split != plain.identity.split
 
 
 @pytest.mark.parametrize(

@@ -125,6 +125,18 @@ class ClassificationTask:
         return {"probabilities": probs, "label": probs.argmax(dim=1)}
 
 
+VALIDATION_FRACTION = 0.2
+
+
+def with_validation(data: TaskData, data_seed: int, fraction: float = VALIDATION_FRACTION) -> TaskData:
+    """The task's data with a seeded, stratified ``fraction`` of its training split held out as the
+    evaluation set, in place of the test split (which is left out entirely). Every node computes the
+    same hold-out before partitioning, so settings can be chosen on it without looking at the test
+    split that scores the final claims."""
+    train, val = split_indices(data.train.y, fraction, data_seed + 1)
+    return TaskData(data.train.subset(train), data.train.subset(val), data.num_classes)
+
+
 def split(x: np.ndarray, y: np.ndarray, data_seed: int, test_fraction: float = 0.2) -> tuple[Dataset, Dataset]:
     """Seeded, stratified train/test split (every node computes the same one; see splitting.py)."""
     train, test = split_indices(y, test_fraction, data_seed)
