@@ -297,6 +297,7 @@ class Node:
             },
             "exchanges": {
                 **gossip.stats.as_dict(),
+                "pace_s": round(gossip.pace(), 4),  # mean seconds between exchanges now (>= --gossip-interval)
                 "in_flight": len(gossip.tasks),
                 "prepared": len(gossip.ledger),
                 "doubtful": len(gossip.doubts),

@@ -272,3 +272,34 @@ async def test_a_merge_learned_late_keeps_batchnorm_variances_non_negative(make_
         assert a.gossiper.stats.late == 1
         var = a.learner.model[1].running_var
         assert float(var.min()) >= 0.0, var  # 25 - 50 would be -25
+
+
+# -- pace: a node whose exchanges are slow starts them less often ----------------------------------------------
+def test_pace_is_the_interval_until_exchanges_take_over_a_quarter_of_it():
+    from gossipfl.protocol.initiator import PACE_WINDOW, pace
+
+    assert pace(0.25, []) == 0.25
+    assert pace(0.25, [0.004] * 50) == 0.25  # milliseconds, as on the built-in tasks: the interval rules
+    assert pace(0.25, [0.2] * 50) == pytest.approx(0.8)  # 0.2 s each: at most a quarter of the time
+    assert pace(0.25, [0.2] * 10 + [9.0]) == pytest.approx(0.8)  # the median: one stall does not set it
+    assert pace(0.25, [2.0] * 50 + [0.01] * PACE_WINDOW) == 0.25  # only the recent ones count
+
+
+async def test_a_node_whose_exchanges_are_slow_starts_them_less_often(make_config):
+    """Through a proxy that holds every request 0.3 s: with a 0.05 s interval the node would start an
+    exchange as soon as the last ended (about 3 a second); pacing keeps it near one per 1.2 s."""
+    async with running(
+        make_config(seed=1, no_train=True, gossip_interval=0.05, discovery=("static",)),
+        make_config(seed=2, no_train=True, gossip_interval=1000, discovery=("static",)),
+    ) as (a, b):
+        proxy = FaultProxy(b.url, hold=0.3)
+        proxy.plan.update({p: [Phase.DELAY] * 1000 for p in ("prepare", "commit")})
+        async with proxy.running() as via:
+            a.peers.upsert(b.id, via, "digits", "static")
+            assert await wait_for(lambda: a.gossiper.stats.ok >= 1, 10)
+            assert a.status()["exchanges"]["pace_s"] >= 0.6 / 0.25 * 0.9  # two held requests: ~0.6 s each
+            await asyncio.sleep(1.0)  # the exchange that started before the first one ended
+            before = a.gossiper.stats.ok + a.gossiper.stats.failed + a.gossiper.stats.aborted
+            await asyncio.sleep(6.0)
+            started = a.gossiper.stats.ok + a.gossiper.stats.failed + a.gossiper.stats.aborted - before
+            assert 1 <= started <= 4, started  # 6 s at >= 0.8 x 2.4 s apart; unpaced: about 10

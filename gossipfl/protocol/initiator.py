@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import random
+import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import aiohttp
@@ -28,6 +29,21 @@ from gossipfl.protocol.transport import (
 
 JITTER = 0.2
 MAX_OUTBOUND = 2  # exchanges this node has started and not finished
+LINK_SHARE = 0.25  # at most this share of a node's time in exchanges it started (see pace)
+PACE_WINDOW = 20  # recent exchanges whose median duration sets the pace
+
+
+def pace(interval: float, durations: Sequence[float], share: float = LINK_SHARE) -> float:
+    """Mean seconds between the starts of a node's exchanges: the configured ``interval``, or, when its
+    exchanges take longer (a large model, a slow link, a busy machine), long enough that they fill at most
+    ``share`` of the time: the median of the last ``PACE_WINDOW`` durations over ``share``. On the built-in
+    tasks an exchange takes milliseconds and the interval rules; a 100 MB model over 1 Gbit/s takes
+    seconds per exchange, and the node slows down instead of filling the link (and its peers' links, which
+    answer as many exchanges as they start)."""
+    recent = list(durations)[-PACE_WINDOW:]
+    if not recent:
+        return interval
+    return max(interval, statistics.median(recent) / share)
 
 
 class Initiator(GossipCore):
@@ -42,8 +58,12 @@ class Initiator(GossipCore):
         self._outbound: dict[asyncio.Task, str] = {}  # exchanges this node started -> peer id
         self._resolving: asyncio.Task | None = None  # asking a peer again about an exchange in doubt
 
+    def pace(self) -> float:
+        """The current mean gap between this node's exchanges (see ``pace``)."""
+        return pace(self.interval, self.stats.durations)
+
     def next_delay(self) -> float:
-        return self.interval * self.rng.uniform(1 - JITTER, 1 + JITTER)
+        return self.pace() * self.rng.uniform(1 - JITTER, 1 + JITTER)
 
     def round(self, session: aiohttp.ClientSession) -> None:
         """One gossip round: settle exchanges in doubt, then, unless a fresh doubt holds merges back, start
