@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gossipfl.args import add_node_options, config_from_namespace
-from gossipfl.config import ConfigError, NodeConfig
+from gossipfl.config import GOSSIP_INTERVAL_S, ConfigError, NodeConfig
 from gossipfl.version import __version__
 
 if TYPE_CHECKING:
@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument("--duration", type=float, default=60.0, help="seconds, counted once all nodes are up")
     tb.add_argument("--out", default="results/testbed", help="folder for results.json and node logs")
     tb.add_argument("--no-train", action="store_true", help="pure averaging")
-    tb.add_argument("--gossip-interval", type=float, default=1.0)
+    tb.add_argument("--gossip-interval", type=float, default=GOSSIP_INTERVAL_S, help="the nodes' --gossip-interval")
     tb.add_argument("--sample-interval", type=float, default=1.0, help="seconds between measurements")
     tb.add_argument("--task", default="digits")
     tb.add_argument(

@@ -23,6 +23,7 @@ from gossipfl.protocol.merge import RULES
 ENV_PREFIX = "GOSSIPFL_"
 DISCOVERY_BACKENDS = ("mdns", "static", "dns")
 EVAL_SPLITS = ("test", "validation")
+GOSSIP_INTERVAL_S = 1.0  # the default of --gossip-interval, also the testbed's (see docs/configuration.md)
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 
@@ -69,7 +70,10 @@ class NodeConfig:
         default=5.0, metadata=_opt("seconds between reads of a random peer's peer list (peer exchange)")
     )
     merge: str = field(default="average", metadata=_opt("merge rule: average, age, samples or pushsum"))
-    gossip_interval: float = field(default=1.0, metadata=_opt("seconds between exchanges (+-20%% jitter)"))
+    gossip_interval: float = field(
+        default=GOSSIP_INTERVAL_S,
+        metadata=_opt("mean seconds between exchanges this node starts (+-20%% jitter; more when they are slow)"),
+    )
     no_train: bool = field(default=False, metadata=_opt("do not train: pure averaging"))
     seed: int = field(default=0, metadata=_opt("this node's seed: minibatch order, peer choice"))
     init_seed: int | None = field(

@@ -7,6 +7,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from gossipfl.config import GOSSIP_INTERVAL_S
+
 LOOPBACK = "127.0.0.1"
 MODES = ("process", "inproc")
 READY_TIMEOUT_S = 90.0
@@ -20,7 +22,7 @@ class TestbedOptions:
     duration: float = 60.0
     out: str = "results/testbed"
     no_train: bool = False
-    gossip_interval: float = 1.0
+    gossip_interval: float = GOSSIP_INTERVAL_S
     sample_interval: float = 1.0
     task: str = "digits"
     data: str | None = None  # --data of every node (tabular or a user's task): one file, cut by --partition
