@@ -6,9 +6,11 @@ bytes sent per node. References, trained here with the nodes' own recipe (`NodeC
 any `--node-args`):
 - centralized: one model on the union of the data, for the same total number of minibatch steps as
   the whole network made (N x the steps of one node: the same total epochs);
-- data-parallel: one model on the union of the data with batch N x the nodes' batch, for the steps
-  one node made (also the same total epochs): what synchronous all-reduce SGD over N workers computes,
-  the usual centralized counterpart in the decentralized-SGD literature;
+- data-parallel: one model for the steps one node made, each step on N minibatches of the nodes' batch
+  size, one drawn from each node's shard (epochs over the shard, as the node itself draws them): what
+  synchronous all-reduce SGD over N workers computes, the usual centralized counterpart in the
+  decentralized-SGD literature (on skewed shards this is not the same as batches of N x 32 drawn from
+  the pooled data: small shards are revisited more often);
 - local only: each node's model on its own shard alone, for the steps one node made.
 
     .venv/bin/pip install -e '.[bench]'
@@ -16,8 +18,11 @@ any `--node-args`):
         [--rules average age samples pushsum] [--duration 90] [--gossip-interval 0.25] [--repeats 1]
         [--reuse] [--name convergence] [--node-args "--lr 0.3"]
 
-Writes benchmarks/results/NAME.md (table), NAME.png (plots) and the raw results.json files under
-benchmarks/results/convergence/ (about 14 MB for the full grid, not committed). With --repeats R every
+Writes benchmarks/results/NAME.md (table), NAME.png (plots), NAME.json (compact raw numbers: every
+run's per-node final accuracy, steps and bytes, its mean/min curve, and every reference model's
+accuracy; committed) and the testbed's results.json files under benchmarks/results/convergence/
+(about 14 MB for the full grid, not committed). With `--node-args "--eval-split validation"` nodes
+and references score a hold-out of the training split instead of the test split. With --repeats R every
 gossip cell runs R times, run r from initial model I+r (I = the nodes' --init-seed, by default their
 --data-seed) with node seeds 1000r.., the table gives the mean and the standard deviation over runs,
 and the text the gap to centralized per initial model (mean ± standard error). The references are
@@ -38,6 +43,7 @@ import re
 import shlex
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -48,7 +54,7 @@ from gossipfl.args import node_config_from_args
 from gossipfl.assembly import build_learner, init_seed
 from gossipfl.config import NodeConfig
 from gossipfl.learning.partition import label_skew, partition
-from gossipfl.learning.task import Dataset, TaskData
+from gossipfl.learning.task import Dataset, TaskData, with_validation
 from gossipfl.learning.tasks.digits import DigitsTask
 from gossipfl.testbed import TestbedOptions, run_testbed
 
@@ -63,11 +69,47 @@ def train_alone(train: Dataset, test: Dataset, steps: int, cfg: NodeConfig) -> f
     return learner.evaluate().accuracy or 0.0
 
 
-def reference(data: TaskData, steps: int, cfg: NodeConfig, init: int, orders: int) -> float:
-    """Mean accuracy of ``orders`` reference models from initial model ``init`` on all the data."""
-    return statistics.mean(
-        train_alone(data.train, data.test, steps, replace(cfg, init_seed=init, seed=s)) for s in range(orders)
-    )
+def reference(data: TaskData, steps: int, cfg: NodeConfig, init: int, orders: int) -> list[float]:
+    """Accuracies of ``orders`` reference models from initial model ``init`` on all the data."""
+    return [train_alone(data.train, data.test, steps, replace(cfg, init_seed=init, seed=s)) for s in range(orders)]
+
+
+def per_shard_batches(shards: list[np.ndarray], batch: int, gen: torch.Generator) -> Callable[[], torch.Tensor]:
+    """Minibatch indices for synchronous data-parallel SGD over the nodes' shards: every call, ``batch``
+    indices from each shard (each shard in epochs of its own random order, as a node draws its minibatches),
+    concatenated, so one step's mean loss weighs every worker equally, as all-reduce of their gradients does."""
+    shards_t = [torch.as_tensor(s, dtype=torch.long) for s in shards]
+    orders = [torch.empty(0, dtype=torch.long) for _ in shards]
+    cursors = [0] * len(shards)
+
+    def next_batch() -> torch.Tensor:
+        out = []
+        for k, shard in enumerate(shards_t):
+            need = batch
+            while need:
+                if cursors[k] >= len(orders[k]):
+                    orders[k], cursors[k] = torch.randperm(len(shard), generator=gen), 0
+                piece = orders[k][cursors[k] : cursors[k] + need]
+                cursors[k] += len(piece)
+                need -= len(piece)
+                out.append(shard[piece])
+        return torch.cat(out)
+
+    return next_batch
+
+
+def data_parallel(
+    data: TaskData, shards: list[np.ndarray], steps: int, cfg: NodeConfig, init: int, orders: int
+) -> list[float]:
+    """Accuracies of ``orders`` data-parallel references (see the module's docstring) from initial model ``init``."""
+    accs = []
+    for s in range(orders):
+        c = replace(cfg, init_seed=init, seed=s, batch_size=len(shards) * cfg.batch_size)
+        learner = build_learner(TASK, data.train, data.test, c)
+        learner._next_batch = per_shard_batches(shards, cfg.batch_size, torch.Generator().manual_seed(s))
+        learner.train_steps(steps)
+        accs.append(learner.evaluate().accuracy or 0.0)
+    return accs
 
 
 def gossip(n: int, scheme: str, rule: str, repeat: int, init: int, args: argparse.Namespace) -> dict:
@@ -102,6 +144,22 @@ def same_options(earlier: dict, opts: TestbedOptions) -> bool:
     return all(earlier.get(k, v) == v for k, v in mine.items() if k not in ("out", "inproc_workers"))
 
 
+def compact(res: dict) -> dict:
+    """What the table and plots need from one testbed run, small enough to commit."""
+    t, mean, low, sent = curves(res)
+    return {
+        "options": {k: res["options"][k] for k in ("nodes", "duration", "seed", "extra_node_args")},
+        "final": {
+            node: {k: f.get(k) for k in ("accuracy", "steps", "age")} | {"bytes_sent": f["exchanges"]["bytes_sent"]}
+            for node, f in res["final"].items()
+        },
+        "curve": [
+            [round(float(a), 2), round(float(b), 4), round(float(c), 4), round(float(d), 3)]
+            for a, b, c, d in zip(t, mean, low, sent, strict=True)
+        ],  # fmt: skip
+    }
+
+
 def curves(res: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Time, mean and min accuracy over nodes, and mean MB sent per node, at each sample."""
     nodes = list(res["nodes"].values())
@@ -129,8 +187,10 @@ def main() -> None:
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     cfg = node_config_from_args(shlex.split(args.node_args))
     data = TASK.load_data(cfg.data_seed)
+    if cfg.eval_split == "validation":  # as the nodes do: score a hold-out of the training split
+        data = with_validation(data, cfg.data_seed)
     inits = [init_seed(cfg) + r for r in range(args.repeats)]  # run r of every cell starts from inits[r]
-    rows, panels, spreads = [], [], []
+    rows, panels, spreads, raw = [], [], [], []
     counts: set[str] = set()
     for n in args.nodes:
         for scheme in args.schemes:
@@ -143,16 +203,31 @@ def main() -> None:
             counted = "steps" if all(f.get("steps") is not None for f in finals) else "age"
             steps = int(statistics.median(f[counted] for f in finals))
             counts.add(counted)
-            wide = replace(cfg, batch_size=n * cfg.batch_size)
             # per initial model, the mean over minibatch orders (every init has as many, so the mean of
             # these is the mean over all reference runs)
-            seeded = [reference(data, n * steps, cfg, i, args.seeds) for i in inits]
-            parallel = [reference(data, steps, wide, i, args.seeds) for i in inits]
+            seeded_all = [reference(data, n * steps, cfg, i, args.seeds) for i in inits]
+            parallel_all = [data_parallel(data, shards, steps, cfg, i, args.seeds) for i in inits]
+            short = reference(data, steps, cfg, inits[0], args.seeds)  # has the centralized one converged?
+            seeded = [statistics.mean(a) for a in seeded_all]
+            parallel = [statistics.mean(a) for a in parallel_all]
             central = statistics.mean(seeded)
+            raw.append(
+                {
+                    "nodes": n,
+                    "scheme": scheme,
+                    "median_steps": steps,
+                    "inits": inits,
+                    "centralized": seeded_all,
+                    "centralized_node_steps": short,
+                    "data_parallel": parallel_all,
+                    "runs": {rule: [compact(r) for r in rs] for rule, rs in runs.items()},
+                }
+            )
             spreads.append(
                 f"N={n} {scheme}: centralized ({n * steps:,} steps) "
                 + ", ".join(f"{a:.4f}" for a in seeded)
-                + f"; data-parallel ({steps:,} steps of batch {wide.batch_size}) "
+                + f" (from the first initial model, {statistics.mean(short):.4f} after only {steps:,} steps)"
+                + f"; data-parallel ({steps:,} steps of {n} x {cfg.batch_size}, per shard) "
                 + ", ".join(f"{a:.4f}" for a in parallel)
                 + "".join(
                     f"; gossip {rule} "
@@ -167,7 +242,7 @@ def main() -> None:
             ]
             rows.append((n, scheme, skew, "centralized (same total epochs)", [central], [central], None))
             dp = statistics.mean(parallel)
-            rows.append((n, scheme, skew, f"data-parallel, batch {wide.batch_size}", [dp], [dp], None))
+            rows.append((n, scheme, skew, f"data-parallel, {n} x {cfg.batch_size} per shard", [dp], [dp], None))
             rows.append((n, scheme, skew, "local only", [statistics.mean(local)], [min(local)], 0.0))
             for rule, results in runs.items():
                 means = [r["summary"]["accuracy_mean"] for r in results]
@@ -203,8 +278,8 @@ other. Label skew = mean total-variation distance between a node's class distrib
 Centralized and local-only models are trained here with the same recipe, and the references from the
 same initial models as the gossip runs ({", ".join(map(str, inits))}): centralized for N x S steps (same total epochs),
 S the median over nodes of {" or ".join(sorted(counts))} (`steps`: a node's own minibatch steps; `age`: the model's,
-the most among its merged ancestors); data-parallel with batch N x {cfg.batch_size} for S steps (same total
-epochs). Each reference is the mean over {args.seeds} minibatch orders per initial model. By initial model: \
+the most among its merged ancestors); data-parallel for S steps, each on N minibatches of {cfg.batch_size}, one from
+each node's shard (same total epochs). Each reference is the mean over {args.seeds} minibatch orders per initial model. By initial model: \
 {"; ".join(spreads)}.
 {"Gossip rows: mean ± standard deviation over runs (each its own init); plots: the first run. " if several else ""}\
 Local only: mean and worst of the nodes' models.
@@ -215,6 +290,7 @@ Local only: mean and worst of the nodes' models.
 """
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.name}.md").write_text(report)
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(raw, separators=(",", ":")) + "\n")
     plot(panels, args, RESULTS / f"{args.name}.png")
     print(report)
 
@@ -269,7 +345,7 @@ def plot(panels: list, args: argparse.Namespace, path: Path) -> None:
         central, local, dp = mine[0][7], mine[0][8], mine[0][9]
         for ax in (top, bottom):
             ax.axhline(central, color="black", ls="--", lw=1, label="centralized")
-            ax.axhline(dp, color="black", ls=":", lw=1, label=f"data-parallel (batch N x {NodeConfig().batch_size})")
+            ax.axhline(dp, color="black", ls=":", lw=1, label="data-parallel (per shard)")
             ax.axhline(local, color="grey", ls="-.", lw=1, label="local only")
         top.set(title=f"N={n}, {scheme}", xlabel="seconds", ylabel="test accuracy (dotted: min)", ylim=(0, 1))
         bottom.set(xlabel="MB sent per node", ylabel="mean test accuracy (zoomed)", ylim=(0.85, 1))
