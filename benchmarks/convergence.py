@@ -278,8 +278,9 @@ other. Label skew = mean total-variation distance between a node's class distrib
 Centralized and local-only models are trained here with the same recipe, and the references from the
 same initial models as the gossip runs ({", ".join(map(str, inits))}): centralized for N x S steps (same total epochs),
 S the median over nodes of {" or ".join(sorted(counts))} (`steps`: a node's own minibatch steps; `age`: the model's,
-the most among its merged ancestors); data-parallel for S steps, each on N minibatches of {cfg.batch_size}, one from
-each node's shard (same total epochs). Each reference is the mean over {args.seeds} minibatch orders per initial model. By initial model: \
+the most among its merged ancestors); data-parallel for S steps, each on N
+minibatches of {cfg.batch_size}, one from each node's shard (same total epochs). Each reference is the mean over
+{args.seeds} minibatch orders per initial model. By initial model: \
 {"; ".join(spreads)}.
 {"Gossip rows: mean ± standard deviation over runs (each its own init); plots: the first run. " if several else ""}\
 Local only: mean and worst of the nodes' models.

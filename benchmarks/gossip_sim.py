@@ -11,6 +11,12 @@ Protocol simulated (time is measured in gossip intervals):
   (default) it is instantaneous. With d > 0 both participants are busy for d intervals and the averaged
   value is written to both at the end of the exchange; a node that wakes while busy skips that round,
   and an exchange whose chosen peer is busy is dropped (the initiator waits for its next round).
+* ``--overlap abort`` models what the nodes do instead (protocol 2, see gossipfl/protocol/gossiper.py):
+  exchanges are not refused up front; each takes d intervals, both sides snapshot at its start, and at
+  its end it commits only if neither node merged anything since (else it is aborted: no change). A
+  node starts at most ``MAX_OUTBOUND`` = 2 exchanges at once and never two with one peer. With d
+  small against the interval, both models agree with d = 0; with d a noticeable share of the interval,
+  aborted exchanges slow the averaging down (the busy/aborted path that short intervals exercise).
 * Statistic: V(t) = mean over coordinates of the across-node (population) variance, sampled at
   t = 0, 1, 2, ... intervals. The per-interval reduction factor is exp(slope) of a least-squares line
   fitted to log V(t) against t; see :func:`reduction_factor`.
@@ -33,8 +39,18 @@ _WAKE = 0  # event kinds; a wake-up sorts before a completion at an identical ti
 _DONE = 1
 
 
+MAX_OUTBOUND = 2  # as gossipfl.protocol.initiator: exchanges one node has started and not finished
+
+
 def simulate_pushpull(
-    n: int, intervals: int, seed: int, dim: int = 64, jitter: float = 0.2, duration: float = 0.0
+    n: int,
+    intervals: int,
+    seed: int,
+    dim: int = 64,
+    jitter: float = 0.2,
+    duration: float = 0.0,
+    overlap: str = "drop",
+    counts: dict[str, int] | None = None,
 ) -> np.ndarray:
     """Simulate the asynchronous push-pull protocol described in the module docstring.
 
@@ -45,6 +61,10 @@ def simulate_pushpull(
         dim: number of independent coordinates per node (smooths the variance estimate).
         jitter: timer delays are U(1 - jitter, 1 + jitter); first wake-ups U(0, 1 + jitter).
         duration: exchange duration d in intervals (0: instantaneous). During it both nodes are busy.
+        overlap: with d > 0, "drop" (a busy node skips or refuses exchanges) or "abort" (exchanges
+            overlap and the later-ending one aborts if either node merged meanwhile; the nodes' protocol).
+        counts: if given, incremented per exchange started: "started", "committed", "aborted" (overlap
+            abort) and "refused" (overlap drop: the initiator or its peer was busy).
 
     Returns:
         Array of length ``intervals + 1``: V(t) for t = 0, 1, ..., intervals, where V is the mean over
@@ -57,31 +77,58 @@ def simulate_pushpull(
         raise ValueError("jitter must be in [0, 1)")
     if duration < 0.0:
         raise ValueError("duration must be >= 0")
+    if overlap not in ("drop", "abort"):
+        raise ValueError("overlap must be drop or abort")
+    tally = counts if counts is not None else {}
+    for key in ("started", "committed", "aborted", "refused"):
+        tally.setdefault(key, 0)
+    merges = np.zeros(n, dtype=np.int64)  # merges applied per node (overlap abort)
+    outbound: list[set[int]] = [set() for _ in range(n)]  # peers node i has an exchange with (it started)
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, dim))
     busy_until = np.zeros(n)
-    # heap entries: (time, kind, node, peer); peer is only meaningful for completions
-    events: list[tuple[float, int, int, int]] = [
-        (float(t0), _WAKE, i, -1) for i, t0 in enumerate(rng.uniform(0.0, 1.0 + jitter, n))
+    # heap entries: (time, kind, node, peer, merges of node and of peer at the start); the rest is only
+    # meaningful for completions
+    events: list[tuple[float, int, int, int, int, int]] = [
+        (float(t0), _WAKE, i, -1, 0, 0) for i, t0 in enumerate(rng.uniform(0.0, 1.0 + jitter, n))
     ]
     heapq.heapify(events)
     out = np.empty(intervals + 1)
     out[0] = x.var(axis=0).mean()
     for t in range(1, intervals + 1):
         while events and events[0][0] <= t:
-            now, kind, i, j = heapq.heappop(events)
+            now, kind, i, j, mi, mj = heapq.heappop(events)
             if kind == _DONE:
+                if overlap == "abort":
+                    outbound[i].discard(j)
+                    if merges[i] != mi or merges[j] != mj:  # either side merged since the snapshot
+                        tally["aborted"] += 1
+                        continue
+                    merges[i] += 1
+                    merges[j] += 1
                 x[i] = x[j] = 0.5 * (x[i] + x[j])
+                tally["committed"] += 1
                 continue
-            heapq.heappush(events, (now + rng.uniform(1.0 - jitter, 1.0 + jitter), _WAKE, i, -1))
+            heapq.heappush(events, (now + rng.uniform(1.0 - jitter, 1.0 + jitter), _WAKE, i, -1, 0, 0))
             j = int(rng.integers(n - 1))
             j += j >= i  # uniform over the other n - 1 nodes
             if duration == 0.0:
+                tally["started"] += 1
+                tally["committed"] += 1
                 x[i] = x[j] = 0.5 * (x[i] + x[j])
+            elif overlap == "abort":
+                if len(outbound[i]) >= MAX_OUTBOUND or j in outbound[i]:
+                    continue  # no round (the node does not pick a peer it is already exchanging with)
+                tally["started"] += 1
+                outbound[i].add(j)
+                heapq.heappush(events, (now + duration, _DONE, i, j, int(merges[i]), int(merges[j])))
             elif busy_until[i] <= now and busy_until[j] <= now:
+                tally["started"] += 1
                 busy_until[i] = busy_until[j] = now + duration
-                heapq.heappush(events, (now + duration, _DONE, i, j))
-            # else: the initiator is busy (skips its round) or the peer is busy (exchange dropped)
+                heapq.heappush(events, (now + duration, _DONE, i, j, 0, 0))
+            else:  # the initiator is busy (skips its round) or the peer is busy (exchange refused)
+                tally["started"] += 1
+                tally["refused"] += 1
         out[t] = x.var(axis=0).mean()
     return out
 
@@ -119,27 +166,34 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--jitter", type=float, default=0.2)
     ap.add_argument("--duration", type=float, default=0.0, help="exchange duration in intervals")
+    ap.add_argument("--overlap", choices=("drop", "abort"), default="drop", help="see the module docstring")
     ap.add_argument("--burn-in", type=int, default=2)
     ap.add_argument("--floor", type=float, default=1e-20)
     args = ap.parse_args()
     start = time.perf_counter()
     theory = theory_large_n()
     print(
-        f"push-pull averaging, jitter +-{args.jitter:.0%}, exchange duration {args.duration:g} intervals, "
+        f"push-pull averaging, jitter +-{args.jitter:.0%}, exchange duration {args.duration:g} intervals "
+        f"(overlap: {args.overlap}), "
         f"dim {args.dim}, fit t >= {args.burn_in} while V > {args.floor:g} V(0)\n"
     )
-    print("| N | simulated factor per interval (mean ± std) | runs | theory, large N |\n|---|---|---|---|")
+    print(
+        "| N | simulated factor per interval (mean ± std) | runs | exchanges committed / aborted / refused "
+        "| theory, large N |\n|---|---|---|---|---|"
+    )
     for n in args.nodes:
+        counts: dict[str, int] = {}
         factors = [
             reduction_factor(
-                simulate_pushpull(n, args.intervals, seed, args.dim, args.jitter, args.duration),
+                simulate_pushpull(n, args.intervals, seed, args.dim, args.jitter, args.duration, args.overlap, counts),
                 args.burn_in,
                 args.floor,
             )
             for seed in range(args.runs)
         ]
         std = float(np.std(factors, ddof=1)) if len(factors) > 1 else 0.0
-        print(f"| {n} | {np.mean(factors):.3f} ± {std:.3f} | {args.runs} | {theory:.3f} |")
+        shares = " / ".join(f"{counts[k] / counts['started']:.0%}" for k in ("committed", "aborted", "refused"))
+        print(f"| {n} | {np.mean(factors):.3f} ± {std:.3f} | {args.runs} | {shares} | {theory:.3f} |")
     print(f"\n({time.perf_counter() - start:.1f} s)")
 
 

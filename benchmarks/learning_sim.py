@@ -9,6 +9,9 @@ the real testbed (`convergence.py`); it leaves out timing, asynchrony and the se
 (synchronous data-parallel SGD when ``--steps 1``), which separates what imperfect mixing costs from
 what a large effective batch costs.
 
+``--report-every R`` adds the curve (mean, min and consensus accuracy every R rounds); ``--eval-split
+validation`` scores a hold-out of the training split instead of the test split, as nodes do.
+
     .venv/bin/python benchmarks/learning_sim.py --nodes 16 --scheme iid --steps 5 --rounds 1440
     .venv/bin/python benchmarks/learning_sim.py --nodes 1 --scheme iid --steps 20 --rounds 1440  # centralized
 """
@@ -24,7 +27,7 @@ import torch
 
 from gossipfl.learning.learner import Learner, build_seeded
 from gossipfl.learning.partition import partition
-from gossipfl.learning.task import Dataset
+from gossipfl.learning.task import Dataset, with_validation
 from gossipfl.learning.tasks.digits import DigitsTask
 
 
@@ -60,6 +63,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=360)
     ap.add_argument("--batch", type=int, default=32, help="minibatch size of every node")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eval-split", choices=("test", "validation"), default="test")
+    ap.add_argument("--report-every", type=int, default=0, help="rounds between points of the curve (0: none)")
     ap.add_argument("--distinct-inits", action="store_true", help="each node its own initial model (default: one)")
     ap.add_argument(
         "--allreduce", action="store_true", help="every round all nodes take the exact mean (no gossip): data-parallel"
@@ -68,6 +73,8 @@ def main() -> None:
     torch.set_num_threads(1)
     task = DigitsTask()
     data = task.load_data(2026)
+    if a.eval_split == "validation":
+        data = with_validation(data, 2026)
     shards = partition(data.train.y, a.nodes, a.scheme, 2026)
     rng = random.Random(a.seed)
     nodes = [
@@ -85,21 +92,36 @@ def main() -> None:
         )
         for k, idx in enumerate(shards)
     ]
-    for _ in range(a.rounds):
+    curve = []
+    for r in range(1, a.rounds + 1):
         for node in nodes:
             node.train_steps(a.steps)
         if a.allreduce:
             mean = mean_params(nodes)
             for node in nodes:
                 node.update(lambda s, mean=mean: (mean, s.age, s.weight))
-            continue
-        pairwise_round(nodes, rng)
+        else:
+            pairwise_round(nodes, rng)
+        if r == a.rounds or (a.report_every and r % a.report_every == 0):
+            curve.append([r, *score(nodes)])
+    _, mean_acc, min_acc, consensus = curve[-1]
+    out = {**vars(a), "mean": mean_acc, "min": min_acc, "consensus": consensus}
+    if a.report_every:
+        out["curve"] = curve  # [round, mean, min, consensus]
+    print(json.dumps(out))
+
+
+def score(nodes: list[Learner]) -> tuple[float, float, float]:
+    """Mean and min accuracy of the nodes' models, and the accuracy of their mean (the consensus), scored
+    on a scratch copy so the nodes' own models are not touched."""
     accs = [node.evaluate_working().accuracy for node in nodes]
     mean = mean_params(nodes)
-    nodes[0].update(lambda s: (mean, s.age, s.weight))
-    consensus = nodes[0].evaluate_working().accuracy
-    print(json.dumps({**vars(a), "mean": round(float(np.mean(accs)), 4), "min": round(float(min(accs)), 4),
-                      "consensus": round(float(consensus), 4)}))  # fmt: skip
+    scratch = nodes[0]
+    before = scratch.snapshot()
+    scratch.update(lambda s: (mean, s.age, s.weight))
+    consensus = scratch.evaluate_working().accuracy
+    scratch.update(lambda s: (before.params, before.age, before.weight))
+    return round(float(np.mean(accs)), 4), round(float(min(accs)), 4), round(float(consensus), 4)
 
 
 if __name__ == "__main__":
