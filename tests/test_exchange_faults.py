@@ -274,20 +274,21 @@ async def test_a_merge_learned_late_keeps_batchnorm_variances_non_negative(make_
         assert float(var.min()) >= 0.0, var  # 25 - 50 would be -25
 
 
-# -- pace: a node whose exchanges are slow starts them less often ----------------------------------------------
-def test_pace_is_the_interval_until_exchanges_take_over_a_quarter_of_it():
-    from gossipfl.protocol.initiator import PACE_WINDOW, pace
+# -- pace: slow exchanges are started less often --------------------------------------------------------------
+def test_pace_is_the_interval_until_even_the_fastest_recent_link_takes_over_a_quarter_of_it():
+    from gossipfl.protocol.initiator import cooldown, pace
 
     assert pace(0.25, []) == 0.25
-    assert pace(0.25, [0.004] * 50) == 0.25  # milliseconds, as on the built-in tasks: the interval rules
-    assert pace(0.25, [0.2] * 50) == pytest.approx(0.8)  # 0.2 s each: at most a quarter of the time
-    assert pace(0.25, [0.2] * 10 + [9.0]) == pytest.approx(0.8)  # the median: one stall does not set it
-    assert pace(0.25, [2.0] * 50 + [0.01] * PACE_WINDOW) == 0.25  # only the recent ones count
+    assert pace(0.25, [0.004] * 20) == 0.25  # milliseconds, as on the built-in tasks: the interval rules
+    assert pace(0.25, [0.2, 0.3, 0.25]) == pytest.approx(0.8)  # every link slow (a large model): a quarter
+    assert pace(0.25, [0.01, 4.0]) == 0.25  # one slow peer does not slow the exchanges with the others
+    assert cooldown(0.5) == pytest.approx(1.5)  # ...it waits instead: 0.5 s of every 2 s at most
+    assert cooldown(0.005) == pytest.approx(0.015)
 
 
 async def test_a_node_whose_exchanges_are_slow_starts_them_less_often(make_config):
     """Through a proxy that holds every request 0.3 s: with a 0.05 s interval the node would start an
-    exchange as soon as the last ended (about 3 a second); pacing keeps it near one per 1.2 s."""
+    exchange as soon as the last ended (about 3 a second); pacing keeps it near one per 2.4 s."""
     async with running(
         make_config(seed=1, no_train=True, gossip_interval=0.05, discovery=("static",)),
         make_config(seed=2, no_train=True, gossip_interval=1000, discovery=("static",)),
@@ -303,3 +304,40 @@ async def test_a_node_whose_exchanges_are_slow_starts_them_less_often(make_confi
             await asyncio.sleep(6.0)
             started = a.gossiper.stats.ok + a.gossiper.stats.failed + a.gossiper.stats.aborted - before
             assert 1 <= started <= 4, started  # 6 s at >= 0.8 x 2.4 s apart; unpaced: about 10
+
+
+async def test_one_slow_peer_waits_and_the_fast_one_keeps_the_interval(make_config):
+    cfg = dict(no_train=True, discovery=("static",))
+    async with running(
+        make_config(seed=1, gossip_interval=0.1, **cfg),
+        make_config(seed=2, gossip_interval=1000, **cfg),
+        make_config(seed=3, gossip_interval=1000, **cfg),
+    ) as (a, slow, fast):
+        proxy = FaultProxy(slow.url, hold=0.5)
+        proxy.plan.update({p: [Phase.DELAY] * 1000 for p in ("prepare", "commit")})
+        async with proxy.running() as via:
+            a.peers.upsert(slow.id, via, "digits", "static")
+            a.peers.upsert(fast.id, fast.url, "digits", "static")
+
+            def prepares() -> int:  # exchanges started with the slow peer (they may commit or abort)
+                return sum(f.startswith("prepare") for f in proxy.forwarded)
+
+            assert await wait_for(lambda: prepares() >= 1, 10)
+            s0, f0 = prepares(), fast.gossiper.stats.served
+            await asyncio.sleep(4.0)
+            with_slow, with_fast = prepares() - s0, fast.gossiper.stats.served - f0
+        assert with_fast >= 15, (with_fast, a.gossiper.pace())  # about 4 s / 0.1 s (less what the slow one takes)
+        assert with_slow <= 2, with_slow  # each takes ~1 s, then 3 s of cooldown
+        assert a.gossiper.pace() == pytest.approx(0.1)
+
+
+async def test_a_doubt_is_asked_about_again_on_time_whatever_the_pace(make_config):
+    from gossipfl.protocol.ledger import InDoubt
+
+    async with running(make_config(seed=1, no_train=True, gossip_interval=0.05, discovery=("static",))) as (a,):
+        g = a.gossiper
+        g._next_start = g.clock() + 30.0  # a slow pace: the next exchange is far off
+        assert g.next_delay() == pytest.approx(30.0, abs=0.1)
+        g.doubts.add(InDoubt("x" * 32, "peer", "http://127.0.0.1:9", None, None, since=g.clock()), g.clock())
+        assert g.next_delay() <= g.doubts.retry_base + 0.01  # wakes for the doubt's first retry
+        g.doubts.resolve("x" * 32)

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import random
-import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import aiohttp
@@ -29,21 +28,30 @@ from gossipfl.protocol.transport import (
 
 JITTER = 0.2
 MAX_OUTBOUND = 2  # exchanges this node has started and not finished
-LINK_SHARE = 0.25  # at most this share of a node's time in exchanges it started (see pace)
-PACE_WINDOW = 20  # recent exchanges whose median duration sets the pace
+LINK_SHARE = 0.25  # at most this share of the time in exchanges this node starts, per link (see pace)
+PACE_PEERS = 20  # the peers this node exchanged with most recently set the pace
+MIN_WAKE_S = 0.02  # the gossip loop never wakes more often than this
+DOUBT_POLL_S = 0.25  # while a doubt is being asked about, look again this often for the next one due
 
 
-def pace(interval: float, durations: Sequence[float], share: float = LINK_SHARE) -> float:
-    """Mean seconds between the starts of a node's exchanges: the configured ``interval``, or, when its
-    exchanges take longer (a large model, a slow link, a busy machine), long enough that they fill at most
-    ``share`` of the time: the median of the last ``PACE_WINDOW`` durations over ``share``. On the built-in
-    tasks an exchange takes milliseconds and the interval rules; a 100 MB model over 1 Gbit/s takes
-    seconds per exchange, and the node slows down instead of filling the link (and its peers' links, which
-    answer as many exchanges as they start)."""
-    recent = list(durations)[-PACE_WINDOW:]
-    if not recent:
-        return interval
-    return max(interval, statistics.median(recent) / share)
+def pace(interval: float, latest: Iterable[float], share: float = LINK_SHARE) -> float:
+    """Mean seconds between the starts of a node's exchanges: the configured ``interval``, or, when even its
+    fastest recent link is slow (a large model, a slow own link, a busy machine), long enough that its
+    exchanges fill at most ``share`` of the time: the shortest of ``latest`` (the last exchange's duration
+    with each of the recently contacted peers) over ``share``. The shortest, so that one slow or distant
+    peer does not slow a node's exchanges with the others (that peer waits instead, see ``cooldown``), and
+    so that one fast exchange is enough to recover after a slow spell. On the built-in tasks an exchange
+    takes milliseconds and the interval rules; a 100 MB model over 1 Gbit/s takes seconds with every peer,
+    and the node slows down instead of filling its link and its peers' (which answer as many exchanges as
+    they start)."""
+    fastest = min(latest, default=None)
+    return interval if fastest is None else max(interval, fastest / share)
+
+
+def cooldown(duration: float, share: float = LINK_SHARE) -> float:
+    """Seconds after an exchange that took ``duration`` ends before this node starts another with that
+    peer: so that exchanges it starts keep at most ``share`` of that link's time."""
+    return duration * (1.0 / share - 1.0)
 
 
 class Initiator(GossipCore):
@@ -56,22 +64,44 @@ class Initiator(GossipCore):
         # called with (result, seconds) after every exchange this node starts (metrics)
         self.on_exchange: Callable[[str, float], None] | None = None
         self._outbound: dict[asyncio.Task, str] = {}  # exchanges this node started -> peer id
+        # per peer, the duration of the last exchange that moved both models (committed or aborted),
+        # most recent last, at most PACE_PEERS; and when this node may start the next one with it
+        self._links: dict[str, float] = {}
+        self._not_before: dict[str, float] = {}
+        self._next_start: float | None = None  # when the next exchange may start (None: one interval from now)
         self._resolving: asyncio.Task | None = None  # asking a peer again about an exchange in doubt
 
     def pace(self) -> float:
-        """The current mean gap between this node's exchanges (see ``pace``)."""
-        return pace(self.interval, self.stats.durations)
+        """The current mean gap between the exchanges this node starts (see ``pace``)."""
+        return pace(self.interval, self._links.values())
 
     def next_delay(self) -> float:
-        return self.pace() * self.rng.uniform(1 - JITTER, 1 + JITTER)
+        """Seconds until the gossip loop's next round: the next exchange's start, or sooner when an exchange
+        in doubt is due to be asked about again (doubts do not wait for a slow pace)."""
+        now = self.clock()
+        if self._next_start is None:
+            self._next_start = now + self.interval * self.rng.uniform(1 - JITTER, 1 + JITTER)
+        wake = self._next_start
+        if self._resolving is not None and not self._resolving.done():
+            wake = min(wake, now + DOUBT_POLL_S)
+        elif (due := self.doubts.next_due()) is not None:
+            wake = min(wake, due)
+        return max(MIN_WAKE_S, wake - now)
 
     def round(self, session: aiohttp.ClientSession) -> None:
-        """One gossip round: settle exchanges in doubt, then, unless a fresh doubt holds merges back, start
-        an exchange with a random peer that is not backing off and not already in one with this node."""
+        """One gossip round: settle exchanges in doubt, then, if it is time for the next exchange and no
+        fresh doubt holds merges back, start one with a random peer that is not backing off, not cooling
+        down (``cooldown``) and not already in an exchange with this node."""
         self.resolve_doubts(session)
+        now = self.clock()
+        if self._next_start is not None and now < self._next_start:
+            return  # woke up for a doubt only
+        self._next_start = now + self.pace() * self.rng.uniform(1 - JITTER, 1 + JITTER)
         if self._closed or len(self._outbound) >= MAX_OUTBOUND or self.frozen():
             return
-        busy = set(self._outbound.values()) | self.doubts.peers()
+        for peer_id in [p for p, t in self._not_before.items() if t <= now]:
+            del self._not_before[peer_id]
+        busy = set(self._outbound.values()) | self.doubts.peers() | set(self._not_before)
         peer = self.peers.choose(self.rng, exclude=busy)
         if peer is not None:
             task = asyncio.get_running_loop().create_task(self.exchange(session, peer))
@@ -103,6 +133,12 @@ class Initiator(GossipCore):
         start = time.perf_counter()
         result = await self._exchange(session, peer)
         duration = time.perf_counter() - start
+        if result in ("ok", "aborted"):  # both models crossed the link: it says how long that takes
+            self._links.pop(peer.id, None)
+            self._links[peer.id] = duration
+            while len(self._links) > PACE_PEERS:
+                del self._links[next(iter(self._links))]
+            self._not_before[peer.id] = self.clock() + cooldown(duration)
         if result == "ok":
             self.stats.ok += 1
             self.stats.durations.append(duration)

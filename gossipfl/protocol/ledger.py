@@ -166,6 +166,10 @@ class DoubtBook(Generic[S, M]):
     def due(self, now: float) -> list[InDoubt[S, M]]:
         return [e for e in self._entries.values() if e.next_try <= now]
 
+    def next_due(self) -> float | None:
+        """When the first entry is due to be asked again (None when there is nothing in doubt)."""
+        return min((e.next_try for e in self._entries.values()), default=None)
+
     def retry_later(self, xid: str, now: float) -> None:
         if entry := self._entries.get(xid):
             entry.tries += 1
