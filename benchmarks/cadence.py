@@ -37,7 +37,8 @@ RESULTS = Path(__file__).parent / "results"
 def run(interval: float, seed: int, args: argparse.Namespace) -> dict:
     out = RESULTS / "cadence" / f"{args.eval_split}-n{args.nodes}-{args.scheme.replace(':', '')}-gi{interval:g}-s{seed}"
     found = out / "results.json"
-    if not (args.reuse and found.exists()):
+    earlier = json.loads(found.read_text())["options"] if args.reuse and found.exists() else None
+    if earlier is None or (earlier["duration"], earlier["nodes"]) != (args.duration, args.nodes):
         opts = TestbedOptions(
             nodes=args.nodes, duration=args.duration, out=str(out), live=False, seed=seed, gossip_interval=interval,
             extra_node_args=("--partition-scheme", args.scheme, "--eval-split", args.eval_split),
@@ -58,14 +59,20 @@ def run(interval: float, seed: int, args: argparse.Namespace) -> dict:
     ]
     finals = list(res["final"].values())
     ex = [f["exchanges"] for f in finals]
+    # bytes sent during the measured duration (the series starts once all nodes know each other; the
+    # final counters also hold the start-up, while nodes already gossip)
+    sent = [v["bytes_sent"][-1][1] - v["bytes_sent"][0][1] for v in nodes]
+    span = statistics.mean(v["bytes_sent"][-1][0] - v["bytes_sent"][0][0] for v in nodes)
     return {
         "interval": interval,
         "seed": seed,
         "eval_split": args.eval_split,
         "accuracy": [round(f["accuracy"], 4) for f in finals],
         "steps": [f["steps"] for f in finals],
-        "bytes_sent": [e["bytes_sent"] for e in ex],
+        "bytes_sent": [e["bytes_sent"] for e in ex],  # since the node started
         "bytes_received": [e["bytes_received"] for e in ex],
+        "sent_per_min": round(statistics.mean(sent) / span * 60),  # per node, over the measured duration
+        "pace_s": [e.get("pace_s") for e in ex],  # at the end (runs before pacing existed: None)
         "started": {k: sum(e[k] for e in ex) for k in ("ok", "failed", "busy", "aborted")},
         "wall_s": res["resources"]["wall_s"],
         "startup_s": res["summary"]["startup_s"],
@@ -74,19 +81,29 @@ def run(interval: float, seed: int, args: argparse.Namespace) -> dict:
     }
 
 
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}  # by df
+
+
 def ci(values: list[float]) -> str:
     """Mean ± the 95% t-interval half-width, in points (just the mean for one run)."""
     mean = 100 * statistics.mean(values)
     if len(values) < 2:
         return f"{mean:.1f}"
-    t95 = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57}.get(len(values), 2.26)
+    df = len(values) - 1
+    if df in T95:
+        t95 = T95[df]
+    else:
+        from scipy import stats
+
+        t95 = float(stats.t.ppf(0.975, df))
     return f"{mean:.1f} ± {100 * t95 * statistics.stdev(values) / len(values) ** 0.5:.1f}"
 
 
 def table(runs: list[dict]) -> str:
     lines = [
         "| interval (s) | runs | worst node per run | worst node (95% CI) | spread per run | mean node | "
-        "MB per node per minute (sent + received) | exchanges started per node per s | busy / aborted |",
+        "MB sent per node per minute (about as much received) | pace at the end (s, median node) "
+        "| exchanges started: busy (409) / aborted |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for interval in sorted({r["interval"] for r in runs}, reverse=True):
@@ -94,16 +111,15 @@ def table(runs: list[dict]) -> str:
         worst = [min(r["accuracy"]) for r in rs]
         spread = [max(r["accuracy"]) - min(r["accuracy"]) for r in rs]
         mean = [statistics.mean(r["accuracy"]) for r in rs]
-        # bytes over the whole run (the curve's last sample is at the end of the measured duration)
-        per_min = [
-            statistics.mean(np.add(r["bytes_sent"], r["bytes_received"])) / 1e6 / (r["curve"][-1][0] / 60) for r in rs
-        ]
-        rate = [sum(r["started"].values()) / len(r["accuracy"]) / r["curve"][-1][0] for r in rs]
-        busy = sum(r["started"]["busy"] for r in rs), sum(r["started"]["aborted"] for r in rs)
+        per_min = [r["sent_per_min"] / 1e6 for r in rs]
+        paces = [p for r in rs for p in r["pace_s"] if p is not None]
+        pace = f"{statistics.median(paces):.3g}" if paces else "-"
+        started = sum(sum(r["started"].values()) for r in rs)
+        busy = sum(r["started"]["busy"] for r in rs) / started, sum(r["started"]["aborted"] for r in rs) / started
         lines.append(
             f"| {interval:g} | {len(rs)} | {', '.join(f'{w:.4f}' for w in worst)} | {ci(worst)} "
             f"| {', '.join(f'{s:.4f}' for s in spread)} | {ci(mean)} | {statistics.mean(per_min):.1f} "
-            f"| {statistics.mean(rate):.2f} | {busy[0]} / {busy[1]} |"
+            f"| {pace} | {busy[0]:.1%} / {busy[1]:.1%} |"
         )
     return "\n".join(lines)
 
@@ -161,9 +177,11 @@ Run {started} on {platform.node()} ({platform.machine()}, Python {platform.pytho
 
 `gossipfl testbed --nodes {args.nodes} --duration {args.duration:g} --seed S --gossip-interval G -- \
 --partition-scheme {args.scheme} --eval-split {args.eval_split}`: one process per node, node defaults \
-otherwise, accuracy on the {args.eval_split} split at the end of the {args.duration:g} s. 95% CI: \
-t-interval over runs (wide with few runs). Bytes: the node's exchange bodies both ways, averaged over \
-nodes. Raw numbers: [{name}.json]({name}.json).
+otherwise, accuracy on the {args.eval_split} split at the end of the {args.duration:g} s. The runs differ \
+in the nodes' seeds (minibatch order, choice of peers) and in thread timing; they share the data split, \
+the partition and the initial model (`--data-seed`, the default), so the 95% CI (t-interval over runs, \
+wide with few runs) covers that variation only. Bytes: exchange bodies a node sent during the measured \
+duration, mean over nodes. Raw numbers: [{name}.json]({name}.json).
 
 {table(runs)}
 
