@@ -53,9 +53,11 @@ def measure(n: int, run: int, interval: float, duration: float, out: Path) -> tu
     rows = res["consensus"]
     ex = [f["exchanges"] for f in res["final"].values()]
     started = sum(e["ok"] + e["busy"] + e["aborted"] + e["failed"] for e in ex)
-    durations = [e["mean_duration_s"] for e in ex if e["mean_duration_s"] is not None]
+    durations = [e["mean_duration_s"] for e in ex if e["mean_duration_s"] is not None] or [0.0]
+    paces = [e["pace_s"] for e in ex if e.get("pace_s") is not None] or [interval]
     stats = {
         "d": statistics.mean(durations) / interval,  # a committed exchange's duration, in intervals
+        "pace": statistics.median(paces) / interval,  # the nodes' pacing at the end, in intervals
         "not_committed": (started - sum(e["ok"] for e in ex)) / max(started, 1),
         "busy": sum(e["busy"] for e in ex) / max(started, 1),
     }
@@ -84,29 +86,44 @@ def main() -> None:
             series.append(v / v[0])
             stats.append(st)
         d = statistics.mean(st["d"] for st in stats)
+        pace = max(1.0, statistics.mean(st["pace"] for st in stats))
         counts: dict[str, int] = {}
         sims = [
-            reduction_factor(simulate_pushpull(n, 60, seed, duration=d, overlap="abort", counts=counts), floor=FLOOR)
+            reduction_factor(
+                simulate_pushpull(n, 60, seed, duration=d, overlap="abort", counts=counts, pace=pace), floor=FLOOR
+            )
             for seed in range(args.sim_runs)
         ]
         m, s = statistics.mean(measured), statistics.mean(sims)
-        lost = statistics.mean(st["not_committed"] for st in stats), counts["aborted"] / counts["started"]
+        ended = counts["committed"] + counts["aborted"]
+        lost = statistics.mean(st["not_committed"] for st in stats), counts["aborted"] / max(ended, 1)
         busy = statistics.mean(st["busy"] for st in stats)
         rows.append(
-            (n, m, statistics.stdev(measured) if len(measured) > 1 else 0.0, s, statistics.stdev(sims), d, lost, busy)
+            (
+                n,
+                m,
+                statistics.stdev(measured) if len(measured) > 1 else 0.0,
+                s,
+                statistics.stdev(sims),
+                d,
+                lost,
+                busy,
+                pace,
+            )
         )
-        curves[n] = (series, simulate_pushpull(n, args.intervals, 0, duration=d, overlap="abort"))
+        curves[n] = (series, simulate_pushpull(n, args.intervals, 0, duration=d, overlap="abort", pace=pace))
         print(f"N={n}: measured {m:.3f} ({', '.join(f'{x:.3f}' for x in measured)}), simulated {s:.3f}", flush=True)
 
     table = [
         "| N | measured factor per interval (mean ± std over runs) | simulated (same protocol) | measured / simulated "
-        "| exchange duration / interval (measured) | not committed: measured (of which 409) / simulated "
+        "| exchange duration / interval (measured) | pace / interval (measured) "
+        "| not committed: measured (of which 409) / simulated "
         "| theory, large N |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for n, m, ms, s, ss, d, lost, busy in rows:
+    for n, m, ms, s, ss, d, lost, busy, pace in rows:
         table.append(f"| {n} | {m:.3f} ± {ms:.3f} ({args.runs} runs) | {s:.3f} ± {ss:.3f} ({args.sim_runs} runs) "
-                     f"| {m / s:.2f} | {d:.3f} | {lost[0]:.1%} ({busy:.1%}) / {lost[1]:.1%} "
+                     f"| {m / s:.2f} | {d:.3f} | {pace:.2f} | {lost[0]:.1%} ({busy:.1%}) / {lost[1]:.1%} "
                      f"| {theory:.3f} |")  # fmt: skip
     report = f"""# Pure averaging against theory
 
@@ -119,8 +136,9 @@ In-process testbed, `--no-train`, `digits` MLP (4,810 parameters, different rand
 node), gossip interval {args.gossip_interval:g} s, models sampled over HTTP once per interval. Factor = exp(slope) of
 log V(t) per gossip interval, fitted from the first interval until V falls below {FLOOR:g} V(0). The
 simulation runs with each N's measured mean exchange duration (a committed exchange, start to commit
-answered) as a share d of the interval, and aborts an exchange when either side merged during it, as
-the nodes do; "not committed" is the share of exchanges started that did not commit (declined with
+answered) as a share d of the interval and the nodes' measured pace (intervals between the exchanges
+a node starts, at least 1), and aborts an exchange when either side merged during it, as the nodes
+do; "not committed" is the share of exchanges started that did not commit (declined with
 409, aborted, or failed).
 
 {chr(10).join(table)}

@@ -76,7 +76,8 @@ def reference(data: TaskData, steps: int, cfg: NodeConfig, init: int, orders: in
 
 def per_shard_batches(shards: list[np.ndarray], batch: int, gen: torch.Generator) -> Callable[[], torch.Tensor]:
     """Minibatch indices for synchronous data-parallel SGD over the nodes' shards: every call, ``batch``
-    indices from each shard (each shard in epochs of its own random order, as a node draws its minibatches),
+    indices from each shard (each shard in epochs of its own random order; unlike a node, which takes a
+    short last batch, a batch runs on into the next epoch, so every worker always has ``batch`` samples),
     concatenated, so one step's mean loss weighs every worker equally, as all-reduce of their gradients does."""
     shards_t = [torch.as_tensor(s, dtype=torch.long) for s in shards]
     orders = [torch.empty(0, dtype=torch.long) for _ in shards]

@@ -112,8 +112,9 @@ def main() -> None:
 
 
 def score(nodes: list[Learner]) -> tuple[float, float, float]:
-    """Mean and min accuracy of the nodes' models, and the accuracy of their mean (the consensus), scored
-    on a scratch copy so the nodes' own models are not touched."""
+    """Mean and min accuracy of the nodes' models, and the accuracy of their mean (the consensus): node 0
+    is given the mean, scored, and given its own parameters back (its merge and version counters move,
+    which nothing here reads; its optimizer state and minibatch order do not)."""
     accs = [node.evaluate_working().accuracy for node in nodes]
     mean = mean_params(nodes)
     scratch = nodes[0]

@@ -112,7 +112,7 @@ def run_cell(path: Path, n: int, scheme: str, data_seed: int, args: argparse.Nam
         "skew": round(label_skew(data.train.y, shards, data.num_classes), 3),
         "train_rows": len(data.train),
         "eval_rows": len(data.test),
-        "node_accuracy": [round(f["accuracy"], 4) for f in finals],
+        "node_accuracy": [round(f["accuracy"] or 0.0, 4) for f in finals],  # None: never evaluated
         "node_steps": [f["steps"] for f in finals],
         "central_network_steps": round(trained(task, data, None, n * steps, cfg), 4),
         "central_node_steps": round(trained(task, data, None, steps, cfg), 4),

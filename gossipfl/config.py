@@ -23,7 +23,7 @@ from gossipfl.protocol.merge import RULES
 ENV_PREFIX = "GOSSIPFL_"
 DISCOVERY_BACKENDS = ("mdns", "static", "dns")
 EVAL_SPLITS = ("test", "validation")
-GOSSIP_INTERVAL_S = 1.0  # the default of --gossip-interval, also the testbed's (see docs/configuration.md)
+GOSSIP_INTERVAL_S = 0.25  # the default of --gossip-interval, also the testbed's (see docs/configuration.md)
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 
