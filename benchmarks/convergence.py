@@ -142,7 +142,9 @@ def gossip(n: int, scheme: str, rule: str, repeat: int, init: int, args: argpars
 
 def same_options(earlier: dict, opts: TestbedOptions) -> bool:
     mine = json.loads(json.dumps(asdict(opts)))  # tuples as lists, as results.json has them
-    return all(earlier.get(k, v) == v for k, v in mine.items() if k not in ("out", "inproc_workers"))
+    # the nodes' interval is in extra_node_args (last, so it wins): the testbed's own default does not count
+    ignored = ("out", "inproc_workers", "gossip_interval")
+    return all(earlier.get(k, v) == v for k, v in mine.items() if k not in ignored)
 
 
 def compact(res: dict) -> dict:

@@ -12,7 +12,9 @@ what a large effective batch costs.
 ``--report-every R`` adds the curve (mean, min and consensus accuracy every R rounds); ``--eval-split
 validation`` scores a hold-out of the training split instead of the test split, as nodes do.
 
-    .venv/bin/python benchmarks/learning_sim.py --nodes 16 --scheme iid --steps 5 --rounds 1440
+    .venv/bin/python benchmarks/learning_sim.py --nodes 16 --scheme iid --steps 5 --rounds 1440 \
+        --report-every 90 [--allreduce] [--seed S] >> runs.jsonl
+    .venv/bin/python benchmarks/learning_sim.py --plot runs.jsonl OUT.png   # mean curves, per mode
     .venv/bin/python benchmarks/learning_sim.py --nodes 1 --scheme iid --steps 20 --rounds 1440  # centralized
 """
 
@@ -51,6 +53,33 @@ def pairwise_round(nodes: list[Learner], rng: random.Random) -> None:
             node.update(lambda s, avg=avg, age=age: (avg, age, s.weight))
 
 
+def plot(runs_file: str, out: str) -> None:
+    """Accuracy against local steps from JSON lines with curves: the mean over runs per mode (pairwise or
+    --allreduce), thin lines per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [json.loads(line) for line in open(runs_file) if line.strip()]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for mode, color in ((False, "C0"), (True, "C1")):
+        curves = np.array([r["curve"] for r in runs if r["allreduce"] == mode])
+        if not len(curves):
+            continue
+        steps = curves[0, :, 0] * runs[0]["steps"]
+        label = "exact mean of all models (--allreduce)" if mode else "pairwise gossip"
+        ax.plot(steps, curves[:, :, 1].mean(0), color=color, label=f"{label}, mean node, {len(curves)} runs")
+        for c in curves:
+            ax.plot(steps, c[:, 1], color=color, lw=0.5, alpha=0.4)
+    r = runs[0]
+    ax.set(xlabel="local steps per node", ylabel="accuracy", title=f"{r['nodes']} nodes, {r['scheme']}, "
+           f"an exchange round every {r['steps']} local steps")  # fmt: skip
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nodes", type=int, default=16)
@@ -69,7 +98,11 @@ def main() -> None:
     ap.add_argument(
         "--allreduce", action="store_true", help="every round all nodes take the exact mean (no gossip): data-parallel"
     )
+    ap.add_argument("--plot", nargs=2, metavar=("RUNS_JSONL", "OUT_PNG"), help="only plot earlier runs' curves")
     a = ap.parse_args()
+    if a.plot:
+        plot(*a.plot)
+        return
     torch.set_num_threads(1)
     task = DigitsTask()
     data = task.load_data(2026)
