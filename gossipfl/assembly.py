@@ -54,12 +54,14 @@ def init_seed(cfg: NodeConfig) -> int:
     return cfg.seed if cfg.no_train else cfg.data_seed
 
 
-def publish_after_steps(cfg: NodeConfig) -> int:
+def publish_after_steps(cfg: NodeConfig, interval: float | None = None) -> int:
     """Local steps after which a node that has not merged serves its working copy: three gossip
-    intervals' worth of training (0 with --no-train, where there are no local steps)."""
+    intervals' worth of training (0 with --no-train, where there are no local steps). ``interval``: the
+    gap between exchanges in force (``--gossip-interval``, or longer when pacing slows the node)."""
     if cfg.no_train:
         return 0
-    return round(PUBLISH_AFTER_INTERVALS * cfg.gossip_interval * cfg.steps_per_round / cfg.train_interval)
+    gap = cfg.gossip_interval if interval is None else interval
+    return round(PUBLISH_AFTER_INTERVALS * gap * cfg.steps_per_round / cfg.train_interval)
 
 
 def default_node_id(port: int) -> str:

@@ -151,7 +151,7 @@ class Node:
 
         self.started_at = time.monotonic()
         session = self._session
-        self._loop("gossip", self.gossiper.next_delay, lambda: self.gossiper.round(session), first_wait=True)
+        self._loop("gossip", self.gossiper.next_delay, lambda: self._gossip_round(session), first_wait=True)
         self._loop("eval", cfg.eval_interval, self._evaluate)
         if not cfg.no_train:
             self._loop("train", cfg.train_interval, self._train_round)
@@ -210,6 +210,11 @@ class Node:
     # -- periodic work ----------------------------------------------------------------------------
     async def _train_round(self) -> None:
         self.train_loss = await asyncio.to_thread(self.learner.train_steps, self.config.steps_per_round)
+
+    def _gossip_round(self, session: aiohttp.ClientSession) -> None:
+        self.gossiper.round(session)
+        # the served model follows the gap between exchanges in force (pacing may lengthen it)
+        self.learner.publish_after_steps = assembly.publish_after_steps(self.config, self.gossiper.pace())
 
     async def _evaluate(self) -> None:
         self.last_eval = await asyncio.to_thread(self.learner.evaluate)

@@ -331,6 +331,39 @@ async def test_one_slow_peer_waits_and_the_fast_one_keeps_the_interval(make_conf
         assert a.gossiper.pace() == pytest.approx(0.1)
 
 
+async def test_a_paced_node_serves_the_model_of_its_last_merge_for_as_long_as_its_pace(make_config):
+    """The served model is the model of the last merge until three gaps' worth of local steps pass: when
+    pacing lengthens the gap, that count follows it (else a paced node would serve its drifting copy)."""
+    from gossipfl import assembly
+
+    async with running(
+        make_config(seed=1, gossip_interval=0.05, discovery=("static",)),
+        make_config(seed=2, gossip_interval=1000, discovery=("static",)),
+    ) as (a, b):
+        start = assembly.publish_after_steps(a.config)  # three 0.05 s gaps of training
+        assert a.learner.publish_after_steps == start < 10
+        proxy = FaultProxy(b.url, hold=0.3)
+        proxy.plan.update({p: [Phase.DELAY] * 1000 for p in ("prepare", "commit")})
+        async with proxy.running() as via:
+            a.peers.upsert(b.id, via, "digits", "static")
+            assert await wait_for(lambda: a.gossiper.pace() > 1.0, 10)
+            assert await wait_for(lambda: a.learner.publish_after_steps > 20 * start, 5)
+            expected = assembly.publish_after_steps(a.config, a.gossiper.pace())
+            assert await wait_for(lambda: a.learner.publish_after_steps == expected, 5)
+
+
+async def test_a_peer_heard_from_long_ago_no_longer_sets_the_pace(make_config):
+    from gossipfl.protocol.initiator import PACE_HORIZON_S
+
+    async with running(make_config(seed=1, no_train=True, gossip_interval=0.1, discovery=("static",))) as (a,):
+        g = a.gossiper
+        now = g.clock()
+        g._links = {"slow": (2.0, now), "gone": (0.001, now - PACE_HORIZON_S - 1)}
+        assert g.pace() == pytest.approx(8.0)  # the fast link ended too long ago to count
+        g._links["gone"] = (0.001, now)
+        assert g.pace() == pytest.approx(0.1)
+
+
 async def test_a_doubt_is_asked_about_again_on_time_whatever_the_pace(make_config):
     from gossipfl.protocol.ledger import InDoubt
 

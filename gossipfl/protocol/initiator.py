@@ -29,7 +29,8 @@ from gossipfl.protocol.transport import (
 JITTER = 0.2
 MAX_OUTBOUND = 2  # exchanges this node has started and not finished
 LINK_SHARE = 0.25  # at most this share of the time in exchanges this node starts, per link (see pace)
-PACE_PEERS = 20  # the peers this node exchanged with most recently set the pace
+PACE_PEERS = 20  # the peers this node exchanged with most recently set the pace...
+PACE_HORIZON_S = 60.0  # ...if that exchange ended less than this long ago (a peer that left stops counting)
 MIN_WAKE_S = 0.02  # the gossip loop never wakes more often than this
 DOUBT_POLL_S = 0.25  # while a doubt is being asked about, look again this often for the next one due
 
@@ -64,16 +65,17 @@ class Initiator(GossipCore):
         # called with (result, seconds) after every exchange this node starts (metrics)
         self.on_exchange: Callable[[str, float], None] | None = None
         self._outbound: dict[asyncio.Task, str] = {}  # exchanges this node started -> peer id
-        # per peer, the duration of the last exchange that moved both models (committed or aborted),
+        # per peer, (duration, end) of the last exchange that moved both models (committed or aborted),
         # most recent last, at most PACE_PEERS; and when this node may start the next one with it
-        self._links: dict[str, float] = {}
+        self._links: dict[str, tuple[float, float]] = {}
         self._not_before: dict[str, float] = {}
         self._next_start: float | None = None  # when the next exchange may start (None: one interval from now)
         self._resolving: asyncio.Task | None = None  # asking a peer again about an exchange in doubt
 
     def pace(self) -> float:
         """The current mean gap between the exchanges this node starts (see ``pace``)."""
-        return pace(self.interval, self._links.values())
+        recent = self.clock() - PACE_HORIZON_S
+        return pace(self.interval, (d for d, end in self._links.values() if end >= recent))
 
     def next_delay(self) -> float:
         """Seconds until the gossip loop's next round: the next exchange's start, or sooner when an exchange
@@ -103,6 +105,8 @@ class Initiator(GossipCore):
             del self._not_before[peer_id]
         busy = set(self._outbound.values()) | self.doubts.peers() | set(self._not_before)
         peer = self.peers.choose(self.rng, exclude=busy)
+        if peer is None and self._not_before:  # every candidate is cooling down: start when the first may
+            self._next_start = min(self._next_start, min(self._not_before.values()))
         if peer is not None:
             task = asyncio.get_running_loop().create_task(self.exchange(session, peer))
             self._outbound[task] = peer.id
@@ -135,7 +139,7 @@ class Initiator(GossipCore):
         duration = time.perf_counter() - start
         if result in ("ok", "aborted"):  # both models crossed the link: it says how long that takes
             self._links.pop(peer.id, None)
-            self._links[peer.id] = duration
+            self._links[peer.id] = (duration, self.clock())
             while len(self._links) > PACE_PEERS:
                 del self._links[next(iter(self._links))]
             self._not_before[peer.id] = self.clock() + cooldown(duration)
