@@ -170,10 +170,16 @@ def main() -> None:
     command = (
         f"python benchmarks/cadence.py --intervals {' '.join(f'{i:g}' for i in args.intervals)} "
         f"--seeds {' '.join(map(str, args.seeds))} --eval-split {args.eval_split}"
+        + (f" --nodes {args.nodes}" if args.nodes != 16 else "")
+        + (f" --duration {args.duration:g}" if args.duration != 90 else "")
+        + (f" --scheme {args.scheme}" if args.scheme != "dirichlet:0.5" else "")
+        + (" --reuse" if args.reuse else "")
+        + (f" --name {args.name}" if args.name else "")
     )
     report = f"""# Exchange cadence on label-skewed data: {args.nodes} node processes, {args.scheme}
 
-Run {started} on {platform.node()} ({platform.machine()}, Python {platform.python_version()}): `{command}`
+{"Assembled" if args.reuse else "Run"} {started} on {platform.node()}\
+ ({platform.machine()}, Python {platform.python_version()}): `{command}`
 
 `gossipfl testbed --nodes {args.nodes} --duration {args.duration:g} --seed S --gossip-interval G -- \
 --partition-scheme {args.scheme} --eval-split {args.eval_split}`: one process per node, node defaults \
