@@ -42,8 +42,9 @@ async def test_status_has_the_documented_fields(node, http):
     # every documented field, and nothing else (docs/http-api.md lists them)
     assert set(s) == {
         "id", "protocol", "task", "cluster", "url", "age", "steps", "merges", "partition", "partition_from",
-        "partition_scheme", "split", "init_model", "samples", "class_histogram", "training", "failure", "device",
-        "served", "merge", "uptime_s", "model", "peers", "ignored_peers", "metrics", "exchanges", "loops",
+        "partition_scheme", "split", "eval_split", "init_model", "samples", "class_histogram", "training",
+        "failure", "device", "served", "merge", "uptime_s", "model", "peers", "ignored_peers", "metrics",
+        "exchanges", "loops",
     }  # fmt: skip
     assert s["id"] == node.id and s["task"] == "digits" and s["age"] == 0 and s["steps"] == 0
     assert s["protocol"] == 2 and s["merges"] == 0 and s["cluster"] == node.config.cluster
@@ -52,7 +53,7 @@ async def test_status_has_the_documented_fields(node, http):
     assert set(s["metrics"]) == {"accuracy", "loss", "train_loss"}
     assert set(s["exchanges"]) == {
         "ok", "failed", "busy", "aborted", "in_doubt", "late", "served", "declined", "rejected", "bytes_sent",
-        "bytes_received", "mean_duration_s", "in_flight", "prepared", "doubtful",
+        "bytes_received", "mean_duration_s", "pace_s", "in_flight", "prepared", "doubtful",
     }  # fmt: skip
     assert set(s["loops"]) == {"gossip", "eval", "pex"}  # no train loop with --no-train
     assert set(s["loops"]["eval"]) == {

@@ -6,7 +6,7 @@ from gossipfl.config import ConfigError, NodeConfig, load_config
 def test_defaults():
     c = load_config({}, env={})
     assert c == NodeConfig()
-    assert (c.gossip_interval, c.task, c.shard, c.discovery) == (1.0, "digits", (0, 1), ("mdns",))
+    assert (c.gossip_interval, c.task, c.shard, c.discovery) == (0.25, "digits", (0, 1), ("mdns",))
 
 
 def test_precedence_cli_over_env_over_file_over_defaults(tmp_path):
