@@ -187,6 +187,35 @@ async def test_a_commit_is_answered_without_waiting_for_the_learner(make_config,
         assert b.learner.merges == 1
 
 
+async def merge_learned_late(
+    a, b, others, http, *, task: str, freeze_s: float, while_frozen=None, before_settling=None
+):
+    """The late-merge setup: a's exchange with b goes in doubt (b commits, a never hears it), a stays frozen
+    for ``freeze_s``, then merges with each of ``others`` while still in doubt, and finally learns that b
+    committed and applies its half on top. ``while_frozen`` and ``before_settling`` are checks (async)
+    run at those moments."""
+    quick(a)
+    a.gossiper.freeze_s = freeze_s
+    proxy = FaultProxy(b.url, hold=3.0)
+    proxy.plan["commit"] = [Phase.LOSE_REPLY, Phase.LOSE_REQUEST, Phase.LOSE_REQUEST]
+    async with proxy.running() as via:
+        a.peers.upsert(b.id, via, task, "static")
+        assert await a.gossiper.exchange(http, a.peers.get(b.id)) == "in_doubt"
+        a.peers.remove(b.id)
+        if while_frozen is not None:
+            await while_frozen()
+        await asyncio.sleep(freeze_s + 0.1)
+        assert not a.gossiper.frozen()
+        for other in others:  # after the freeze, a merges with others while still in doubt about b
+            other.peers.upsert(a.id, a.url, task, "static")
+            assert await other.gossiper.exchange(http, other.peers.get(a.id)) == "ok"
+            await asyncio.sleep(0.05)
+        if before_settling is not None:
+            await before_settling()
+        await settle(a, b, http, proxy, timeout=20)
+    assert a.gossiper.stats.late == 1
+
+
 async def test_a_merge_learned_late_keeps_weights_positive_and_merges_pause_only_briefly(make_config, http):
     """Review finding: a commit learned late, after other merges, could push a node's push-sum weight
     below zero, after which it could send nothing. Now, for FREEZE_S after an exchange goes in doubt the
@@ -196,29 +225,21 @@ async def test_a_merge_learned_late_keeps_weights_positive_and_merges_pause_only
     async with running(*(make_config(seed=i, **cfg) for i in range(4))) as (a, b, c, d):
         for node, w in ((a, 1000.0), (b, 10.0), (c, 10.0), (d, 10.0)):
             node.learner.update(lambda s, w=w: (s.params, s.age, w))
-        quick(a)
-        a.gossiper.freeze_s = 1.0
         a0, b0 = a.learner.merges, b.learner.merges  # (setting the weights counted as a merge)
         total0 = sum(flatten(params_of(n)) for n in (a, b, c, d))
-        proxy = FaultProxy(b.url, hold=3.0)
-        proxy.plan["commit"] = [Phase.LOSE_REPLY, Phase.LOSE_REQUEST, Phase.LOSE_REQUEST]
-        async with proxy.running() as via:
-            a.peers.upsert(b.id, via, "digits", "static")
-            assert await a.gossiper.exchange(http, a.peers.get(b.id)) == "in_doubt"
-            a.peers.remove(b.id)
-            # frozen: inbound commits are aborted, and a starts nothing
+
+        async def frozen() -> None:  # inbound commits are aborted, and a starts nothing
             assert a.gossiper.frozen()
             c.peers.upsert(a.id, a.url, "digits", "static")
             assert await c.gossiper.exchange(http, c.peers.get(a.id)) == "aborted"
-            await asyncio.sleep(1.1)
-            assert not a.gossiper.frozen()
-            for other in (c, d):  # after the freeze, a merges with others while still in doubt about b
-                other.peers.upsert(a.id, a.url, "digits", "static")
-                assert await other.gossiper.exchange(http, other.peers.get(a.id)) == "ok"
-                await asyncio.sleep(0.05)
-            assert a.gossiper.doubts and b.learner.merges == b0 + 1  # b did commit, a does not know yet
-            await settle(a, b, http, proxy, timeout=20)
-        assert a.gossiper.stats.late == 1 and a.learner.merges == a0 + 3
+
+        async def b_committed() -> None:  # b did commit, a does not know yet
+            assert a.gossiper.doubts and b.learner.merges == b0 + 1
+
+        await merge_learned_late(
+            a, b, (c, d), http, task="digits", freeze_s=1.0, while_frozen=frozen, before_settling=b_committed
+        )
+        assert a.learner.merges == a0 + 3
         weights = [n.learner.weight for n in (a, b, c, d)]
         assert min(weights) > 0, weights  # a's would have been 257.5 - 495 = -237.5
         np.testing.assert_allclose(sum(flatten(params_of(n)) for n in (a, b, c, d)), total0, rtol=0, atol=1e-5)
@@ -255,21 +276,8 @@ async def test_a_merge_learned_late_keeps_batchnorm_variances_non_negative(make_
         for node, var in ((a, 100.0), (b, 0.01), (c, 0.01), (d, 0.01)):
             with node.learner._lock:
                 node.learner.model[1].running_var.fill_(var)
-        quick(a)
-        a.gossiper.freeze_s = 0.5
-        proxy = FaultProxy(b.url, hold=3.0)
-        proxy.plan["commit"] = [Phase.LOSE_REPLY, Phase.LOSE_REQUEST, Phase.LOSE_REQUEST]
-        async with proxy.running() as via:
-            a.peers.upsert(b.id, via, "batchnorm", "static")
-            assert await a.gossiper.exchange(http, a.peers.get(b.id)) == "in_doubt"
-            a.peers.remove(b.id)
-            await asyncio.sleep(0.6)
-            for other in (c, d):  # a's variance: 100 -> 50 -> 25; b's commit then takes (0.01 - 100) / 2
-                other.peers.upsert(a.id, a.url, "batchnorm", "static")
-                assert await other.gossiper.exchange(http, other.peers.get(a.id)) == "ok"
-                await asyncio.sleep(0.05)
-            await settle(a, b, http, proxy, timeout=20)
-        assert a.gossiper.stats.late == 1
+        # a's variance: 100 -> 50 -> 25 with c and d; b's commit then takes (0.01 - 100) / 2
+        await merge_learned_late(a, b, (c, d), http, task="batchnorm", freeze_s=0.5)
         var = a.learner.model[1].running_var
         assert float(var.min()) >= 0.0, var  # 25 - 50 would be -25
 
