@@ -24,12 +24,16 @@ import asyncio
 import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from gossipfl.testbed import TestbedOptions, run_testbed
+sys.path.insert(0, str(Path(__file__).parent))
+from runstats import compact_curve, half_width95  # noqa: E402
+
+from gossipfl.testbed import TestbedOptions, run_testbed  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -47,16 +51,6 @@ def run(interval: float, seed: int, args: argparse.Namespace) -> dict:
             raise SystemExit(f"testbed failed: interval {interval:g}, seed {seed}")
     res = json.loads(found.read_text())
     nodes = list(res["nodes"].values())
-    length = min(len(v["accuracy"]) for v in nodes)
-    curve = [
-        [
-            round(nodes[0]["accuracy"][i][0], 2),
-            round(statistics.mean(v["accuracy"][i][1] or 0.0 for v in nodes), 4),
-            round(min(v["accuracy"][i][1] or 0.0 for v in nodes), 4),
-            round(statistics.mean(v["bytes_sent"][i][1] for v in nodes) / 1e6, 3),
-        ]
-        for i in range(length)
-    ]
     finals = list(res["final"].values())
     ex = [f["exchanges"] for f in finals]
     # bytes sent during the measured duration (the series starts once all nodes know each other; the
@@ -77,11 +71,8 @@ def run(interval: float, seed: int, args: argparse.Namespace) -> dict:
         "wall_s": res["resources"]["wall_s"],
         "startup_s": res["summary"]["startup_s"],
         "duration_s": res["options"]["duration"],
-        "curve": curve,  # [seconds, mean accuracy, min accuracy, mean MB sent per node]
+        "curve": compact_curve(res),  # [seconds, mean accuracy, min accuracy, mean MB sent per node]
     }
-
-
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}  # by df
 
 
 def ci(values: list[float]) -> str:
@@ -89,14 +80,7 @@ def ci(values: list[float]) -> str:
     mean = 100 * statistics.mean(values)
     if len(values) < 2:
         return f"{mean:.1f}"
-    df = len(values) - 1
-    if df in T95:
-        t95 = T95[df]
-    else:
-        from scipy import stats
-
-        t95 = float(stats.t.ppf(0.975, df))
-    return f"{mean:.1f} ± {100 * t95 * statistics.stdev(values) / len(values) ** 0.5:.1f}"
+    return f"{mean:.1f} ± {100 * half_width95(values):.1f}"
 
 
 def table(runs: list[dict]) -> str:

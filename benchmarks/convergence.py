@@ -42,6 +42,7 @@ import platform
 import re
 import shlex
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
@@ -49,6 +50,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from runstats import compact_curve, curves  # noqa: E402
 
 from gossipfl.args import node_config_from_args
 from gossipfl.assembly import build_learner, init_seed
@@ -149,28 +153,14 @@ def same_options(earlier: dict, opts: TestbedOptions) -> bool:
 
 def compact(res: dict) -> dict:
     """What the table and plots need from one testbed run, small enough to commit."""
-    t, mean, low, sent = curves(res)
     return {
         "options": {k: res["options"][k] for k in ("nodes", "duration", "seed", "extra_node_args")},
         "final": {
             node: {k: f.get(k) for k in ("accuracy", "steps", "age")} | {"bytes_sent": f["exchanges"]["bytes_sent"]}
             for node, f in res["final"].items()
         },
-        "curve": [
-            [round(float(a), 2), round(float(b), 4), round(float(c), 4), round(float(d), 3)]
-            for a, b, c, d in zip(t, mean, low, sent, strict=True)
-        ],  # fmt: skip
+        "curve": compact_curve(res),
     }
-
-
-def curves(res: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Time, mean and min accuracy over nodes, and mean MB sent per node, at each sample."""
-    nodes = list(res["nodes"].values())
-    length = min(len(v["accuracy"]) for v in nodes)
-    t = np.array([nodes[0]["accuracy"][i][0] for i in range(length)])
-    acc = np.array([[v["accuracy"][i][1] or 0.0 for v in nodes] for i in range(length)])
-    sent = np.array([[v["bytes_sent"][i][1] for v in nodes] for i in range(length)]) / 1e6
-    return t, acc.mean(axis=1), acc.min(axis=1), sent.mean(axis=1)
 
 
 def main() -> None:

@@ -32,6 +32,7 @@ import json
 import platform
 import shlex
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -39,6 +40,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from runstats import compact_curve, half_width95  # noqa: E402
 
 from gossipfl.args import node_config_from_args
 from gossipfl.assembly import build_learner
@@ -93,17 +97,6 @@ def run_cell(path: Path, n: int, scheme: str, data_seed: int, args: argparse.Nam
     shards = partition(data.train.y, n, scheme, data_seed)
     finals = list(res["final"].values())
     steps = int(statistics.median(f["steps"] for f in finals))
-    nodes = [list(res["nodes"].values())]
-    length = min(len(v["accuracy"]) for v in nodes[0])
-    curve = [
-        [
-            round(nodes[0][0]["accuracy"][i][0], 2),
-            round(statistics.mean(v["accuracy"][i][1] or 0.0 for v in nodes[0]), 4),
-            round(min(v["accuracy"][i][1] or 0.0 for v in nodes[0]), 4),
-            round(statistics.mean(v["bytes_sent"][i][1] for v in nodes[0]) / 1e6, 3),
-        ]
-        for i in range(length)
-    ]
     return {
         "table": path.stem,
         "nodes": n,
@@ -117,20 +110,17 @@ def run_cell(path: Path, n: int, scheme: str, data_seed: int, args: argparse.Nam
         "central_network_steps": round(trained(task, data, None, n * steps, cfg), 4),
         "central_node_steps": round(trained(task, data, None, steps, cfg), 4),
         "alone": [round(trained(task, data, idx, steps, replace(cfg, seed=k)), 4) for k, idx in enumerate(shards)],
-        "curve": curve,  # [seconds, mean accuracy, min accuracy, mean MB sent per node]
+        "curve": compact_curve(res),  # [seconds, mean accuracy, min accuracy, mean MB sent per node]
         "startup_s": res["summary"]["startup_s"],
     }
 
 
 def ci95(values: list[float]) -> str:
     """Mean ± the half-width of a t-interval (95%) over the values, in points."""
-    from scipy import stats
-
     mean = statistics.mean(values)
     if len(values) < 2:
         return f"{100 * mean:+.1f}"
-    half = stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
-    return f"{100 * mean:+.1f} ± {100 * half:.1f}"
+    return f"{100 * mean:+.1f} ± {100 * half_width95(values):.1f}"
 
 
 def table(runs: list[dict], eval_split: str) -> str:
