@@ -5,6 +5,7 @@ way as a node."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import socket
 
@@ -16,6 +17,10 @@ from gossipfl.learning.normalize import fit_standardizers, standardizer_buffers
 from gossipfl.learning.registry import build_checked
 from gossipfl.learning.task import Dataset, Task
 from gossipfl.protocol import wire
+from gossipfl.security.membership import Membership
+from gossipfl.security.secrets import loosely_protected, read_key_file, read_token
+from gossipfl.security.signing import ClusterKey
+from gossipfl.security.tls import TlsFiles, client_context, own_node_id, server_context
 
 PUBLISH_AFTER_INTERVALS = 3
 
@@ -115,3 +120,48 @@ def initial_model_digest(learner: Learner) -> str:
     state, less the input statistics each node fitted to its own shard."""
     local = standardizer_buffers(learner.model)
     return wire.state_digest({k: v for k, v in learner.snapshot().params.items() if k not in local})
+
+
+def node_id(cfg: NodeConfig, port: int) -> str:
+    """``--id``; with mutual TLS, the id the node's certificate names (``--id``, if given, must match it)."""
+    if cfg.tls_cert:
+        certified = own_node_id(cfg.tls_cert)
+        if cfg.id is not None and cfg.id != certified:
+            raise ValueError(f"id {cfg.id!r}: the certificate {cfg.tls_cert} is for {certified!r}")
+        return certified
+    return cfg.id or default_node_id(port)
+
+
+def membership(cfg: NodeConfig, node_id: str) -> tuple[Membership, list[tuple[int, str]]]:
+    """The node's membership from its key, certificate and token files (``SecretError``, naming the file,
+    when one cannot be used), and (log level, line) of what is worth saying once (never a secret)."""
+    notes: list[tuple[int, str]] = []
+    key = None
+    if cfg.secret_file:
+        key = ClusterKey(read_key_file(cfg.secret_file))
+        if loosely_protected(cfg.secret_file):
+            notes.append((logging.WARNING, f"secret-file {cfg.secret_file} can be read by other users: chmod 600 it"))
+    tls = None
+    if cfg.tls_cert and cfg.tls_key and cfg.tls_ca:
+        tls = TlsFiles(cfg.tls_cert, cfg.tls_key, cfg.tls_ca)
+        server_context(tls)  # every file is checked now, at start
+    token = read_token(cfg.read_token, cfg.read_token_file)
+    m = Membership(node_id, key=key, tls=tls, read_token=token, allow=frozenset(cfg.allow_ids) or None)
+    if not m.members_only:
+        notes.append(
+            (
+                logging.INFO,
+                "running open: no --secret-file or mutual TLS, so any process that reaches this "
+                "node can gossip with it (see SECURITY.md)",
+            )
+        )
+    if token is None and m.members_only:
+        notes.append((logging.INFO, "no read token: whoever reaches this node can read its model and status"))
+    return m, notes
+
+
+def tls_contexts(m: Membership) -> tuple[object, object]:
+    """(server, client) SSL contexts of a node with mutual TLS; (None, None) without."""
+    if m.tls is None:
+        return None, None
+    return server_context(m.tls), client_context(m.tls)

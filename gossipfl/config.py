@@ -99,6 +99,22 @@ class NodeConfig:
             "training split, held out on every node before partitioning; for choosing settings)"
         ),
     )
+    secret_file: str | None = field(
+        default=None,
+        metadata=_opt("cluster key file (>= 32 bytes): only nodes holding it can gossip with this one (SECURITY.md)"),
+    )
+    tls_cert: str | None = field(default=None, metadata=_opt("this node's certificate (PEM) for mutual TLS"))
+    tls_key: str | None = field(default=None, metadata=_opt("this node's private key (PEM) for mutual TLS"))
+    tls_ca: str | None = field(default=None, metadata=_opt("the cluster CA certificate (PEM) for mutual TLS"))
+    read_token: str | None = field(
+        default=None,
+        repr=False,
+        metadata=_opt("token (Authorization: Bearer) required to read the model, status, metrics, inference"),
+    )
+    read_token_file: str | None = field(default=None, metadata=_opt("file holding the read token"))
+    allow_ids: tuple[str, ...] = field(
+        default=(), metadata=_opt("only these node ids may gossip with this node, comma-separated (needs a key or TLS)")
+    )
     torch_threads: int = field(default=1, metadata=_opt("torch intra-op threads of a node process"))
     device: str = field(default="auto", metadata=_opt("auto (CUDA when present, else CPU), cpu, cuda or cuda:N"))
     log_format: str = field(default="text", metadata=_opt("text or json"))
@@ -178,6 +194,14 @@ def validate(c: NodeConfig) -> None:
             raise ConfigError(f"{name.replace('_', '-')} must be >= 1")
     if not _DEVICE_RE.match(c.device):
         raise ConfigError(f"device {c.device!r}: expected auto, cpu, cuda or cuda:N")
+    tls = (c.tls_cert, c.tls_key, c.tls_ca)
+    if any(tls) and not all(tls):
+        raise ConfigError("mutual TLS needs all three of --tls-cert, --tls-key and --tls-ca")
+    if c.allow_ids and not (c.secret_file or c.tls_cert):
+        raise ConfigError("allow-ids needs --secret-file or mutual TLS: without them a node id proves nothing")
+    for i in c.allow_ids:
+        if not _ID_RE.match(i):
+            raise ConfigError(f"allow-ids {i!r}: 1-63 characters from letters, digits, '.', '_', '-'")
     if c.log_format not in ("text", "json"):
         raise ConfigError(f"log-format {c.log_format!r}: expected text or json")
     if c.log_level not in ("debug", "info", "warning", "error"):

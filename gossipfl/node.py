@@ -101,9 +101,16 @@ class Node:
         except OSError as e:
             raise StartError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}") from None
         self.port = sock.getsockname()[1]
-        self.id = cfg.id or assembly.default_node_id(self.port)
+        try:
+            self.id = assembly.node_id(cfg, self.port)
+            self.membership, notes = assembly.membership(cfg, self.id)
+            server_ssl, client_ssl = assembly.tls_contexts(self.membership)
+        except ValueError as e:  # SecretError: a key, token or certificate file that cannot be used
+            sock.close()
+            raise StartError(str(e)) from None
         self.log = node_logger(self.id)
-        self.url = f"http://{'127.0.0.1' if cfg.host in ('0.0.0.0', '') else cfg.host}:{self.port}"
+        host = "127.0.0.1" if cfg.host in ("0.0.0.0", "") else cfg.host
+        self.url = f"{self.membership.scheme}://{host}:{self.port}"
         self.peers = PeerTable(self.id)
         self.supervisor = Supervisor(self.log, on_fatal=self._on_fatal)
         self.gossiper = Gossiper(
@@ -117,19 +124,25 @@ class Node:
             rng=random.Random(f"{cfg.seed}/gossip/{self.id}"),
             log=self.log,
             port=self.port,
+            membership=self.membership,
         )
         self.gossiper.on_error = lambda e: self.supervisor.error("gossip", e, in_a_round=False)
         split = f"{cfg.data_seed}/{n}/{cfg.partition_scheme}" + (
             "/validation" if cfg.eval_split == "validation" else ""
         )
-        self.identity = Identity(self.task.name, self.gossiper.model_digest, cfg.cluster, cfg.merge, split, initial)
+        self.identity = Identity(
+            self.task.name, self.gossiper.model_digest, cfg.cluster, cfg.merge, split, initial, self.membership.scheme
+        )
         self.metrics = NodeMetrics(self._readings, node_id=self.id, task=self.task.name)
         self.gossiper.on_exchange = self.metrics.exchange
 
-        self._runner = NodeRunner(build_app(self))
+        self._runner = NodeRunner(build_app(self, self.membership))
         await self._runner.setup()
-        await web.SockSite(self._runner, sock).start()
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10, sock_connect=2))
+        await web.SockSite(self._runner, sock, ssl_context=server_ssl).start()
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=10, sock_connect=2),
+            connector=aiohttp.TCPConnector(ssl=client_ssl) if client_ssl is not None else None,
+        )
 
         self.discovery = Discovery(
             assembly.discovery_settings(cfg),
@@ -140,6 +153,7 @@ class Node:
             session_factory=lambda: self._session,
             log=self.log,
             zeroconf=self._zeroconf,
+            membership=self.membership,
         )
         try:
             rounds = await self.discovery.start()
@@ -163,6 +177,8 @@ class Node:
             len(local),
             ",".join(cfg.discovery),
         )
+        for level, note in notes:  # once started: a start that fails says one line, its reason
+            self.log.log(level, "%s", note)
 
     def _loop(self, name: str, interval: Any, work: Any, *, first_wait: bool = False) -> None:
         """A supervised background loop (see common/supervise.py)."""
@@ -295,6 +311,7 @@ class Node:
             "model": self.gossiper.model_digest,
             "peers": self.peers.describe(),
             "ignored_peers": self.peers.ignored(),
+            "security": self.membership.describe(),
             "metrics": {
                 "accuracy": ev.accuracy if ev else None,
                 "loss": ev.loss if ev else None,

@@ -43,7 +43,7 @@ async def test_status_has_the_documented_fields(node, http):
     assert set(s) == {
         "id", "protocol", "task", "cluster", "url", "age", "steps", "merges", "partition", "partition_from",
         "partition_scheme", "split", "eval_split", "init_model", "samples", "class_histogram", "training",
-        "failure", "device", "served", "merge", "uptime_s", "model", "peers", "ignored_peers", "metrics",
+        "failure", "device", "served", "merge", "uptime_s", "model", "peers", "ignored_peers", "security", "metrics",
         "exchanges", "loops",
     }  # fmt: skip
     assert s["id"] == node.id and s["task"] == "digits" and s["age"] == 0 and s["steps"] == 0
@@ -52,7 +52,8 @@ async def test_status_has_the_documented_fields(node, http):
     assert s["peers"] == [] and s["ignored_peers"] == []
     assert set(s["metrics"]) == {"accuracy", "loss", "train_loss"}
     assert set(s["exchanges"]) == {
-        "ok", "failed", "busy", "aborted", "in_doubt", "late", "served", "declined", "rejected", "bytes_sent",
+        "ok", "failed", "busy", "aborted", "in_doubt", "late", "served", "declined", "rejected", "unauthorized",
+        "bytes_sent",
         "bytes_received", "mean_duration_s", "pace_s", "in_flight", "prepared", "doubtful",
     }  # fmt: skip
     assert set(s["loops"]) == {"gossip", "eval", "pex"}  # no train loop with --no-train

@@ -1,10 +1,9 @@
 """HTTP body reading shared by the routes, the exchange and discovery: size-limited, deadline-bound
-reads, and a JSON GET from a peer."""
+reads, and the timeout of a read from a peer."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 
 import aiohttp
 from aiohttp import web
@@ -45,22 +44,3 @@ async def read_limited(
 
 
 PEER_READ_TIMEOUT = aiohttp.ClientTimeout(total=5.0, sock_connect=2.0)
-
-
-async def get_json(
-    session: aiohttp.ClientSession, url: str, limit: int, timeout: aiohttp.ClientTimeout = PEER_READ_TIMEOUT
-) -> object:
-    """GET ``url`` from a peer and parse its JSON body, read whole up to ``limit`` bytes; no redirects.
-    Raises aiohttp.ClientError, TimeoutError, TooLarge, or ValueError (not 200, not JSON, nested too
-    deeply to parse, a body cut short)."""
-    async with session.get(url, allow_redirects=False, timeout=timeout) as resp:
-        if resp.status != 200:
-            raise ValueError(f"HTTP {resp.status}")
-        try:
-            body = await read_limited(resp.content, resp.content_length, limit)
-        except BodyError as e:
-            raise ValueError(str(e)) from None
-    try:
-        return json.loads(body)
-    except RecursionError:
-        raise ValueError("JSON nested too deeply") from None

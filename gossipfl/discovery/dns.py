@@ -70,7 +70,7 @@ class DnsDiscovery:
         if self._failing:
             self.log.info("dns-name %s resolves again", self.name)
             self._failing = False
-        urls = {f"http://{a}:{self.port}" for a in addrs}
+        urls = {f"{self.prober.membership.scheme}://{a}:{self.port}" for a in addrs}
         for peer in self.peers.all():
             if peer.source == SOURCE and peer.url not in urls:
                 self.peers.remove(peer.id)

@@ -20,9 +20,10 @@ class Identity:
     merge: str | None = None  # merge rule
     split: str | None = None  # "DATA_SEED/N/SCHEME": how the training data is cut into shards
     init: str | None = None  # digest of the initial model (training nodes only)
+    scheme: str = "http"  # https with mutual TLS: nodes of the other scheme cannot reach each other
 
     def txt(self) -> dict[str, str]:
-        out = {"proto": PROTO, "task": self.task, "model": self.model, "cluster": self.cluster}
+        out = {"proto": PROTO, "task": self.task, "model": self.model, "cluster": self.cluster, "scheme": self.scheme}
         out.update({k: v for k, v in (("merge", self.merge), ("split", self.split), ("init", self.init)) if v})
         return out
 
@@ -34,6 +35,7 @@ class Identity:
         cluster: str | None,
         merge: str | None = None,
         split: str | None = None,
+        scheme: str | None = None,
     ) -> str:
         """Why a node with these values cannot be gossiped with ("" if it can). A value the peer does not
         state is not held against it: the message check still rejects a model of another shape or rule."""
@@ -49,6 +51,8 @@ class Identity:
             return f"merge rule {merge!r}, ours {self.merge!r}"
         if split and self.split and split != self.split:
             return f"data split {split} (data-seed/shards/scheme), ours {self.split}"
+        if (scheme or "http") != self.scheme:  # nodes that do not say serve http
+            return f"scheme {scheme or 'http'}, ours {self.scheme} (mutual TLS on one side only)"
         return ""
 
     def caveat(self, init: str | None) -> str:
@@ -63,5 +67,5 @@ class Identity:
 
     def mismatch_of(self, found: dict[str, str | None]) -> str:
         """``mismatch`` for a peer described by ``describe_service`` or its ``/v1/status``."""
-        keys = ("proto", "task", "model", "cluster", "merge", "split")
+        keys = ("proto", "task", "model", "cluster", "merge", "split", "scheme")
         return self.mismatch(*(found.get(k) for k in keys))

@@ -58,7 +58,7 @@ def describe_service(info: AsyncServiceInfo) -> dict[str, str | None]:
     addrs = info.parsed_addresses(IPVersion.V4Only)
     return {
         "id": _txt(props, "id") or info.name.removesuffix("." + SERVICE_TYPE),
-        "url": f"http://{addrs[0]}:{info.port}" if addrs and info.port else None,
+        "url": f"{_scheme(props)}://{addrs[0]}:{info.port}" if addrs and info.port else None,
         "task": _txt(props, "task"),
         "proto": _txt(props, "proto"),
         "model": _txt(props, "model"),
@@ -66,7 +66,13 @@ def describe_service(info: AsyncServiceInfo) -> dict[str, str | None]:
         "merge": _txt(props, "merge"),
         "split": _txt(props, "split"),
         "init": _txt(props, "init"),
+        "scheme": _scheme(props),
     }
+
+
+def _scheme(properties: dict[bytes, bytes | None]) -> str:
+    """The scheme a node serves, from its TXT record (http unless it says https)."""
+    return "https" if _txt(properties, "scheme") == "https" else "http"
 
 
 def _txt(properties: dict[bytes, bytes | None], key: str) -> str | None:

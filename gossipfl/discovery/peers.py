@@ -50,6 +50,7 @@ class PeerTable:
         self.clock = clock
         self._peers: dict[str, Peer] = {}
         self._ignored: dict[str, dict[str, str]] = {}  # seen but not gossiped with, and why
+        self._shunned: dict[str, float] = {}  # failed authentication: not re-added before this clock time
 
     def __len__(self) -> int:
         return len(self._peers)
@@ -62,7 +63,7 @@ class PeerTable:
 
     def upsert(self, peer_id: str, url: str, task: str | None, source: str) -> bool:
         """Add or refresh a peer; return True when it is new (or its address changed). Ignores self."""
-        if peer_id == self.self_id:
+        if peer_id == self.self_id or self.shunned(peer_id):
             return False
         self._ignored.pop(peer_id, None)
         old = self._peers.get(peer_id)
@@ -78,16 +79,29 @@ class PeerTable:
         self._peers[peer_id] = Peer(peer_id, url, task, source)
         return True
 
-    def ignore(self, peer_id: str, url: str | None, reason: str) -> bool:
-        """Record a node that cannot be gossiped with (other task, protocol or model shape); True if new."""
+    def ignore(self, peer_id: str, url: str | None, reason: str, for_s: float | None = None) -> bool:
+        """Record a node that cannot be gossiped with (other task, protocol or model shape; or, for ``for_s``
+        seconds, during which discovery cannot add it back, a failed authentication); True if new."""
         if peer_id == self.self_id:
             return False
         self._peers.pop(peer_id, None)
+        if for_s is not None:
+            self._shunned[peer_id] = self.clock() + for_s
+            while len(self._shunned) > MAX_IGNORED:
+                del self._shunned[next(iter(self._shunned))]
         if len(self._ignored) >= MAX_IGNORED and peer_id not in self._ignored:
             self._ignored.pop(next(iter(self._ignored)))  # the oldest entry
         new = self._ignored.get(peer_id, {}).get("reason") != reason
         self._ignored[peer_id] = {"id": peer_id, "url": url or "", "reason": reason}
         return new
+
+    def shunned(self, peer_id: str) -> bool:
+        """Whether ``peer_id`` failed authentication recently (see ``ignore``)."""
+        until = self._shunned.get(peer_id)
+        if until is not None and until <= self.clock():
+            del self._shunned[peer_id]
+            return False
+        return until is not None
 
     def ignored(self) -> list[dict[str, str]]:
         return [self._ignored[k] for k in sorted(self._ignored)]

@@ -11,9 +11,11 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from gossipfl.common.httpio import TooLarge, get_json
+from gossipfl.common.httpio import PEER_READ_TIMEOUT, TooLarge
 from gossipfl.discovery.peers import LEARNED, PeerTable
 from gossipfl.discovery.probing import Prober
+from gossipfl.security.http import get_json
+from gossipfl.security.signing import Unauthorized
 
 SOURCE = "pex"
 MAX_LIST_BYTES = 1 << 20
@@ -47,7 +49,7 @@ class PeerExchange:
         partner = self.peers.choose(self.rng)
         if partner is None or len(self.peers) >= MAX_PEERS:
             return
-        entries = await self._fetch(partner.url)
+        entries = await self._fetch(partner.url, partner.id)
         ignored = {p["id"] for p in self.peers.ignored()}
         fresh = [
             e["url"]
@@ -57,25 +59,31 @@ class PeerExchange:
         for url in fresh[: self.max_new]:
             await self.prober.probe(url, SOURCE)
 
-    async def _fetch(self, url: str) -> list[dict[str, str]]:
-        """The partner's peer list, keeping only well-formed http entries; [] when it cannot be read."""
+    async def _fetch(self, url: str, partner: str) -> list[dict[str, str]]:
+        """The partner's peer list (a signed read, answered by that member), keeping only well-formed entries
+        of this node's scheme; [] when it cannot be read."""
         try:
-            doc = await get_json(self.session_factory(), url + "/v1/peers", MAX_LIST_BYTES)
-        except (TimeoutError, aiohttp.ClientError, TooLarge, ValueError) as e:
+            doc, who = await get_json(
+                self.session_factory(), self.prober.membership, url + "/v1/peers", MAX_LIST_BYTES, PEER_READ_TIMEOUT
+            )
+            if who is not None and who != partner:
+                raise Unauthorized(f"answered by {who!r}")
+        except (TimeoutError, aiohttp.ClientError, TooLarge, ValueError, Unauthorized) as e:
             self.log.debug("peer list of %s unreadable: %s", url, str(e) or type(e).__name__)
             return []
         rows = doc.get("peers") if isinstance(doc, dict) else None
         if not isinstance(rows, list):
             return []
-        out = []
+        out, scheme = [], self.prober.membership.scheme
         for r in rows[:MAX_PEERS]:
-            if isinstance(r, dict) and isinstance(r.get("id"), str) and (base := _base_url(r.get("url"))):
+            if isinstance(r, dict) and isinstance(r.get("id"), str) and (base := _base_url(r.get("url"), scheme)):
                 out.append({"id": r["id"], "url": base})
         return out
 
 
-def _base_url(url: object) -> str | None:
-    """``http://host:port`` of a listed peer, or None for anything else (paths, credentials, queries)."""
+def _base_url(url: object, scheme: str = "http") -> str | None:
+    """``SCHEME://host:port`` of a listed peer, or None for anything else (another scheme, paths, credentials,
+    queries)."""
     if not isinstance(url, str):
         return None
     try:
@@ -83,7 +91,7 @@ def _base_url(url: object) -> str | None:
         port = u.port
     except ValueError:
         return None
-    if u.scheme != "http" or not u.hostname or port is None or u.username or u.path.strip("/") or u.query:
+    if u.scheme != scheme or not u.hostname or port is None or u.username or u.path.strip("/") or u.query:
         return None
     host = f"[{u.hostname}]" if ":" in u.hostname else u.hostname
-    return f"http://{host}:{port}"
+    return f"{scheme}://{host}:{port}"

@@ -5,14 +5,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from urllib.parse import urlsplit
 
 import aiohttp
 
-from gossipfl.common.httpio import TooLarge, get_json
+from gossipfl.common.httpio import PEER_READ_TIMEOUT, TooLarge
 from gossipfl.discovery.identity import Identity
 from gossipfl.discovery.peers import PeerTable
+from gossipfl.security.http import get_json
+from gossipfl.security.membership import Membership
+from gossipfl.security.signing import Unauthorized
 
 MAX_STATUS_BYTES = 256 * 1024
+AUTH_IGNORE_S = 60.0  # an address whose node failed authentication is not probed again for this long
 
 
 class Prober:
@@ -23,8 +28,10 @@ class Prober:
         peers: PeerTable,
         session_factory: Callable[[], aiohttp.ClientSession],
         log: logging.LoggerAdapter,
+        membership: Membership | None = None,
     ) -> None:
         self.identity = identity
+        self.membership = membership or Membership(peers.self_id)
         self.peers = peers
         self.session_factory = session_factory
         self.log = log
@@ -33,10 +40,17 @@ class Prober:
     async def probe(self, url: str, source: str) -> str:
         """Ask ``url`` who it is and add it to the peer table as learned from ``source``. Returns "added",
         "known" (already in the table at this URL), "self", "ignored" (another task, model shape or
-        cluster: listed under ignored peers with the reason) or "unreachable"."""
+        cluster; or it failed authentication: listed under ignored peers with the reason) or "unreachable".
+        The read is signed, and its answer accepted only from a member (see security/http.py)."""
+        if self.peers.shunned(url):
+            return "ignored"
         try:
-            status = await get_json(self.session_factory(), url + "/v1/status", MAX_STATUS_BYTES)
-            peer_id, task = str(status["id"]), str(status["task"])
+            status, who = await get_json(
+                self.session_factory(), self.membership, url + "/v1/status", MAX_STATUS_BYTES, PEER_READ_TIMEOUT
+            )
+            peer_id, task = str(status["id"]), str(status["task"])  # type: ignore[index]
+            if who is not None and who != peer_id:
+                raise Unauthorized(f"status says {peer_id!r} but the node authenticated as {who!r}")
             found = {k: _text(status.get(k)) for k in ("model", "split")}
             found.update(
                 task=task,
@@ -44,7 +58,12 @@ class Prober:
                 cluster=str(status.get("cluster", "default")),
                 merge=_text((status.get("merge") or {}).get("rule")),
                 init=_text(status.get("init_model")),
+                scheme=urlsplit(url).scheme,  # it answered on this scheme
             )
+        except Unauthorized as e:
+            if self.peers.ignore(url, url, f"authentication: {e}", for_s=AUTH_IGNORE_S):
+                self.log.warning("ignoring %s peer %s for %.0f s: authentication: %s", source, url, AUTH_IGNORE_S, e)
+            return "ignored"
         except (TimeoutError, aiohttp.ClientError, TooLarge, ValueError, KeyError, TypeError, AttributeError) as e:
             self.last_error = str(e) or type(e).__name__
             self.log.debug("%s peer %s not reachable: %s", source, url, self.last_error)

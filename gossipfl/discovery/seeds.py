@@ -25,7 +25,8 @@ class SeedDiscovery:
     of another task or cluster is listed under ignored peers with the reason."""
 
     def __init__(self, seeds: Iterable[str], *, prober: Prober, log: logging.LoggerAdapter) -> None:
-        self.urls = [f"http://{h}:{p}" for h, p in map(parse_hostport, seeds)]
+        scheme = prober.membership.scheme
+        self.urls = [f"{scheme}://{h}:{p}" for h, p in map(parse_hostport, seeds)]
         self.pending = list(self.urls)
         self.prober = prober
         self.log = log

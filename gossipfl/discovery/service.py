@@ -21,6 +21,7 @@ from gossipfl.discovery.peers import PeerTable
 from gossipfl.discovery.pex import PeerExchange
 from gossipfl.discovery.probing import Prober
 from gossipfl.discovery.seeds import SeedDiscovery
+from gossipfl.security.membership import Membership
 
 SEED_RETRY_S = 5.0
 MAX_INBOUND_PROBES = 16  # unknown callers being identified at once; more wait for their next call
@@ -63,6 +64,7 @@ class Discovery:
         session_factory: Callable[[], aiohttp.ClientSession | None],
         log: logging.LoggerAdapter,
         zeroconf: AsyncZeroconf | None = None,
+        membership: Membership | None = None,
     ) -> None:
         self.settings = settings
         self.node_id = node_id
@@ -77,7 +79,9 @@ class Discovery:
         self._closed = False
         self._probing: set[str] = set()  # addresses of inbound peers being identified
         self._tasks: set[asyncio.Task] = set()
-        self.prober = Prober(identity=identity, peers=peers, session_factory=session_factory, log=log)
+        self.prober = Prober(
+            identity=identity, peers=peers, session_factory=session_factory, log=log, membership=membership
+        )
 
     @property
     def tasks(self) -> list[asyncio.Task]:

@@ -16,6 +16,7 @@ from gossipfl.protocol.ledger import DoubtBook
 from gossipfl.protocol.ports import ModelStore, PeerBook, Snapshot
 from gossipfl.protocol.stats import ExchangeStats
 from gossipfl.protocol.transport import timeout_for
+from gossipfl.security.membership import Membership
 
 FREEZE_S = 3.0  # after an exchange went in doubt, this node merges nothing else for this long
 
@@ -33,8 +34,11 @@ class GossipCore:
         log: logging.LoggerAdapter,
         port: int | None = None,
         clock: Callable[[], float] = time.monotonic,
+        membership: Membership | None = None,
     ) -> None:
         self.node_id = node_id
+        # who may exchange with this node, and how it proves its own membership (open when None)
+        self.membership = membership or Membership(node_id)
         self.task = task
         self.learner = learner
         self.rule_name = rule

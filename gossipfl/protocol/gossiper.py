@@ -29,7 +29,7 @@ from gossipfl.protocol.core import FREEZE_S, GossipCore
 from gossipfl.protocol.initiator import JITTER, MAX_OUTBOUND, Initiator
 from gossipfl.protocol.responder import PREPARED_MEMORY, Busy, Conflict, Responder, Unavailable
 from gossipfl.protocol.stats import ExchangeStats
-from gossipfl.protocol.transport import ExchangeError, PeerBusy, error_text, timeout_for
+from gossipfl.protocol.transport import ExchangeError, PeerBusy, timeout_for
 
 __all__ = [
     "FREEZE_S",
@@ -44,7 +44,6 @@ __all__ = [
     "Gossiper",
     "PeerBusy",
     "Unavailable",
-    "error_text",
     "timeout_for",
 ]
 

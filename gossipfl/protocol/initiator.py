@@ -25,6 +25,7 @@ from gossipfl.protocol.transport import (
     post_decision,
     post_prepare,
 )
+from gossipfl.security.signing import Unauthorized
 
 JITTER = 0.2
 MAX_OUTBOUND = 2  # exchanges this node has started and not finished
@@ -33,6 +34,7 @@ PACE_PEERS = 20  # the peers this node exchanged with most recently set the pace
 PACE_HORIZON_S = 60.0  # ...if that exchange ended less than this long ago (a peer that left stops counting)
 MIN_WAKE_S = 0.02  # the gossip loop never wakes more often than this
 DOUBT_POLL_S = 0.25  # while a doubt is being asked about, look again this often for the next one due
+AUTH_IGNORE_S = 60.0  # a peer that failed authentication is not tried again (nor re-added) for this long
 
 
 def pace(interval: float, latest: Iterable[float], share: float = LINK_SHARE) -> float:
@@ -133,7 +135,8 @@ class Initiator(GossipCore):
         self.log.warning("exchange %s with %s: %s; assuming it aborted", entry.xid, entry.peer_id, why)
 
     async def exchange(self, session: aiohttp.ClientSession, peer: PeerRef) -> str:
-        """One exchange with ``peer``; returns "ok", "busy", "aborted", "failed" or "in_doubt"."""
+        """One exchange with ``peer``; returns "ok", "busy", "aborted", "failed", "unauthorized" (the peer
+        refused this node's credentials or could not prove its own: it is ignored for a while) or "in_doubt"."""
         start = time.perf_counter()
         result = await self._exchange(session, peer)
         duration = time.perf_counter() - start
@@ -150,6 +153,8 @@ class Initiator(GossipCore):
         elif result == "busy":
             self.stats.busy += 1
             self.peers.mark_busy(peer.id)
+        elif result == "unauthorized":
+            self.stats.unauthorized += 1
         elif result == "aborted":
             self.stats.aborted += 1
             self.peers.mark_ok(peer.id)  # it answered: an abort says nothing against it
@@ -171,7 +176,14 @@ class Initiator(GossipCore):
             return "failed"
         try:
             raw = await post_prepare(
-                session, peer.url, body, timeout=self.timeout, max_body=self.max_body, stats=self.stats
+                session,
+                self.membership,
+                peer.url,
+                peer.id,
+                body,
+                timeout=self.timeout,
+                max_body=self.max_body,
+                stats=self.stats,
             )
             reply = self._decode(raw)
             if reply.xid != xid or reply.sender != peer.id:
@@ -179,6 +191,12 @@ class Initiator(GossipCore):
         except PeerBusy as e:
             self.log.debug("exchange with %s: busy (%s)", peer.id, e)
             return "busy"
+        except Unauthorized as e:  # not a member, or not the member expected: nothing of its reply is used
+            if self.peers.ignore(peer.id, peer.url, f"authentication: {e}", for_s=AUTH_IGNORE_S):
+                self.log.warning(
+                    "ignoring peer %s at %s for %.0f s: authentication: %s", peer.id, peer.url, AUTH_IGNORE_S, e
+                )
+            return "unauthorized"
         except (aiohttp.ClientError, TimeoutError, ExchangeError, TooLarge, BodyError, wire.WireError) as e:
             self.log.info("exchange with %s failed: %s", peer.id, str(e) or type(e).__name__)
             self._abort_later(session, peer, xid)
@@ -190,8 +208,10 @@ class Initiator(GossipCore):
         self._merging = True  # set before any await: no other merge starts until this one is settled
         try:
             try:
-                outcome = await post_decision(session, peer.url, xid, "commit", timeout=self.decide_timeout)
-            except ExchangeError as e:  # the commit may have been taken: only the peer knows
+                outcome = await post_decision(
+                    session, self.membership, peer.url, peer.id, xid, "commit", timeout=self.decide_timeout
+                )
+            except (ExchangeError, Unauthorized) as e:  # the commit may have been taken: only the peer knows
                 now = self.clock()
                 for gone in self.doubts.add(InDoubt(xid, peer.id, peer.url, sent, merged, now), now):
                     self._gave_up(gone, "too many exchanges in doubt")
@@ -210,8 +230,10 @@ class Initiator(GossipCore):
 
         async def abort() -> None:
             try:
-                await post_decision(session, peer.url, xid, "abort", timeout=self.decide_timeout)
-            except ExchangeError:
+                await post_decision(
+                    session, self.membership, peer.url, peer.id, xid, "abort", timeout=self.decide_timeout
+                )
+            except (ExchangeError, Unauthorized):
                 pass
 
         if not self._closed:
@@ -220,8 +242,10 @@ class Initiator(GossipCore):
     async def _resolve(self, session: aiohttp.ClientSession, entry: InDoubt[Snapshot, merge.Merged]) -> None:
         """Ask again about an exchange in doubt; apply its merge if the peer committed it."""
         try:
-            outcome = await post_decision(session, entry.url, entry.xid, "commit", timeout=self.decide_timeout)
-        except ExchangeError:
+            outcome = await post_decision(
+                session, self.membership, entry.url, entry.peer_id, entry.xid, "commit", timeout=self.decide_timeout
+            )
+        except (ExchangeError, Unauthorized):
             self.doubts.retry_later(entry.xid, self.clock())
             return
         if self.doubts.resolve(entry.xid) is None:

@@ -25,6 +25,10 @@ class Conflict(Exception):
     """The exchange id was already decided: HTTP 409."""
 
 
+class Impersonation(Exception):
+    """The message names another sender than the member who authenticated the request: HTTP 401."""
+
+
 class Unavailable(Exception):
     """This node's own model cannot be sent (not finite): HTTP 503, the node's fault, not the peer's."""
 
@@ -58,15 +62,19 @@ class Responder(GossipCore):
     def release(self) -> None:
         self._receiving -= 1
 
-    async def prepare(self, body: bytes, remote: str | None = None) -> bytes:
-        """Phase 1 of an exchange started by a peer (from address ``remote``): reply with this node's state,
-        keep the merge for the decision. Raises wire.WireError (400), Conflict or Busy (409), Unavailable
-        (503); the model is never changed here."""
+    async def prepare(self, body: bytes, remote: str | None = None, member: str | None = None) -> bytes:
+        """Phase 1 of an exchange started by a peer (from address ``remote``; ``member``: the node id the
+        request authenticated as, None on an open node): reply with this node's state, keep the merge for the
+        decision. Raises wire.WireError (400), Impersonation (401), Conflict or Busy (409), Unavailable (503);
+        the model is never changed here."""
         try:
             msg = self._decode(body)
         except wire.WireError:
             self.stats.rejected += 1
             raise
+        if member is not None and msg.sender != member:
+            self.stats.rejected += 1
+            raise Impersonation(f"message from {msg.sender!r} sent by member {member!r}")
         xid = msg.xid
         assert xid is not None
         if (outcome := self.ledger.outcome(xid)) is not None:
@@ -89,7 +97,7 @@ class Responder(GossipCore):
         self.stats.bytes_sent += len(reply)
         if remote and msg.port and self.on_inbound is not None:
             host = f"[{remote}]" if ":" in remote else remote
-            url, known = f"http://{host}:{msg.port}", self.peers.get(msg.sender)
+            url, known = f"{self.membership.scheme}://{host}:{msg.port}", self.peers.get(msg.sender)
             if known is None or known.url != url:  # a new peer, or one that came back at a new address
                 self.on_inbound(msg.sender, url)
         return reply

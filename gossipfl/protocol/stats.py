@@ -17,6 +17,7 @@ class ExchangeStats:
     served: int = 0  # exchanges started by peers that this node committed
     declined: int = 0  # prepared exchanges this node aborted (expired, overlapping, unknown)
     rejected: int = 0  # incoming messages refused as invalid (4xx)
+    unauthorized: int = 0  # started exchanges whose peer refused this node's credentials or could not prove its own
     bytes_sent: int = 0
     bytes_received: int = 0
     durations: deque[float] = field(default_factory=lambda: deque(maxlen=100), repr=False)

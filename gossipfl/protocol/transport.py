@@ -4,20 +4,21 @@ bytes."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import aiohttp
 
-from gossipfl.common.httpio import BodyError, TooLarge, read_limited
+from gossipfl.common.httpio import BodyError, TooLarge
 from gossipfl.protocol import wire
 from gossipfl.protocol.ledger import ABORTED, COMMITTED
 from gossipfl.protocol.stats import ExchangeStats
+from gossipfl.security.http import call, error_text
+from gossipfl.security.membership import Membership
+from gossipfl.security.signing import Unauthorized
 
 CONNECT_TIMEOUT_S = 2.0
 BASE_TIMEOUT_S = 2.0  # a prepare of a small model: connect, send, the peer's snapshot, the reply
 MIN_THROUGHPUT = 8e6  # bytes/s assumed of the slowest link, for the size-dependent part of timeouts
-ERROR_TEXT_LIMIT = 512
 
 
 def timeout_for(nbytes: int) -> float:
@@ -33,69 +34,74 @@ class PeerBusy(ExchangeError):
     """The peer answered 409."""
 
 
-async def error_text(resp: aiohttp.ClientResponse) -> str:
-    """A short, printable account of an error reply, whatever its bytes (never raises on bad encoding)."""
-    try:
-        raw = await asyncio.wait_for(resp.content.read(ERROR_TEXT_LIMIT), BASE_TIMEOUT_S)
-    except (aiohttp.ClientError, TimeoutError):
-        return ""
-    text = raw.decode("utf-8", "replace")
-    try:
-        doc = json.loads(text)
-        if isinstance(doc, dict) and isinstance(doc.get("error"), str):
-            text = doc["error"]
-    except ValueError:
-        pass
-    return "".join(c if c.isprintable() else "?" for c in text[:200])
-
-
 async def post_prepare(
     session: aiohttp.ClientSession,
+    membership: Membership,
     url: str,
+    peer_id: str,
     body: bytes,
     *,
     timeout: aiohttp.ClientTimeout,
     max_body: int,
     stats: ExchangeStats,
 ) -> bytes:
-    """POST the prepare to the peer at ``url``; the peer's reply. Retried once, with the same xid, if the
-    connection broke before the reply came whole (the peer answers a retried prepare with the same reply).
-    Raises PeerBusy (409), ExchangeError (another status), aiohttp errors, TimeoutError, TooLarge,
-    BodyError."""
+    """POST the prepare to the peer ``peer_id`` at ``url``; its reply, signed by that member when the cluster
+    has a key (see security/http.py). Retried once, with the same xid, if the connection broke before the
+    reply came whole (the peer answers a retried prepare with the same reply). Raises PeerBusy (409),
+    ExchangeError (another status), Unauthorized, aiohttp errors, TimeoutError, TooLarge, BodyError."""
     for attempt in (0, 1):
         try:
-            async with session.post(
+            reply = await call(
+                session,
+                membership,
+                "POST",
                 url + "/v1/gossip",
-                data=body,
+                body=body,
+                limit=max_body,
                 timeout=timeout,
+                expect=peer_id,
                 headers={"Content-Type": wire.CONTENT_TYPE},
-                allow_redirects=False,
-            ) as resp:
-                stats.bytes_sent += len(body)
-                if resp.status == 409:
-                    raise PeerBusy(await error_text(resp))
-                if resp.status != 200:
-                    raise ExchangeError(f"HTTP {resp.status}: {await error_text(resp)}")
-                raw = await read_limited(resp.content, resp.content_length, max_body)
-                stats.bytes_received += len(raw)
-                return raw
+            )
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, BodyError):
             if attempt:  # once: a pooled connection the peer had closed, or a reply cut short
                 raise
+            continue
+        stats.bytes_sent += len(body)
+        if reply.status == 409:
+            raise PeerBusy(error_text(reply.body))
+        if reply.status != 200:
+            raise ExchangeError(f"HTTP {reply.status}: {error_text(reply.body)}")
+        stats.bytes_received += len(reply.body)
+        return reply.body
     raise AssertionError("unreachable")
 
 
 async def post_decision(
-    session: aiohttp.ClientSession, url: str, xid: str, decision: str, *, timeout: aiohttp.ClientTimeout
+    session: aiohttp.ClientSession,
+    membership: Membership,
+    url: str,
+    peer_id: str,
+    xid: str,
+    decision: str,
+    *,
+    timeout: aiohttp.ClientTimeout,
 ) -> str:
-    """POST commit or abort; the responder's outcome. Raises ExchangeError, whatever went wrong, when
-    there is no clear answer."""
+    """POST commit or abort; the responder's outcome. Raises Unauthorized when the answer does not come
+    from that member, ExchangeError, whatever else went wrong, when there is no clear answer."""
     try:
-        async with session.post(f"{url}/v1/gossip/{xid}/{decision}", timeout=timeout, allow_redirects=False) as resp:
-            if resp.status != 200:
-                raise ExchangeError(f"HTTP {resp.status}: {await error_text(resp)}")
-            doc = json.loads(await read_limited(resp.content, resp.content_length, 4096))
-    except ExchangeError:
+        reply = await call(
+            session,
+            membership,
+            "POST",
+            f"{url}/v1/gossip/{xid}/{decision}",
+            limit=4096,
+            timeout=timeout,
+            expect=peer_id,
+        )
+        if reply.status != 200:
+            raise ExchangeError(f"HTTP {reply.status}: {error_text(reply.body)}")
+        doc = json.loads(reply.body)
+    except (ExchangeError, Unauthorized):
         raise
     except (aiohttp.ClientError, TimeoutError, BodyError, TooLarge, ValueError, RecursionError) as e:
         raise ExchangeError(str(e) or type(e).__name__) from None

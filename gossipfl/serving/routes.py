@@ -7,9 +7,11 @@ from aiohttp import web
 from gossipfl.common.httpio import BodyError, TooLarge, read_limited
 from gossipfl.protocol import wire
 from gossipfl.protocol.ledger import ABORTED
-from gossipfl.protocol.responder import Busy, Conflict, Unavailable
+from gossipfl.protocol.responder import Busy, Conflict, Impersonation, Unavailable
 from gossipfl.protocol.transport import timeout_for
-from gossipfl.serving import inference, modelfile, openapi
+from gossipfl.security.membership import Membership
+from gossipfl.security.signing import Unauthorized
+from gossipfl.serving import auth, inference, modelfile, openapi
 from gossipfl.serving.errors import closing, error, json_errors
 from gossipfl.serving.ports import NODE_KEY, NodeView
 
@@ -70,7 +72,13 @@ async def post_gossip(request: web.Request) -> web.Response:
         except BodyError as e:
             return closing(error(408 if "within" in str(e) else 400, str(e)))
         try:
-            reply = await gossiper.prepare(body, remote=request.remote)
+            member = auth.authenticate(request, body)
+        except Unauthorized as e:
+            return auth.refuse(request, "member", str(e))
+        try:
+            reply = await gossiper.prepare(body, remote=request.remote, member=member)
+        except Impersonation as e:
+            return auth.refuse(request, "member", str(e))
         except (Busy, Conflict) as e:
             return error(409, str(e))
         except wire.WireError as e:
@@ -95,8 +103,10 @@ async def post_decision(request: web.Request) -> web.Response:
     return web.json_response(doc)
 
 
-def build_app(node: NodeView) -> web.Application:
+def build_app(node: NodeView, membership: Membership | None = None) -> web.Application:
+    """The node's routes, behind ``membership`` (open when None, see serving/auth.py)."""
     app = web.Application(middlewares=[json_errors], client_max_size=node.gossiper.max_body)
+    auth.install(app, membership or Membership(node.id))
     app[NODE_KEY] = node
     app.router.add_get("/v1/status", get_status)
     app.router.add_get("/v1/model", get_model)

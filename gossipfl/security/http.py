@@ -1,0 +1,102 @@
+"""Node-to-node HTTP as a member: sign the request, read the reply whole (size-limited), and accept it only
+from the member expected. Used by the exchange and by discovery's probes and peer-list reads."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+
+import aiohttp
+from yarl import URL
+
+from gossipfl.common.httpio import BodyError, read_limited
+from gossipfl.security.membership import Membership
+from gossipfl.security.signing import Unauthorized
+from gossipfl.security.tls import node_id_of
+
+ERROR_TEXT_LIMIT = 512
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int
+    body: bytes  # whole when status is 200; at most ERROR_TEXT_LIMIT bytes of an error reply
+    peer: str | None  # the responder's authenticated id (None on an open node)
+
+
+def _cert_id(resp: aiohttp.ClientResponse) -> str | None:
+    conn = resp.connection
+    transport = conn.transport if conn is not None else None
+    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+    return node_id_of(ssl_object.getpeercert()) if ssl_object is not None else None
+
+
+async def call(
+    session: aiohttp.ClientSession,
+    membership: Membership,
+    method: str,
+    url: str,
+    *,
+    body: bytes = b"",
+    limit: int,
+    timeout: aiohttp.ClientTimeout,
+    expect: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> Reply:
+    """Send a signed request; the reply, checked. Unauthorized when the peer refused this node's
+    credentials (401) or a 200 reply does not come from the member expected: nothing of it may be used.
+    An error reply (not 200) is returned unchecked, trimmed: it carries nothing to merge, and the
+    connection limit's 503 comes before any route could sign it. Raises aiohttp errors, TimeoutError,
+    TooLarge and BodyError as reading does."""
+    target = URL(url).raw_path_qs
+    signed, pending = membership.sign(method, target, body)
+    async with session.request(
+        method,
+        url,
+        data=body if method != "GET" else None,
+        headers={**(headers or {}), **signed},
+        timeout=timeout,
+        allow_redirects=False,
+    ) as resp:
+        cert_id = _cert_id(resp) if membership.tls is not None else None
+        if resp.status != 200:
+            try:
+                text = await asyncio.wait_for(resp.content.read(ERROR_TEXT_LIMIT), 2.0)
+            except (aiohttp.ClientError, TimeoutError):
+                text = b""
+            if resp.status == 401:
+                raise Unauthorized(f"the peer refused this node's credentials: {error_text(text)}")
+            return Reply(resp.status, text, None)
+        raw = await read_limited(resp.content, resp.content_length, limit)
+        who = membership.check_reply(pending, resp.status, resp.headers, raw, cert_id, expect)
+    return Reply(resp.status, raw, who)
+
+
+async def get_json(
+    session: aiohttp.ClientSession, membership: Membership, url: str, limit: int, timeout: aiohttp.ClientTimeout
+) -> tuple[object, str | None]:
+    """A member's GET of a JSON document: (document, the responder's authenticated id). Raises Unauthorized,
+    aiohttp.ClientError, TimeoutError, TooLarge, or ValueError (not 200, not JSON, cut short)."""
+    try:
+        reply = await call(session, membership, "GET", url, limit=limit, timeout=timeout)
+    except BodyError as e:
+        raise ValueError(str(e)) from None
+    if reply.status != 200:
+        raise ValueError(f"HTTP {reply.status}")
+    try:
+        return json.loads(reply.body), reply.peer
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
+def error_text(raw: bytes) -> str:
+    """A short, printable account of an error body, whatever its bytes."""
+    text = raw.decode("utf-8", "replace")
+    try:
+        doc = json.loads(text)
+        if isinstance(doc, dict) and isinstance(doc.get("error"), str):
+            text = doc["error"]
+    except ValueError:
+        pass
+    return "".join(c if c.isprintable() else "?" for c in text[:200])

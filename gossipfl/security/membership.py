@@ -1,0 +1,126 @@
+"""Who may gossip with this node, and how its own requests prove it is a member: the cluster key, mutual
+TLS, the allow-list and the read token, together. ``serving.auth`` applies it to requests; the exchange
+and discovery apply it to the replies they read (``security.http``)."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from gossipfl.security.signing import HEADER, ClusterKey, Unauthorized
+from gossipfl.security.tls import TlsFiles
+
+BEARER = "Bearer "
+
+
+@dataclass(frozen=True)
+class Pending:
+    """What a client keeps of a request it sent, to check the reply."""
+
+    method: str
+    target: str
+    nonce: str | None  # None without a cluster key
+
+
+@dataclass
+class Membership:
+    node_id: str
+    key: ClusterKey | None = None
+    tls: TlsFiles | None = None
+    read_token: str | None = field(default=None, repr=False)
+    allow: frozenset[str] | None = None
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls is not None else "http"
+
+    @property
+    def members_only(self) -> bool:
+        """Whether gossip needs proof of membership (else the node runs open)."""
+        return self.key is not None or self.tls is not None
+
+    def describe(self) -> dict[str, Any]:
+        """For ``/v1/status``: the mechanisms in force, never a secret (the key's fingerprint only)."""
+        modes = [m for m, on in (("cluster-key", self.key), ("mutual-tls", self.tls)) if on is not None]
+        return {
+            "mode": "+".join(modes) or "open",
+            "key_id": self.key.key_id if self.key else None,
+            "scheme": self.scheme,
+            "read_token": self.read_token is not None,
+            "allow_ids": sorted(self.allow) if self.allow is not None else None,
+        }
+
+    # -- client side: requests this node sends, replies it reads ---------------------------------------
+    def sign(self, method: str, target: str, body: bytes = b"") -> tuple[dict[str, str], Pending]:
+        if self.key is None:
+            return {}, Pending(method, target, None)
+        header, nonce = self.key.sign_request(method, target, self.node_id, body)
+        return {HEADER: header}, Pending(method, target, nonce)
+
+    def check_reply(
+        self,
+        pending: Pending,
+        status: int,
+        headers: Mapping[str, str],
+        body: bytes,
+        cert_id: str | None,
+        expect: str | None,
+    ) -> str | None:
+        """The responder's authenticated id (None on an open node); Unauthorized when the reply does not come
+        from a member, or from another member than ``expect`` (the id the peer is known by, if any)."""
+        who: str | None = None
+        if self.tls is not None:
+            if cert_id is None:
+                raise Unauthorized("the peer's certificate names no node id")
+            who = cert_id
+        if self.key is not None:
+            assert pending.nonce is not None
+            signer = self.key.verify_reply(
+                headers.get(HEADER), status, pending.method, pending.target, pending.nonce, body
+            )
+            if who is not None and signer != who:
+                raise Unauthorized(f"reply signed as {signer!r} over a connection certified for {who!r}")
+            who = signer
+        if who is not None and expect is not None and who != expect:
+            raise Unauthorized(f"the peer authenticated as {who!r}, expected {expect!r}")
+        if who is not None and self.allow is not None and who not in self.allow:
+            raise Unauthorized(f"{who!r} is not in this node's allow-ids")
+        return who
+
+    # -- server side: requests this node answers -------------------------------------------------------
+    def check_request(
+        self, method: str, target: str, headers: Mapping[str, str], body: bytes, cert_id: str | None
+    ) -> tuple[str | None, str | None]:
+        """(authenticated sender id, nonce to sign the reply with) of a request to a members-only route;
+        (None, None) on an open node. Unauthorized when the caller is not a member in good standing."""
+        if not self.members_only:
+            return None, None
+        who, nonce = None, None
+        if self.tls is not None:
+            if cert_id is None:
+                raise Unauthorized("a client certificate from the cluster CA is required")
+            who = cert_id
+        if self.key is not None:
+            signed = self.key.verify_request(method, target, headers.get(HEADER), body)
+            signer, nonce = signed.signer, signed.nonce
+            if who is not None and signer != who:
+                raise Unauthorized(f"request signed as {signer!r} over a connection certified for {who!r}")
+            who = signer
+        if self.allow is not None and who not in self.allow:
+            raise Unauthorized(f"{who!r} is not in this node's allow-ids")
+        return who, nonce
+
+    def reply_headers(self, pending: Pending, status: int, body: bytes) -> dict[str, str]:
+        if self.key is None or pending.nonce is None:
+            return {}
+        return {HEADER: self.key.sign_reply(status, pending.method, pending.target, pending.nonce, self.node_id, body)}
+
+    def bearer_ok(self, authorization: str | None) -> bool:
+        """Whether ``Authorization`` carries the read token (constant-time); True when none is required."""
+        if self.read_token is None:
+            return True
+        if not authorization or not authorization.startswith(BEARER):
+            return False
+        return hmac.compare_digest(authorization[len(BEARER) :].strip().encode(), self.read_token.encode())
