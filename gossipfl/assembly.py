@@ -8,6 +8,9 @@ import asyncio
 import logging
 import re
 import socket
+import ssl
+
+import aiohttp
 
 from gossipfl.config import NodeConfig
 from gossipfl.discovery import replica
@@ -20,7 +23,7 @@ from gossipfl.protocol import wire
 from gossipfl.security.membership import Membership
 from gossipfl.security.secrets import loosely_protected, read_key_file, read_token
 from gossipfl.security.signing import ClusterKey
-from gossipfl.security.tls import TlsFiles, client_context, own_node_id, server_context
+from gossipfl.security.tls import TlsFiles, own_node_id, server_context
 
 PUBLISH_AFTER_INTERVALS = 3
 
@@ -160,8 +163,17 @@ def membership(cfg: NodeConfig, node_id: str) -> tuple[Membership, list[tuple[in
     return m, notes
 
 
-def tls_contexts(m: Membership) -> tuple[object, object]:
-    """(server, client) SSL contexts of a node with mutual TLS; (None, None) without."""
+def server_tls(m: Membership) -> ssl.SSLContext | None:
+    """The server's SSL context of a node with mutual TLS; None without."""
+    return server_context(m.tls) if m.tls is not None else None
+
+
+def tls_connector(m: Membership) -> aiohttp.TCPConnector | None:
+    """The client connector of a node with mutual TLS (None: aiohttp's default). Each request names the peer
+    it expects as its TLS server name (``Membership.client_tls``); where this aiohttp does not key its pool
+    by server name, connections are not pooled, so one made for one peer id is never reused for another."""
     if m.tls is None:
-        return None, None
-    return server_context(m.tls), client_context(m.tls)
+        return None
+    from aiohttp.client_reqrep import ConnectionKey
+
+    return aiohttp.TCPConnector(force_close="server_hostname" not in ConnectionKey._fields)

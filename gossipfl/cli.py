@@ -1,9 +1,10 @@
-"""Command line: ``gossipfl node``, ``gossipfl testbed``, ``gossipfl peers``."""
+"""Command line: ``gossipfl node``, ``testbed``, ``peers``, ``pull``, ``query`` and ``certs``."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -62,21 +63,38 @@ def build_parser() -> argparse.ArgumentParser:
         "node_args", nargs=argparse.REMAINDER, help="after '--': extra options passed to every node, e.g. -- --lr 0.002"
     )
 
-    peers = sub.add_parser("peers", help="list the gossipfl nodes visible over mDNS")
+    token_help = "the node's read token (env GOSSIPFL_TOKEN); needed when it runs with --read-token"
+    peers = sub.add_parser("peers", help="list the gossipfl nodes visible over mDNS, or those a node knows (--url)")
     peers.add_argument("--mdns-interface", default="", help="IPv4 address(es), comma-separated (default: all)")
+    peers.add_argument("--url", help="instead of listening to mDNS, list the peers this node knows (GET /v1/peers)")
+    peers.add_argument("--token", help=token_help)
     peers.add_argument("--timeout", type=float, default=3.0, help="seconds to listen")
     peers.add_argument("--json", action="store_true")
 
     pull = sub.add_parser("pull", help="save a node's served model as a safetensors file")
     pull.add_argument("url", help="the node, e.g. http://127.0.0.1:8470")
     pull.add_argument("-o", "--output", required=True, metavar="FILE", help="where to write the .safetensors file")
+    pull.add_argument("--token", help=token_help)
 
     query = sub.add_parser("query", help="run inputs through a node's model (Open Inference Protocol v2)")
     query.add_argument("url", help="the node, e.g. http://127.0.0.1:8470")
     query.add_argument("--input", required=True, metavar="FILE", help=".npy or .json: rows of raw features")
     query.add_argument("--model", help="model name (default: the node's task)")
     query.add_argument("--json", action="store_true", help="print all outputs as JSON")
+    query.add_argument("--token", help=token_help)
+
+    certs = sub.add_parser("certs", help="a cluster CA and node certificates for mutual TLS")
+    certs_sub = certs.add_subparsers(dest="certs_command", required=True)
+    init = certs_sub.add_parser("init", help="create a cluster CA: DIR/ca.crt and DIR/ca.key")
+    init.add_argument("dir")
+    issue = certs_sub.add_parser("issue", help="issue DIR/NODE_ID.crt and DIR/NODE_ID.key, signed by the CA in DIR")
+    issue.add_argument("dir")
+    issue.add_argument("node_id")
     return parser
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    return args.token or os.environ.get("GOSSIPFL_TOKEN") or None
 
 
 async def _run_node(config: NodeConfig, task: Task) -> int:
@@ -180,23 +198,35 @@ def cmd_peers(args: argparse.Namespace) -> int:
 
     from gossipfl.discovery.mdns import browse
 
-    interfaces = [i.strip() for i in args.mdns_interface.split(",") if i.strip()]
-    found = asyncio.run(browse(interfaces, args.timeout))
+    if args.url:
+        from gossipfl.serving.client import base_url, get_json
+
+        doc = get_json(base_url(args.url) + "/v1/peers", args.timeout, _token(args))
+        rows = doc.get("peers") if isinstance(doc, dict) else None
+        if not isinstance(rows, list):
+            raise ConfigError(f"{args.url}: not a gossipfl peer list")
+        found = [{"cluster": "", "proto": "", **r} for r in rows if isinstance(r, dict)]
+    else:
+        interfaces = [i.strip() for i in args.mdns_interface.split(",") if i.strip()]
+        found = asyncio.run(browse(interfaces, args.timeout))
     if args.json:
         print(json.dumps(found, indent=2))
     elif not found:
-        print(f"no gossipfl nodes found in {args.timeout:g} s")
+        print(f"no peers known to {args.url}" if args.url else f"no gossipfl nodes found in {args.timeout:g} s")
     else:
         print(f"{'id':<24} {'url':<28} {'task':<12} {'cluster':<16} proto")
         for p in found:
-            print(f"{p['id']:<24} {p['url'] or '-':<28} {p['task'] or '-':<12} {p['cluster']:<16} {p['proto'] or '-'}")
+            print(
+                f"{p.get('id')!s:<24} {p.get('url') or '-':<28} {p.get('task') or '-':<12} "
+                f"{p.get('cluster') or '-':<16} {p.get('proto') or '-'}"
+            )
     return 0
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
     from gossipfl.serving.client import pull
 
-    info = pull(args.url, args.output)
+    info = pull(args.url, args.output, token=_token(args))
     meta = info["metadata"]
     print(
         f"saved {info['file']} ({info['bytes']:,} bytes, {len(info['tensors'])} tensors): "
@@ -210,7 +240,7 @@ def cmd_query(args: argparse.Namespace) -> int:
 
     from gossipfl.serving.client import load_input, query
 
-    out = query(args.url, load_input(args.input), model=args.model)
+    out = query(args.url, load_input(args.input), model=args.model, token=_token(args))
     if args.json or "label" not in out:
         print(json.dumps({k: v.tolist() for k, v in out.items()}))
         return 0
@@ -222,14 +252,37 @@ def cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_certs(args: argparse.Namespace) -> int:
+    from gossipfl.security import certs
+
+    if args.certs_command == "init":
+        ca = certs.init_ca(args.dir)
+        print(f"cluster CA: {ca} (its key {Path(args.dir) / 'ca.key'} signs node certificates: keep it off the nodes)")
+    else:
+        cert, key = certs.issue(args.dir, args.node_id)
+        print(
+            f"node {args.node_id}: {cert} and {key}; run it with --tls-cert {cert} --tls-key {key} "
+            f"--tls-ca {Path(args.dir) / 'ca.crt'}"
+        )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from gossipfl.security.secrets import SecretError
     from gossipfl.serving.client import ClientError
 
     args = build_parser().parse_args(argv)
-    commands = {"node": cmd_node, "testbed": cmd_testbed, "peers": cmd_peers, "pull": cmd_pull, "query": cmd_query}
+    commands = {
+        "node": cmd_node,
+        "testbed": cmd_testbed,
+        "peers": cmd_peers,
+        "pull": cmd_pull,
+        "query": cmd_query,
+        "certs": cmd_certs,
+    }
     try:
         return commands[args.command](args)
-    except ConfigError as e:
+    except (ConfigError, SecretError) as e:
         print(f"gossipfl: error: {e}", file=sys.stderr)
         return 2
     except ClientError as e:

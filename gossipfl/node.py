@@ -104,7 +104,7 @@ class Node:
         try:
             self.id = assembly.node_id(cfg, self.port)
             self.membership, notes = assembly.membership(cfg, self.id)
-            server_ssl, client_ssl = assembly.tls_contexts(self.membership)
+            server_ssl = assembly.server_tls(self.membership)
         except ValueError as e:  # SecretError: a key, token or certificate file that cannot be used
             sock.close()
             raise StartError(str(e)) from None
@@ -141,7 +141,7 @@ class Node:
         await web.SockSite(self._runner, sock, ssl_context=server_ssl).start()
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=10, sock_connect=2),
-            connector=aiohttp.TCPConnector(ssl=client_ssl) if client_ssl is not None else None,
+            connector=assembly.tls_connector(self.membership),
         )
 
         self.discovery = Discovery(

@@ -64,7 +64,12 @@ class PeerExchange:
         of this node's scheme; [] when it cannot be read."""
         try:
             doc, who = await get_json(
-                self.session_factory(), self.prober.membership, url + "/v1/peers", MAX_LIST_BYTES, PEER_READ_TIMEOUT
+                self.session_factory(),
+                self.prober.membership,
+                url + "/v1/peers",
+                MAX_LIST_BYTES,
+                PEER_READ_TIMEOUT,
+                expect=partner,
             )
             if who is not None and who != partner:
                 raise Unauthorized(f"answered by {who!r}")

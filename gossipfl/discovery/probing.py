@@ -12,7 +12,7 @@ import aiohttp
 from gossipfl.common.httpio import PEER_READ_TIMEOUT, TooLarge
 from gossipfl.discovery.identity import Identity
 from gossipfl.discovery.peers import PeerTable
-from gossipfl.security.http import get_json
+from gossipfl.security.http import call, get_json
 from gossipfl.security.membership import Membership
 from gossipfl.security.signing import Unauthorized
 
@@ -51,6 +51,8 @@ class Prober:
             peer_id, task = str(status["id"]), str(status["task"])  # type: ignore[index]
             if who is not None and who != peer_id:
                 raise Unauthorized(f"status says {peer_id!r} but the node authenticated as {who!r}")
+            if self.membership.tls is not None and peer_id != self.peers.self_id:
+                await self._certified(url, peer_id)
             found = {k: _text(status.get(k)) for k in ("model", "split")}
             found.update(
                 task=task,
@@ -85,6 +87,21 @@ class Prober:
                 self.log.warning("peer %s: %s", peer_id, caveat)
             return "added"
         return "known"
+
+    async def _certified(self, url: str, peer_id: str) -> None:
+        """Unauthorized unless the node at ``url`` holds a certificate for ``peer_id`` (its status named that
+        id; the first connection proved only that it is a member)."""
+        reply = await call(
+            self.session_factory(),
+            self.membership,
+            "GET",
+            url + "/v2/health/live",
+            limit=4096,
+            timeout=PEER_READ_TIMEOUT,
+            expect=peer_id,
+        )
+        if reply.status != 200:
+            raise ValueError(f"HTTP {reply.status} from /v2/health/live")
 
 
 def _text(value: object) -> str | None:

@@ -34,6 +34,12 @@ def _write(path: Path, data: bytes, mode: int) -> None:
         f.write(data)
 
 
+def _not_there(*paths: Path) -> None:
+    for path in paths:
+        if path.exists():
+            raise SecretError(f"{path}: already exists (remove it first to replace it)")
+
+
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -43,6 +49,7 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 def init_ca(folder: str | Path, name: str = "gossipfl cluster CA") -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    _not_there(folder / "ca.key", folder / "ca.crt")
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     now = dt.datetime.now(dt.UTC)
@@ -80,6 +87,8 @@ def issue(folder: str | Path, node_id: str, days: int = NODE_DAYS) -> tuple[Path
         raise SecretError(f"{folder}: ca.crt or ca.key is not readable PEM ({e})") from None
     if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
         raise SecretError(f"{folder}/ca.key: expected an EC key made by gossipfl certs init")
+    key_path, cert_path = folder / f"{node_id}.key", folder / f"{node_id}.crt"
+    _not_there(key_path, cert_path)
     key = ec.generate_private_key(ec.SECP256R1())
     now = dt.datetime.now(dt.UTC)
     cert = (
@@ -101,7 +110,6 @@ def issue(folder: str | Path, node_id: str, days: int = NODE_DAYS) -> tuple[Path
         )
         .sign(ca_key, hashes.SHA256())
     )
-    key_path, cert_path = folder / f"{node_id}.key", folder / f"{node_id}.crt"
     _write(key_path, _key_pem(key), 0o600)
     _write(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     return cert_path, key_path

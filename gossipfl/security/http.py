@@ -11,9 +11,8 @@ import aiohttp
 from yarl import URL
 
 from gossipfl.common.httpio import BodyError, read_limited
-from gossipfl.security.membership import Membership
+from gossipfl.security.membership import Membership, Pending
 from gossipfl.security.signing import Unauthorized
-from gossipfl.security.tls import node_id_of
 
 ERROR_TEXT_LIMIT = 512
 
@@ -23,13 +22,6 @@ class Reply:
     status: int
     body: bytes  # whole when status is 200; at most ERROR_TEXT_LIMIT bytes of an error reply
     peer: str | None  # the responder's authenticated id (None on an open node)
-
-
-def _cert_id(resp: aiohttp.ClientResponse) -> str | None:
-    conn = resp.connection
-    transport = conn.transport if conn is not None else None
-    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
-    return node_id_of(ssl_object.getpeercert()) if ssl_object is not None else None
 
 
 async def call(
@@ -51,6 +43,30 @@ async def call(
     TooLarge and BodyError as reading does."""
     target = URL(url).raw_path_qs
     signed, pending = membership.sign(method, target, body)
+    try:
+        return await _call(session, membership, method, url, body, signed, pending, limit, timeout, expect, headers)
+    except aiohttp.ClientSSLError as e:  # a certificate from another CA (either side), or for another id
+        raise Unauthorized(f"TLS handshake failed: {_ssl_reason(e)}") from None
+
+
+def _ssl_reason(e: aiohttp.ClientSSLError) -> str:
+    inner = getattr(e, "certificate_error", None) or getattr(e, "os_error", None) or e
+    return getattr(inner, "verify_message", None) or getattr(inner, "reason", None) or type(inner).__name__
+
+
+async def _call(
+    session: aiohttp.ClientSession,
+    membership: Membership,
+    method: str,
+    url: str,
+    body: bytes,
+    signed: dict[str, str],
+    pending: Pending,
+    limit: int,
+    timeout: aiohttp.ClientTimeout,
+    expect: str | None,
+    headers: dict[str, str] | None,
+) -> Reply:
     async with session.request(
         method,
         url,
@@ -58,8 +74,8 @@ async def call(
         headers={**(headers or {}), **signed},
         timeout=timeout,
         allow_redirects=False,
+        **membership.client_tls(expect),
     ) as resp:
-        cert_id = _cert_id(resp) if membership.tls is not None else None
         if resp.status != 200:
             try:
                 text = await asyncio.wait_for(resp.content.read(ERROR_TEXT_LIMIT), 2.0)
@@ -69,17 +85,22 @@ async def call(
                 raise Unauthorized(f"the peer refused this node's credentials: {error_text(text)}")
             return Reply(resp.status, text, None)
         raw = await read_limited(resp.content, resp.content_length, limit)
-        who = membership.check_reply(pending, resp.status, resp.headers, raw, cert_id, expect)
+        who = membership.check_reply(pending, resp.status, resp.headers, raw, expect)
     return Reply(resp.status, raw, who)
 
 
 async def get_json(
-    session: aiohttp.ClientSession, membership: Membership, url: str, limit: int, timeout: aiohttp.ClientTimeout
+    session: aiohttp.ClientSession,
+    membership: Membership,
+    url: str,
+    limit: int,
+    timeout: aiohttp.ClientTimeout,
+    expect: str | None = None,
 ) -> tuple[object, str | None]:
-    """A member's GET of a JSON document: (document, the responder's authenticated id). Raises Unauthorized,
-    aiohttp.ClientError, TimeoutError, TooLarge, or ValueError (not 200, not JSON, cut short)."""
+    """A member's GET of a JSON document: (document, the responder's authenticated id, see ``call``). Raises
+    Unauthorized, aiohttp.ClientError, TimeoutError, TooLarge, or ValueError (not 200, not JSON, cut short)."""
     try:
-        reply = await call(session, membership, "GET", url, limit=limit, timeout=timeout)
+        reply = await call(session, membership, "GET", url, limit=limit, timeout=timeout, expect=expect)
     except BodyError as e:
         raise ValueError(str(e)) from None
     if reply.status != 200:

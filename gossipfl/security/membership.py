@@ -5,12 +5,13 @@ and discovery apply it to the replies they read (``security.http``)."""
 from __future__ import annotations
 
 import hmac
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from gossipfl.security.signing import HEADER, ClusterKey, Unauthorized
-from gossipfl.security.tls import TlsFiles
+from gossipfl.security.tls import TlsFiles, client_context
 
 BEARER = "Bearer "
 
@@ -31,6 +32,18 @@ class Membership:
     tls: TlsFiles | None = None
     read_token: str | None = field(default=None, repr=False)
     allow: frozenset[str] | None = None
+    _contexts: dict[bool, ssl.SSLContext] = field(default_factory=dict, repr=False)
+
+    def client_tls(self, expect: str | None) -> dict[str, Any]:
+        """Request options for a connection to a peer: with mutual TLS, this node's client certificate and,
+        when the peer's id is known (``expect``), a handshake that succeeds only if the peer's certificate
+        names that id. Empty without TLS."""
+        if self.tls is None:
+            return {}
+        check = expect is not None
+        if check not in self._contexts:
+            self._contexts[check] = client_context(self.tls, check_id=check)
+        return {"ssl": self._contexts[check], "server_hostname": expect} if check else {"ssl": self._contexts[check]}
 
     @property
     def scheme(self) -> str:
@@ -60,21 +73,13 @@ class Membership:
         return {HEADER: header}, Pending(method, target, nonce)
 
     def check_reply(
-        self,
-        pending: Pending,
-        status: int,
-        headers: Mapping[str, str],
-        body: bytes,
-        cert_id: str | None,
-        expect: str | None,
+        self, pending: Pending, status: int, headers: Mapping[str, str], body: bytes, expect: str | None
     ) -> str | None:
-        """The responder's authenticated id (None on an open node); Unauthorized when the reply does not come
-        from a member, or from another member than ``expect`` (the id the peer is known by, if any)."""
-        who: str | None = None
-        if self.tls is not None:
-            if cert_id is None:
-                raise Unauthorized("the peer's certificate names no node id")
-            who = cert_id
+        """The responder's authenticated id (None on an open node, and with TLS alone when no id was expected:
+        the handshake proved membership only); Unauthorized when the reply does not come from a member, or
+        from another member than ``expect`` (the id the peer is known by, if any). With TLS, a connection
+        made with ``client_tls(expect)`` already proved ``expect``."""
+        who: str | None = expect if self.tls is not None else None
         if self.key is not None:
             assert pending.nonce is not None
             signer = self.key.verify_reply(

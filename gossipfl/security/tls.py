@@ -2,7 +2,8 @@
 node id a peer's certificate binds it to (its subject's common name).
 
 Peers are dialled by address (mDNS, DNS, seeds), so a server's host name is not what is checked: its
-certificate must come from the cluster CA and name the node id the client expects. A server asks every
+certificate must come from the cluster CA and name the node id the client expects, checked in the handshake
+(the id is passed as the TLS server name; ``client_context(check_id=True)``). A server asks every
 client for a certificate but does not require one at the handshake (inference clients and orchestrators
 have none); the routes that only members may use refuse a request without one (``serving.auth``)."""
 
@@ -51,11 +52,13 @@ def server_context(files: TlsFiles) -> ssl.SSLContext:
     return ctx
 
 
-def client_context(files: TlsFiles) -> ssl.SSLContext:
+def client_context(files: TlsFiles, *, check_id: bool = True) -> ssl.SSLContext:
+    """A member's client context: the server's certificate must come from the cluster CA and, with
+    ``check_id``, name the node id given as the connection's server name (DNS name in the SAN)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     _load(ctx, files)
-    ctx.check_hostname = False  # peers are dialled by address; the node id in the certificate is checked
+    ctx.check_hostname = check_id
     ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx
 

@@ -103,6 +103,6 @@ async def members_only(request: web.Request, handler: object) -> web.StreamRespo
         return refuse(request, "member", str(e))
     resp = await handler(request)  # type: ignore[operator]
     pending = state["pending"]
-    if pending is not None and isinstance(resp, web.Response) and isinstance(resp.body, bytes):
+    if pending is not None and resp.status != 401 and isinstance(resp, web.Response) and isinstance(resp.body, bytes):
         resp.headers.update(m.reply_headers(pending, resp.status, resp.body))
     return resp

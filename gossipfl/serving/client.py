@@ -29,6 +29,11 @@ def base_url(url: str) -> str:
     return url if "://" in url else f"http://{url}"
 
 
+def auth_headers(token: str | None) -> dict[str, str]:
+    """The ``Authorization`` header a node's read token needs (none without a token)."""
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def _request(url: str, data: bytes | None = None, headers: dict[str, str] | None = None, timeout: float = 30.0):
     req = urllib.request.Request(url, data=data, headers=headers or {}, method="POST" if data is not None else "GET")
     try:
@@ -40,24 +45,25 @@ def _request(url: str, data: bytes | None = None, headers: dict[str, str] | None
             detail = json.loads(body)["error"]
         except (ValueError, KeyError, TypeError):
             detail = body[:200].decode(errors="replace")
-        raise ClientError(f"{url}: HTTP {e.code}: {detail}") from None
+        hint = " (give the node's read token: --token or GOSSIPFL_TOKEN)" if e.code == 401 else ""
+        raise ClientError(f"{url}: HTTP {e.code}: {detail}{hint}") from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
         raise ClientError(f"{url}: {getattr(e, 'reason', e)}") from None
 
 
-def _get_json(url: str, timeout: float) -> Any:
-    body, _ = _request(url, timeout=timeout)
+def get_json(url: str, timeout: float = 30.0, token: str | None = None) -> Any:
+    body, _ = _request(url, headers=auth_headers(token), timeout=timeout)
     try:
         return json.loads(body)
     except ValueError:
         raise ClientError(f"{url}: the answer is not JSON (is this a gossipfl node?)") from None
 
 
-def pull(url: str, out: str | Path, timeout: float = 30.0) -> dict[str, Any]:
+def pull(url: str, out: str | Path, timeout: float = 30.0, token: str | None = None) -> dict[str, Any]:
     """Save a node's served model as a safetensors file; return its metadata and tensor count."""
     from safetensors import SafetensorError, safe_open
 
-    body, _ = _request(base_url(url) + "/v1/model?format=safetensors", timeout=timeout)
+    body, _ = _request(base_url(url) + "/v1/model?format=safetensors", headers=auth_headers(token), timeout=timeout)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
@@ -91,12 +97,14 @@ def load_input(path: str | Path) -> np.ndarray:
     return x
 
 
-def query(url: str, x: np.ndarray, model: str | None = None, timeout: float = 30.0) -> dict[str, np.ndarray]:
+def query(
+    url: str, x: np.ndarray, model: str | None = None, timeout: float = 30.0, token: str | None = None
+) -> dict[str, np.ndarray]:
     """Run ``x`` through a node's served model with one OIP v2 infer request (binary tensors both ways)."""
     root = base_url(url)
     try:
-        name = model or _get_json(root + "/v1/status", timeout)["task"]
-        meta = _get_json(f"{root}/v2/models/{name}", timeout)
+        name = model or get_json(root + "/v1/status", timeout, token)["task"]
+        meta = get_json(f"{root}/v2/models/{name}", timeout, token)
         (spec,) = meta["inputs"]
         spec["datatype"], spec["shape"], spec["name"]  # noqa: B018 - checked here, used below
     except (KeyError, TypeError, ValueError):
@@ -123,7 +131,7 @@ def query(url: str, x: np.ndarray, model: str | None = None, timeout: float = 30
     body, headers = _request(
         f"{root}/v2/models/{name}/infer",
         data=header + raw,
-        headers={"Content-Type": "application/octet-stream", oip.HEADER: str(len(header))},
+        headers={"Content-Type": "application/octet-stream", oip.HEADER: str(len(header)), **auth_headers(token)},
         timeout=timeout,
     )
     return decode_response(body, headers.get(oip.HEADER))
