@@ -20,6 +20,7 @@ from gossipfl.learning.normalize import fit_standardizers, standardizer_buffers
 from gossipfl.learning.registry import build_checked
 from gossipfl.learning.task import Dataset, Task
 from gossipfl.protocol import wire
+from gossipfl.protocol.robust import RobustMerge, parse_radius
 from gossipfl.security.membership import Membership
 from gossipfl.security.secrets import loosely_protected, read_key_file, read_token
 from gossipfl.security.signing import ClusterKey
@@ -177,3 +178,9 @@ def tls_connector(m: Membership) -> aiohttp.TCPConnector | None:
     from aiohttp.client_reqrep import ConnectionKey
 
     return aiohttp.TCPConnector(force_close="server_hostname" not in ConnectionKey._fields)
+
+
+def robust_merge(cfg: NodeConfig) -> RobustMerge | None:
+    """Self-centred clipping of received models (``--clip-radius``), or None."""
+    radius = parse_radius(cfg.clip_radius)
+    return None if radius is None else RobustMerge(radius, cfg.refuse_factor)

@@ -19,6 +19,7 @@ from typing import Any
 from gossipfl.discovery.seeds import parse_hostport
 from gossipfl.learning.partition import parse_scheme
 from gossipfl.protocol.merge import RULES
+from gossipfl.protocol.robust import parse_radius
 
 ENV_PREFIX = "GOSSIPFL_"
 DISCOVERY_BACKENDS = ("mdns", "static", "dns")
@@ -73,6 +74,19 @@ class NodeConfig:
     gossip_interval: float = field(
         default=GOSSIP_INTERVAL_S,
         metadata=_opt("mean seconds between exchanges this node starts (+-20%% jitter; more when they are slow)"),
+    )
+    clip_radius: str | None = field(
+        default=None,
+        metadata=_opt(
+            "robust merging: clip a peer's difference from this model to this norm before merging; auto: the median "
+            "of recent distances (ClippedGossip, SECURITY.md)"
+        ),
+    )
+    refuse_factor: float = field(
+        default=20.0,
+        metadata=_opt(
+            "with --clip-radius: refuse (400) a model farther than this many times the recent median; 0: never"
+        ),
     )
     no_train: bool = field(default=False, metadata=_opt("do not train: pure averaging"))
     seed: int = field(default=0, metadata=_opt("this node's seed: minibatch order, peer choice"))
@@ -194,6 +208,12 @@ def validate(c: NodeConfig) -> None:
             raise ConfigError(f"{name.replace('_', '-')} must be >= 1")
     if not _DEVICE_RE.match(c.device):
         raise ConfigError(f"device {c.device!r}: expected auto, cpu, cuda or cuda:N")
+    try:
+        parse_radius(c.clip_radius)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if not c.refuse_factor >= 0:
+        raise ConfigError("refuse-factor must be >= 0")
     tls = (c.tls_cert, c.tls_key, c.tls_ca)
     if any(tls) and not all(tls):
         raise ConfigError("mutual TLS needs all three of --tls-cert, --tls-key and --tls-ca")

@@ -29,6 +29,7 @@ from gossipfl.protocol import wire
 from gossipfl.protocol.gossiper import Gossiper
 from gossipfl.serving import modelfile
 from gossipfl.serving import predict as serving
+from gossipfl.serving.auth import REFUSED_KEY
 from gossipfl.serving.httpserver import NodeRunner
 from gossipfl.serving.metrics import NodeMetrics, Readings
 from gossipfl.serving.routes import build_app
@@ -125,6 +126,7 @@ class Node:
             log=self.log,
             port=self.port,
             membership=self.membership,
+            robust=assembly.robust_merge(cfg),
         )
         self.gossiper.on_error = lambda e: self.supervisor.error("gossip", e, in_a_round=False)
         split = f"{cfg.data_seed}/{n}/{cfg.partition_scheme}" + (
@@ -259,9 +261,15 @@ class Node:
         return await asyncio.to_thread(serving.outputs_finite, self.task, self.learner)
 
     def _readings(self) -> Readings:
-        st, ev = self.gossiper.stats, self.last_eval
+        st, ev, robust = self.gossiper.stats, self.last_eval, self.gossiper.robust
         return Readings(
-            initiated={"ok": st.ok, "failed": st.failed, "busy": st.busy, "aborted": st.aborted},
+            initiated={
+                "ok": st.ok,
+                "failed": st.failed,
+                "busy": st.busy,
+                "aborted": st.aborted,
+                "unauthorized": st.unauthorized,
+            },
             answered={"ok": st.served, "declined": st.declined, "rejected": st.rejected},
             in_doubt=len(self.gossiper.doubts),
             loop_errors={(n, t): c for n, h in self.supervisor.loops.items() for t, c in h.types.items()},
@@ -276,6 +284,9 @@ class Node:
             train_steps=self.learner.steps,
             accuracy=ev.accuracy if ev else None,
             loss=ev.loss if ev else None,
+            refused_requests=dict(self._runner.app[REFUSED_KEY]) if self._runner else {},
+            models_clipped=robust.clipped if robust else 0,
+            models_too_far=robust.refused if robust else 0,
         )
 
     def status(self) -> dict[str, Any]:
@@ -306,12 +317,17 @@ class Node:
             "device": str(self.learner.device),
             # the served model (scored in metrics, answered from) is the working copy as of the last merge
             "served": {"age": self.learner.served_age, "local_steps_behind": self.learner.unpublished_steps},
-            "merge": {"rule": self.config.merge, "weight": self.learner.weight},
+            "merge": {
+                "rule": self.config.merge,
+                "weight": self.learner.weight,
+                "robust": gossip.robust.describe() if gossip.robust else None,  # --clip-radius
+            },
             "uptime_s": round(time.monotonic() - self.started_at, 3) if self.started_at else 0.0,
             "model": self.gossiper.model_digest,
             "peers": self.peers.describe(),
             "ignored_peers": self.peers.ignored(),
-            "security": self.membership.describe(),
+            # the mechanisms in force (never a secret) and the requests refused with 401, by kind
+            "security": {**self.membership.describe(), "refused": dict(self._runner.app[REFUSED_KEY])},
             "metrics": {
                 "accuracy": ev.accuracy if ev else None,
                 "loss": ev.loss if ev else None,

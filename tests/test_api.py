@@ -63,7 +63,7 @@ async def test_status_has_the_documented_fields(node, http):
     assert s["samples"] == 1437 and s["partition"] == "0/1" and s["partition_scheme"] == "iid"
     assert s["split"] == "2026/1/iid" and s["init_model"] is None  # pure averaging: no shared initial model
     assert len(s["class_histogram"]) == 10 and sum(s["class_histogram"]) == 1437
-    assert s["merge"] == {"rule": "average", "weight": 1437.0}
+    assert s["merge"] == {"rule": "average", "weight": 1437.0, "robust": None}
     assert s["served"] == {"age": 0, "local_steps_behind": 0} and s["model"] == node.gossiper.model_digest
 
 

@@ -70,6 +70,7 @@ async def test_read_token_guards_every_read_route_but_health(make_config, key_fi
             "scheme": "http",
             "read_token": True,
             "allow_ids": None,
+            "refused": {"read": len(READ_ROUTES) * 2},
         }
 
 

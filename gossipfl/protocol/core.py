@@ -14,6 +14,7 @@ from typing import Any
 from gossipfl.protocol import merge, wire
 from gossipfl.protocol.ledger import DoubtBook
 from gossipfl.protocol.ports import ModelStore, PeerBook, Snapshot
+from gossipfl.protocol.robust import RobustMerge
 from gossipfl.protocol.stats import ExchangeStats
 from gossipfl.protocol.transport import timeout_for
 from gossipfl.security.membership import Membership
@@ -35,10 +36,13 @@ class GossipCore:
         port: int | None = None,
         clock: Callable[[], float] = time.monotonic,
         membership: Membership | None = None,
+        robust: RobustMerge | None = None,
     ) -> None:
         self.node_id = node_id
         # who may exchange with this node, and how it proves its own membership (open when None)
         self.membership = membership or Membership(node_id)
+        # self-centred clipping of what peers send (None: merge as received)
+        self.robust = robust
         self.task = task
         self.learner = learner
         self.rule_name = rule
@@ -103,8 +107,13 @@ class GossipCore:
         return msg
 
     def _merge(self, mine: Snapshot, theirs: wire.GossipMessage) -> merge.Merged:
+        """The merge of ``theirs`` into ``mine``, clipped first when the node merges robustly (raises
+        robust.TooFar, a WireError, for a model implausibly far)."""
+        params = theirs.params
+        if self.robust is not None:
+            params = self.robust.apply(mine.params, theirs.params).params
         local = merge.Side(mine.params, mine.age, self.learner.train_size, mine.weight)
-        remote = merge.Side(theirs.params, theirs.age, theirs.samples or 0, theirs.weight or 1.0)
+        remote = merge.Side(params, theirs.age, theirs.samples or 0, theirs.weight or 1.0)
         return self.rule(local, remote)
 
     def _snapshot_and_merge(self, theirs: wire.GossipMessage) -> tuple[Snapshot, merge.Merged]:

@@ -201,7 +201,12 @@ class Initiator(GossipCore):
             self.log.info("exchange with %s failed: %s", peer.id, str(e) or type(e).__name__)
             self._abort_later(session, peer, xid)
             return "failed"
-        merged = await asyncio.to_thread(self._merge, sent, reply)
+        try:
+            merged = await asyncio.to_thread(self._merge, sent, reply)
+        except wire.WireError as e:  # robust.TooFar: the peer's model is implausibly far from this one
+            self.log.info("exchange with %s refused: %s", peer.id, e)
+            self._abort_later(session, peer, xid)
+            return "aborted"
         if self._merging or self.frozen() or self.learner.merges != sent.merges:
             self._abort_later(session, peer, xid)  # another merge got in first: this one would overlap it
             return "aborted"

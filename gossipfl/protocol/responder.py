@@ -85,7 +85,11 @@ class Responder(GossipCore):
             return self.encode_state(entry.sent, xid)
         if self._closed:
             raise Busy("node is stopping")
-        state, merged = await asyncio.to_thread(self._snapshot_and_merge, msg)
+        try:
+            state, merged = await asyncio.to_thread(self._snapshot_and_merge, msg)
+        except wire.WireError:  # robust.TooFar: implausibly far from this node's model
+            self.stats.rejected += 1
+            raise
         try:
             reply = self.encode_state(state, xid)
         except wire.WireError as e:

@@ -43,6 +43,9 @@ class Readings:
     train_steps: int
     accuracy: float | None
     loss: float | None
+    refused_requests: dict[str, int]  # kind (member, read) -> requests answered 401
+    models_clipped: int  # received models clipped toward this node's (--clip-radius)
+    models_too_far: int  # received models refused as implausibly far
 
 
 class _StateCollector(Collector):
@@ -108,6 +111,27 @@ class _StateCollector(Collector):
                 r.served_age,
             )
         )  # fmt: skip
+        refused = CounterMetricFamily(
+            f"{NAMESPACE}_requests_unauthorized",
+            "Requests refused with 401: member (gossip or a node-to-node read without valid proof of membership), "
+            "read (no valid read token).",
+            labels=["kind"],
+        )
+        for kind in ("member", "read"):
+            refused.add_metric([kind], r.refused_requests.get(kind, 0))
+        out.append(refused)
+        out.append(
+            CounterMetricFamily(
+                f"{NAMESPACE}_models_clipped", "Received models clipped toward this node's (--clip-radius).",
+                value=r.models_clipped,
+            )
+        )  # fmt: skip
+        out.append(
+            CounterMetricFamily(
+                f"{NAMESPACE}_models_refused_too_far", "Received models refused as implausibly far (--refuse-factor).",
+                value=r.models_too_far,
+            )
+        )  # fmt: skip
         if r.accuracy is not None:
             out.append(
                 GaugeMetricFamily(f"{NAMESPACE}_test_accuracy_ratio", "Last test accuracy (0 to 1).", r.accuracy)
@@ -127,7 +151,7 @@ class NodeMetrics:
             buckets=EXCHANGE_BUCKETS,
             registry=self.registry,
         )
-        for result in ("ok", "failed", "busy", "aborted", "in_doubt"):
+        for result in ("ok", "failed", "busy", "aborted", "in_doubt", "unauthorized"):
             self.exchange_duration.labels(result)  # every series exists from the first scrape
         self.inference_requests = Counter(
             f"{NAMESPACE}_inference_requests",
