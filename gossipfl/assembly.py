@@ -144,7 +144,7 @@ def membership(cfg: NodeConfig, node_id: str) -> tuple[Membership, list[tuple[in
     if cfg.secret_file:
         key = ClusterKey(read_key_file(cfg.secret_file))
         if loosely_protected(cfg.secret_file):
-            notes.append((logging.WARNING, f"secret-file {cfg.secret_file} can be read by other users: chmod 600 it"))
+            notes.append((logging.WARNING, f"secret-file {cfg.secret_file} can be read by every user: chmod 600 it"))
     tls = None
     if cfg.tls_cert and cfg.tls_key and cfg.tls_ca:
         tls = TlsFiles(cfg.tls_cert, cfg.tls_key, cfg.tls_ca)

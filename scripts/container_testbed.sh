@@ -5,7 +5,7 @@
 #
 #   scripts/container_testbed.sh [--nodes N] [--duration S] [--discovery mdns|dns|both] [--keep]
 #                                [--no-build] [--image NAME] [--base IMAGE] [--tolerance T]
-#                                [--out FILE] [-- NODE OPTIONS as GOSSIPFL_*=VALUE ...]
+#                                [--out FILE] [--secure] [-- NODE OPTIONS as GOSSIPFL_*=VALUE ...]
 #
 # Per discovery mode (mdns, then dns with --discovery both, the default):
 #   - a podman network gossipfl-tb-<mode> (--internal: no route out of this host), N containers
@@ -19,6 +19,10 @@
 #     (fails when max - min > TOLERANCE, default 0.02);
 #   - `podman stop` (SIGTERM), checks every exit code is 0, keeps the logs under
 #     benchmarks/results/container_testbed/<mode>/, removes containers and network (unless --keep).
+# --secure: a cluster key and a read token, made for this run, mounted read-only from files into every
+#   container (GOSSIPFL_SECRET_FILE, GOSSIPFL_READ_TOKEN_FILE; this host reads status with the token),
+#   and one more container, <mode>-intruder, with another key: every node must list it under ignored
+#   peers, and it must merge nothing.
 # The tables go to benchmarks/results/container_testbed.md (--out). Exit 0 only if every check passed.
 #
 # Base image: --base, else python:3.11-slim when it is already present locally, else
@@ -32,7 +36,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-nodes=4 duration=60 discovery=both keep=0 build=1 image=localhost/gossipfl:testbed base="" tolerance=0.02
+nodes=4 duration=60 discovery=both keep=0 build=1 image=localhost/gossipfl:testbed base="" tolerance=0.02 secure=0
 out=benchmarks/results/container_testbed.md
 extra_env=()
 die() { echo "container_testbed: $*" >&2; exit 2; }
@@ -47,6 +51,7 @@ while [ $# -gt 0 ]; do
         --base) base="$2"; shift 2 ;;
         --tolerance) tolerance="$2"; shift 2 ;;
         --out) out="$2"; shift 2 ;;
+        --secure) secure=1; shift ;;
         -h|--help) sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         --) shift; extra_env=("$@"); break ;;
         *) die "unknown option $1 (see --help)" ;;
@@ -61,6 +66,15 @@ command -v podman >/dev/null || die "podman is not installed (apt-get install po
 work="$(mktemp -d /tmp/gossipfl-testbed.XXXXXX)"
 results_dir="benchmarks/results/container_testbed"
 mkdir -p "$results_dir"
+if [ "$secure" = 1 ]; then  # secrets of this run only, readable by the containers' user (uid 10001)
+    mkdir -p "$work/secrets"
+    head -c 32 /dev/urandom >"$work/secrets/cluster.key"
+    head -c 32 /dev/urandom >"$work/secrets/intruder.key"
+    TB_TOKEN="$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+    export TB_TOKEN
+    printf '%s\n' "$TB_TOKEN" >"$work/secrets/read-token"
+    chmod 755 "$work/secrets" && chmod 444 "$work/secrets"/*
+fi
 
 # ---- podman on this host ------------------------------------------------------------------------
 run_flags=() build_flags=()
@@ -149,8 +163,12 @@ dns_ok=0; probe "from gossipfl.config import NodeConfig; NodeConfig(discovery=('
 cat >"$work/tb.py" <<'EOF'
 import json, sys, time, urllib.request
 
+import os
+
 def get(url, timeout=3.0):
-    with urllib.request.urlopen(url, timeout=timeout) as r:
+    token = os.environ.get("TB_TOKEN")  # --secure: the nodes' read token
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
         return r.status, json.loads(r.read() or b"null")
 
 def status(url):
@@ -197,6 +215,23 @@ def collect(nodes, out):
         })
     json.dump(rows, open(out, "w"), indent=1)
 
+def intruder(nodes, url):
+    """--secure: every node lists the intruder under ignored peers, and the intruder merged nothing."""
+    s = status(url) or {}
+    iid, problems = s.get("id"), []
+    if s.get("merges") != 0:
+        problems.append(f"the intruder merged {s.get('merges')} models")
+    where = url.split("://", 1)[1]  # a probe that was refused knows the intruder by its address only
+    for name, u in nodes.items():
+        ignored = (status(u) or {}).get("ignored_peers", [])
+        if not any(p["id"] == iid or p["url"].endswith("://" + where) for p in ignored):
+            problems.append(f"{name} does not ignore the intruder {iid}")
+    print(f"   intruder {iid}: merges {s.get('merges')}, ignored by "
+          f"{len(nodes) - sum('does not ignore' in p for p in problems)}/{len(nodes)} nodes")
+    for p in problems:
+        print("!! " + p, file=sys.stderr)
+    return 1 if problems else 0
+
 if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
     if cmd == "wait":
@@ -205,6 +240,8 @@ if __name__ == "__main__":
         progress(json.loads(args[0]))
     if cmd == "collect":
         collect(json.loads(args[0]), args[1])
+    if cmd == "intruder":
+        sys.exit(intruder(json.loads(args[0]), args[1]))
 EOF
 
 cat >"$work/report.py" <<'EOF'
@@ -271,6 +308,12 @@ run_mode() {
     local env=(-e GOSSIPFL_DISCOVERY="$mode" -e GOSSIPFL_CLUSTER="testbed-$mode" -e GOSSIPFL_LOG_LEVEL=info)
     [ "$mode" = dns ] && env+=(-e "GOSSIPFL_DNS_NAME=$alias_name" -e GOSSIPFL_DNS_INTERVAL=2)
     for e in "${extra_env[@]}"; do env+=(-e "$e"); done
+    local secrets=() intruder_url=""
+    if [ "$secure" = 1 ]; then
+        secrets=(-v "$work/secrets:/run/secrets/gossipfl:ro" -e GOSSIPFL_SECRET_FILE=/run/secrets/gossipfl/cluster.key
+                 -e GOSSIPFL_READ_TOKEN_FILE=/run/secrets/gossipfl/read-token)
+        env+=("${secrets[@]}")
+    fi
     for i in $(seq 1 "$nodes"); do
         name="gossipfl-tb-$mode-$i"
         local part="auto/$nodes"
@@ -283,6 +326,20 @@ run_mode() {
             || { cat "$work/run.err" >&2; return 1; }
         containers+=("$name")
     done
+    if [ "$secure" = 1 ]; then  # same network, same token, another cluster key
+        name="gossipfl-tb-$mode-intruder"
+        local flags=(--name "$name" --hostname "$name" --network "$net" "${run_flags[@]}")
+        [ "$mode" = dns ] && flags+=(--network-alias "$alias_name")
+        [ "$rootless" = 1 ] && flags+=(-p 127.0.0.1::8470)
+        "${P[@]}" run -d "${flags[@]}" "${env[@]}" -e GOSSIPFL_SECRET_FILE=/run/secrets/gossipfl/intruder.key \
+            -e GOSSIPFL_PARTITION="0/$nodes" "$image" >/dev/null 2>"$work/run.err" || { cat "$work/run.err" >&2; return 1; }
+        containers+=("$name")
+        if [ "$rootless" = 1 ]; then
+            intruder_url="http://$("${P[@]}" port "$name" 8470 | head -n1)"
+        else
+            intruder_url="http://$("${P[@]}" inspect -f "{{(index .NetworkSettings.Networks \"$net\").IPAddress}}" "$name"):8470"
+        fi
+    fi
     for name in "${names[@]}"; do
         if [ "$rootless" = 1 ]; then
             urls[$name]="http://$("${P[@]}" port "$name" 8470 | head -n1)"
@@ -307,6 +364,11 @@ run_mode() {
         python3 "$work/tb.py" progress "$nodes_json"
     done
     python3 "$work/tb.py" collect "$nodes_json" "$work/$mode-rows.json"
+    local intruder_ok=0
+    if [ "$secure" = 1 ]; then
+        python3 "$work/tb.py" intruder "$nodes_json" "$intruder_url" || intruder_ok=1
+        "${P[@]}" rm -f -v -t 0 "gossipfl-tb-$mode-intruder" >/dev/null 2>&1 || true
+    fi
 
     # the image's HEALTHCHECK, run once by hand
     local health="{" stops="{" sep="" st
@@ -336,6 +398,7 @@ run_mode() {
     fi
     python3 "$work/report.py" "$work/$mode-rows.json" "$work/$mode-stops.json" "$mode" "$tolerance" \
         "$work/$mode-table.md" "$work/$mode-health.json" || return 1
+    return "$intruder_ok"
 }
 
 rc=0

@@ -89,6 +89,23 @@ def test_serving_python_example_runs(node_port, tmp_path):
     assert served.split("]")[0] + "]" == local  # the node and the downloaded weights agree on the labels
 
 
+def test_the_security_walkthrough_runs(tmp_path):
+    """docs/security.md's session: a node with a cluster key and a read token, read with and without it."""
+    import socket
+
+    (block,) = checked_blocks("secure")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    r = run(["bash", "-euo", "pipefail"], block.replace("--discovery static", "--discovery static --cluster "
+            f"test-{uuid.uuid4().hex[:8]}"), port, tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr + (tmp_path / "node.log").read_text()
+    lines = r.stdout.splitlines()
+    assert lines[:3] == ["401", "200", "cluster-key"], r.stdout
+    assert lines[3].startswith("saved model.safetensors") and lines[4].startswith("no peers known to")
+    assert "my-read-token" not in (tmp_path / "node.log").read_text()
+
+
 FENCE = re.compile(r"```(?:bash|sh|shell)\n(.*?)```", re.S)
 SPAN = re.compile(r"`((?:\./)?(?:gossipfl(?= |`)|scripts/|python benchmarks/|\.venv/bin/python benchmarks/)[^`]*)`")
 PATH = re.compile(r"`((?:gossipfl|scripts|benchmarks|docs|examples|docker|tests)/[A-Za-z0-9_./-]*)`")

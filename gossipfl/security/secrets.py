@@ -15,16 +15,16 @@ class SecretError(ValueError):
 
 
 def read_secret_file(path: str | Path, what: str) -> bytes:
-    """The bytes of ``path`` less trailing whitespace (a newline an editor or ``echo`` added)."""
+    """The bytes of ``path``, exactly."""
     try:
-        raw = Path(path).read_bytes()
+        return Path(path).read_bytes()
     except OSError as e:
         raise SecretError(f"{what} {path}: {e.strerror or e}") from None
-    return raw.rstrip(b" \t\r\n")
 
 
 def read_key_file(path: str | Path) -> bytes:
-    """A cluster key: at least MIN_KEY_BYTES bytes of key material (``head -c 32 /dev/urandom > FILE``)."""
+    """A cluster key: the whole file, byte for byte (copy the same file to every node), at least
+    MIN_KEY_BYTES bytes (``head -c 32 /dev/urandom > FILE``)."""
     key = read_secret_file(path, "secret-file")
     if len(key) < MIN_KEY_BYTES:
         raise SecretError(
@@ -40,7 +40,7 @@ def read_token(token: str | None, token_file: str | Path | None) -> str | None:
         raise SecretError("read-token and read-token-file: give one, not both")
     if token_file is not None:
         try:
-            text = read_secret_file(token_file, "read-token-file").decode("utf-8")
+            text = read_secret_file(token_file, "read-token-file").decode("utf-8").rstrip("\r\n")
         except UnicodeDecodeError:
             raise SecretError(f"read-token-file {token_file}: not UTF-8 text") from None
         token = text
@@ -53,9 +53,11 @@ def read_token(token: str | None, token_file: str | Path | None) -> str | None:
 
 
 def loosely_protected(path: str | Path) -> bool:
-    """Whether others than the owner may read the file (worth a warning, not a refusal: a mounted
-    Kubernetes Secret or a container volume may not let the node choose)."""
+    """Whether a file this process owns can be read by every user (worth a warning, not a refusal). Files
+    owned by someone else are left alone: a mounted Kubernetes or Compose secret is made readable to the
+    node's user by whoever mounted it, and the node cannot change that."""
     try:
-        return bool(os.stat(path).st_mode & (stat.S_IRWXG | stat.S_IRWXO))
+        st = os.stat(path)
     except OSError:
         return False
+    return st.st_uid == os.getuid() and bool(st.st_mode & stat.S_IROTH)
