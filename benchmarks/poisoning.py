@@ -115,14 +115,20 @@ async def run(attack: str, defence: str, seed: int, args: argparse.Namespace) ->
         cluster=cluster,
         partition_scheme="dirichlet:0.5",
         eval_interval=2.0,
-        clip_radius=None if defence == "off" else defence,
+        clip_radius=None if defence == "off" else defence.split("@")[0],
+        clip_quantile=float(defence.split("@")[1]) if "@" in defence else 0.5,
     )
     n, a = args.honest, (0 if attack == "none" else args.attackers)
     configs = [NodeConfig(id=f"h{i:02d}", partition=f"{i}/{n}", seed=seed + i, **common) for i in range(n)]
     # attackers hold a copy of an honest shard (the cluster's split must agree): they train like members, and
     # corrupt what they send
     configs += [
-        NodeConfig(id=f"x{j}", partition=f"{j % n}/{n}", seed=seed + 100 + j, **{**common, "clip_radius": None})
+        NodeConfig(
+            id=f"x{j}",
+            partition=f"{j % n}/{n}",
+            seed=seed + 100 + j,
+            **{**common, "clip_radius": None, "clip_quantile": 0.5},
+        )
         for j in range(a)
     ]
     loop = asyncio.get_running_loop()
@@ -208,7 +214,12 @@ def plot(rows: list[dict], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=ATTACKS)
-    ap.add_argument("--defences", nargs="+", default=["off", "auto"], help="off, auto, or a fixed radius")
+    ap.add_argument(
+        "--defences",
+        nargs="+",
+        default=["off", "auto"],
+        help="off, auto, auto@Q (--clip-quantile Q), or a fixed radius",
+    )
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--honest", type=int, default=16)
     ap.add_argument("--attackers", type=int, default=2)

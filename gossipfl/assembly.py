@@ -183,4 +183,4 @@ def tls_connector(m: Membership) -> aiohttp.TCPConnector | None:
 def robust_merge(cfg: NodeConfig) -> RobustMerge | None:
     """Self-centred clipping of received models (``--clip-radius``), or None."""
     radius = parse_radius(cfg.clip_radius)
-    return None if radius is None else RobustMerge(radius, cfg.refuse_factor)
+    return None if radius is None else RobustMerge(radius, cfg.refuse_factor, cfg.clip_quantile)

@@ -82,6 +82,13 @@ class NodeConfig:
             "of recent distances (ClippedGossip, SECURITY.md)"
         ),
     )
+    clip_quantile: float = field(
+        default=0.5,
+        metadata=_opt(
+            "with --clip-radius auto: the quantile of recent distances used as the radius "
+            "(keep it below 1 - the share of partners that may be bad)"
+        ),
+    )
     refuse_factor: float = field(
         default=20.0,
         metadata=_opt(
@@ -212,6 +219,8 @@ def validate(c: NodeConfig) -> None:
         parse_radius(c.clip_radius)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if not 0 < c.clip_quantile <= 1:
+        raise ConfigError("clip-quantile must be in (0, 1]")
     if not c.refuse_factor >= 0:
         raise ConfigError("refuse-factor must be >= 0")
     tls = (c.tls_cert, c.tls_key, c.tls_ca)

@@ -152,3 +152,37 @@ async def test_unusable_certificates_and_mismatched_ids_stop_the_start_with_one_
         with pytest.raises(StartError) as e:
             await Node(cfg).start()
         assert expected in str(e.value) and "\n" not in str(e.value), (overrides, str(e.value))
+
+
+async def test_a_probed_node_whose_status_names_another_id_than_its_certificate_is_ignored(make_config, pki):
+    """Discovery knows only an address: the status a member answers names its id, and the node must hold the
+    certificate of that id (else any member could enter another's id into the peer table)."""
+    from aiohttp import web
+
+    from gossipfl.security.tls import server_context
+
+    good, _ = pki
+    async with running(make_config(id=None, no_train=True, **tls(good, "n-a"))) as (node,):
+
+        async def status(request: web.Request) -> web.Response:
+            return web.json_response({"id": "m3", "task": node.task.name, "cluster": node.config.cluster})
+
+        async def live(request: web.Request) -> web.Response:
+            return web.json_response({"live": True})
+
+        app = web.Application()
+        app.router.add_get("/v1/status", status)
+        app.router.add_get("/v2/health/live", live)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        files = TlsFiles(**{k.removeprefix("tls_"): v for k, v in tls(good, "n-b").items()})
+        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_context(files))
+        await site.start()
+        url = f"https://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+        try:
+            assert await node.discovery.prober.probe(url, "static") == "ignored"
+            reason = {p["id"]: p["reason"] for p in node.status()["ignored_peers"]}[url]
+            assert "not valid for 'm3'" in reason and "m3" not in node.peers
+            assert await node.discovery.prober.probe(url, "static") == "ignored"  # not probed again for a while
+        finally:
+            await runner.cleanup()

@@ -219,3 +219,31 @@ def test_the_default_backoff_doubles_from_1_s_to_30_s():
         t.mark_failed("a")
         delays.append(t.get("a").retry_at - clock.t)
     assert delays == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+
+
+def test_a_peer_that_failed_authentication_sits_out_then_is_tried_again():
+    clock = Clock()
+    t = PeerTable("me", clock=clock)
+    t.upsert("a", "http://a:1", "digits", "mdns")
+    t.mark_failed("a")
+    assert t.ignore("a", "http://a:1", "authentication: bad signature", for_s=60)
+    assert "a" not in t and t.shunned("a") and t.choose(random.Random(0)) is None
+    assert t.ignored() == [{"id": "a", "url": "http://a:1", "reason": "authentication: bad signature"}]
+    assert not t.upsert("a", "http://a:1", "digits", "mdns")  # discovery cannot put it back meanwhile
+    clock.t += 59.9
+    assert t.choose(random.Random(0)) is None and t.shunned("a")
+    clock.t += 0.2
+    peer = t.choose(random.Random(0))  # its time out is over: tried again, as the mDNS peer it was
+    assert peer is not None and peer.id == "a" and peer.source == "mdns" and peer.failures == 0
+    assert t.ignored() == [] and not t.shunned("a")
+    t.ignore("a", "http://a:1", "authentication: bad signature", for_s=60)
+    assert "a" not in t  # failing again sends it out again
+
+
+def test_an_address_that_failed_authentication_is_shunned_by_url():
+    clock = Clock()
+    t = PeerTable("me", clock=clock)
+    t.ignore("http://x:1", "http://x:1", "authentication: refused", for_s=10)
+    assert t.shunned("http://x:1") and not t.shunned("http://y:1")
+    clock.t += 11
+    assert not t.shunned("http://x:1") and len(t) == 0  # nothing to readmit: it was never a peer

@@ -50,7 +50,8 @@ class PeerTable:
         self.clock = clock
         self._peers: dict[str, Peer] = {}
         self._ignored: dict[str, dict[str, str]] = {}  # seen but not gossiped with, and why
-        self._shunned: dict[str, float] = {}  # failed authentication: not re-added before this clock time
+        # failed authentication: (not re-added before this clock time, the peer as it was, to retry then)
+        self._shunned: dict[str, tuple[float, Peer | None]] = {}
 
     def __len__(self) -> int:
         return len(self._peers)
@@ -84,9 +85,9 @@ class PeerTable:
         seconds, during which discovery cannot add it back, a failed authentication); True if new."""
         if peer_id == self.self_id:
             return False
-        self._peers.pop(peer_id, None)
+        peer = self._peers.pop(peer_id, None)
         if for_s is not None:
-            self._shunned[peer_id] = self.clock() + for_s
+            self._shunned[peer_id] = (self.clock() + for_s, peer)
             while len(self._shunned) > MAX_IGNORED:
                 del self._shunned[next(iter(self._shunned))]
         if len(self._ignored) >= MAX_IGNORED and peer_id not in self._ignored:
@@ -97,11 +98,24 @@ class PeerTable:
 
     def shunned(self, peer_id: str) -> bool:
         """Whether ``peer_id`` failed authentication recently (see ``ignore``)."""
-        until = self._shunned.get(peer_id)
-        if until is not None and until <= self.clock():
+        entry = self._shunned.get(peer_id)
+        if entry is not None and entry[0] <= self.clock():
             del self._shunned[peer_id]
             return False
-        return until is not None
+        return entry is not None
+
+    def _readmit(self) -> None:
+        """Peers whose time out for a failed authentication is over are tried again (keys get rotated, a
+        misconfigured node gets fixed), as the peers they were; a new failure sends them out again."""
+        now = self.clock()
+        for peer_id, (until, peer) in list(self._shunned.items()):
+            if until <= now:
+                del self._shunned[peer_id]
+                if peer is not None and peer_id not in self._peers:
+                    self._ignored.pop(peer_id, None)
+                    peer.failures = peer.busy = 0
+                    peer.retry_at = 0.0
+                    self._peers[peer_id] = peer
 
     def ignored(self) -> list[dict[str, str]]:
         return [self._ignored[k] for k in sorted(self._ignored)]
@@ -147,6 +161,8 @@ class PeerTable:
         return min(self.backoff_max, self.backoff_base * 2 ** min(n - 1, 30))
 
     def candidates(self, exclude: set[str] | frozenset[str] = frozenset()) -> list[Peer]:
+        if self._shunned:
+            self._readmit()
         now = self.clock()
         return [p for p in self._peers.values() if p.retry_at <= now and p.id not in exclude]
 

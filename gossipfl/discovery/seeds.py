@@ -46,6 +46,8 @@ class SeedDiscovery:
                 self._warned.add(url)
                 self.log.warning("seed %s does not answer (%s); retrying", url, self.prober.last_error or "no reply")
             return False
+        if result == "ignored" and self.prober.peers.shunned(url):
+            return False  # it failed authentication: asked again once its time out is over
         if url in self._warned:
             self.log.info("seed %s answers now", url)
         return True

@@ -4,10 +4,12 @@
 Before the merge rule sees a peer's model, the peer's difference from this node's own model is clipped to
 norm ``tau``: ``x_peer' = x_own + clip(x_peer - x_own, tau)``. One exchange with a member that sends
 anything (parameters times 100, flipped, noise) then moves this node by at most ``tau / 2`` (the
-``average`` rule). ``tau`` is fixed (``--clip-radius TAU``) or adaptive (``--clip-radius auto``): the median
-of the distances to the last ``HISTORY`` models this node received, the current one included, which
-follows the honest distances as the network converges, and which fewer than half of the partners cannot
-raise. A model farther than ``refuse_factor`` times that median (``--refuse-factor``) is refused outright.
+``average`` rule). ``tau`` is fixed (``--clip-radius TAU``) or adaptive (``--clip-radius auto``): the
+``quantile`` (``--clip-quantile``, default the median) of the distances to the last ``HISTORY`` models this
+node received, the current one included. It follows the honest distances as the network converges, and
+partners that send far models cannot raise it unless they are more than ``1 - quantile`` of the partners:
+the paper's adaptive rule clips the share of partners assumed Byzantine. A model farther than
+``refuse_factor`` times the median (``--refuse-factor``) is refused outright.
 
 Each side clips what it receives toward itself, so when clipping happens the two partners no longer end
 with the same model, and the pair no longer conserves the sum of its parameters: it does exactly when
@@ -92,9 +94,12 @@ class RobustMerge:
     """One node's clipping: its radius setting and the distances it has seen (thread-safe: merges are
     computed in worker threads)."""
 
-    def __init__(self, radius: float | str, refuse_factor: float = REFUSE_FACTOR, history: int = HISTORY) -> None:
+    def __init__(
+        self, radius: float | str, refuse_factor: float = REFUSE_FACTOR, quantile: float = 0.5, history: int = HISTORY
+    ) -> None:
         self.radius = radius
         self.refuse_factor = refuse_factor
+        self.quantile = quantile
         self._seen: deque[float] = deque(maxlen=history)
         self._lock = threading.Lock()
         self.last_tau: float | None = None
@@ -114,14 +119,15 @@ class RobustMerge:
         with self._lock:
             seen = list(self._seen)
             self._seen.append(d)
-        median = float(np.median([*seen, d]))
+        window = [*seen, d]
+        median = float(np.median(window))
         if self.refuse_factor > 0 and len(seen) >= MIN_HISTORY and d > self.refuse_factor * max(median, 1e-12):
             with self._lock:
                 self.refused += 1
             raise TooFar(
                 f"model implausibly far: distance {d:.4g} > {self.refuse_factor:g} x the recent median {median:.4g}"
             )
-        tau = median if self.radius == "auto" else float(self.radius)
+        tau = float(np.quantile(window, self.quantile)) if self.radius == "auto" else float(self.radius)
         out = Clipped(clip_toward(mine, theirs, tau, d), d, tau)
         with self._lock:
             self.last_tau = tau
@@ -131,6 +137,7 @@ class RobustMerge:
     def describe(self) -> dict[str, object]:
         return {
             "clip_radius": self.radius,
+            "clip_quantile": self.quantile if self.radius == "auto" else None,
             "tau": self.last_tau,
             "recent_median_distance": self.reference(),
             "refuse_factor": self.refuse_factor,
