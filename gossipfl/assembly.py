@@ -143,6 +143,7 @@ def membership(cfg: NodeConfig, node_id: str) -> tuple[Membership, list[tuple[in
     key = None
     if cfg.secret_file:
         key = ClusterKey(read_key_file(cfg.secret_file))
+        notes.append((logging.INFO, f"members only: cluster key fingerprint {key.key_id} (the same on every member)"))
         if loosely_protected(cfg.secret_file):
             notes.append((logging.WARNING, f"secret-file {cfg.secret_file} can be read by every user: chmod 600 it"))
     tls = None

@@ -63,11 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
         "node_args", nargs=argparse.REMAINDER, help="after '--': extra options passed to every node, e.g. -- --lr 0.002"
     )
 
-    token_help = "the node's read token (env GOSSIPFL_TOKEN); needed when it runs with --read-token"
+    token_help = "the node's read token (env GOSSIPFL_TOKEN, which ps does not show); needed with --read-token"
+    cacert_help = "for an https node (mutual TLS): the cluster CA certificate to check it against"
     peers = sub.add_parser("peers", help="list the gossipfl nodes visible over mDNS, or those a node knows (--url)")
     peers.add_argument("--mdns-interface", default="", help="IPv4 address(es), comma-separated (default: all)")
     peers.add_argument("--url", help="instead of listening to mDNS, list the peers this node knows (GET /v1/peers)")
     peers.add_argument("--token", help=token_help)
+    peers.add_argument("--cacert", metavar="FILE", help=cacert_help)
     peers.add_argument("--timeout", type=float, default=3.0, help="seconds to listen")
     peers.add_argument("--json", action="store_true")
 
@@ -75,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("url", help="the node, e.g. http://127.0.0.1:8470")
     pull.add_argument("-o", "--output", required=True, metavar="FILE", help="where to write the .safetensors file")
     pull.add_argument("--token", help=token_help)
+    pull.add_argument("--cacert", metavar="FILE", help=cacert_help)
 
     query = sub.add_parser("query", help="run inputs through a node's model (Open Inference Protocol v2)")
     query.add_argument("url", help="the node, e.g. http://127.0.0.1:8470")
@@ -82,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--model", help="model name (default: the node's task)")
     query.add_argument("--json", action="store_true", help="print all outputs as JSON")
     query.add_argument("--token", help=token_help)
+    query.add_argument("--cacert", metavar="FILE", help=cacert_help)
 
     certs = sub.add_parser("certs", help="a cluster CA and node certificates for mutual TLS")
     certs_sub = certs.add_subparsers(dest="certs_command", required=True)
@@ -201,7 +205,7 @@ def cmd_peers(args: argparse.Namespace) -> int:
     if args.url:
         from gossipfl.serving.client import base_url, get_json
 
-        doc = get_json(base_url(args.url) + "/v1/peers", args.timeout, _token(args))
+        doc = get_json(base_url(args.url) + "/v1/peers", args.timeout, _token(args), args.cacert)
         rows = doc.get("peers") if isinstance(doc, dict) else None
         if not isinstance(rows, list):
             raise ConfigError(f"{args.url}: not a gossipfl peer list")
@@ -226,7 +230,7 @@ def cmd_peers(args: argparse.Namespace) -> int:
 def cmd_pull(args: argparse.Namespace) -> int:
     from gossipfl.serving.client import pull
 
-    info = pull(args.url, args.output, token=_token(args))
+    info = pull(args.url, args.output, token=_token(args), cacert=args.cacert)
     meta = info["metadata"]
     print(
         f"saved {info['file']} ({info['bytes']:,} bytes, {len(info['tensors'])} tensors): "
@@ -240,7 +244,7 @@ def cmd_query(args: argparse.Namespace) -> int:
 
     from gossipfl.serving.client import load_input, query
 
-    out = query(args.url, load_input(args.input), model=args.model, token=_token(args))
+    out = query(args.url, load_input(args.input), model=args.model, token=_token(args), cacert=args.cacert)
     if args.json or "label" not in out:
         print(json.dumps({k: v.tolist() for k, v in out.items()}))
         return 0

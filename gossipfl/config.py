@@ -219,6 +219,11 @@ def validate(c: NodeConfig) -> None:
         parse_radius(c.clip_radius)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if c.clip_radius and c.merge == "pushsum":
+        raise ConfigError(
+            "clip-radius with merge pushsum: push-sum trusts each partner's weight, which clipping does not bound; "
+            "use average, age or samples"
+        )
     if not 0 < c.clip_quantile <= 1:
         raise ConfigError("clip-quantile must be in (0, 1]")
     if not c.refuse_factor >= 0:

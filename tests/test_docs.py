@@ -145,6 +145,10 @@ def check_command(line: str) -> str | None:
     from gossipfl.config import ConfigError
 
     words = shlex.split(line)
+    for i, w in enumerate(words):  # the command ends where a redirection or another command starts
+        if w in ("|", "||", "&&", ";", "&") or re.match(r"^\d?>|^<", w):
+            words = words[:i]
+            break
     while words and re.fullmatch(r"[A-Z_]+=\S*", words[0]):  # VAR=value prefixes
         words.pop(0)
     if not words:

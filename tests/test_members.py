@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import numpy as np
 import pytest
@@ -37,8 +38,10 @@ def other_key_file(tmp_path):
     return str(p)
 
 
-def signed_headers(target: str, body: bytes = b"", *, key: bytes = KEY, sender: str = "tester", method: str = "POST"):
-    header, nonce = ClusterKey(key).sign_request(method, target, sender, body)
+def signed_headers(
+    target: str, body: bytes = b"", *, key: bytes = KEY, sender: str = "tester", method: str = "POST", to: str = "n0"
+):
+    header, nonce = ClusterKey(key).sign_request(method, target, sender, to, body)
     return {HEADER: header, "Content-Type": wire.CONTENT_TYPE}, nonce
 
 
@@ -48,7 +51,7 @@ def unchanged(node, before) -> bool:
 
 
 async def test_read_token_guards_every_read_route_but_health(make_config, key_file, http):
-    cfg = make_config(no_train=True, secret_file=key_file, read_token=TOKEN)
+    cfg = make_config(id="n0", no_train=True, secret_file=key_file, read_token=TOKEN)
     async with running(cfg) as (node,):
         for path in READ_ROUTES:
             async with http.get(node.url + path) as r:
@@ -66,7 +69,6 @@ async def test_read_token_guards_every_read_route_but_health(make_config, key_fi
             security = (await r.json())["security"]
         assert security == {
             "mode": "cluster-key",
-            "key_id": ClusterKey(KEY).key_id,
             "scheme": "http",
             "read_token": True,
             "allow_ids": None,
@@ -75,7 +77,7 @@ async def test_read_token_guards_every_read_route_but_health(make_config, key_fi
 
 
 async def test_a_valid_but_unsigned_gossip_message_is_refused_and_merges_nothing(make_config, key_file, http, caplog):
-    cfg = make_config(no_train=True, secret_file=key_file, read_token=TOKEN)
+    cfg = make_config(id="n0", no_train=True, secret_file=key_file, read_token=TOKEN)
     async with running(cfg) as (node,):
         before = params_of(node)
         body = message(node, sender="tester")
@@ -88,6 +90,8 @@ async def test_a_valid_but_unsigned_gossip_message_is_refused_and_merges_nothing
             signed_headers("/v1/gossip", b"another body")[0],  # signed for another body
             signed_headers("/v1/gossip/" + "0" * 32 + "/commit", body)[0],  # signed for another path
             signed_headers("/v1/gossip", body, sender="someone-else")[0],  # a member speaking as another
+            signed_headers("/v1/gossip", body, to="n1")[0],  # a request meant for another node (replayed here)
+            signed_headers("/v1/gossip", body, to="")[0],  # a gossip message must name its recipient
         ]
         for headers in attempts:
             async with http.post(node.url + "/v1/gossip", data=body, headers=headers) as r:
@@ -106,7 +110,7 @@ async def test_a_valid_but_unsigned_gossip_message_is_refused_and_merges_nothing
 
 
 async def test_a_signed_exchange_is_answered_with_a_signed_reply_and_cannot_be_replayed(make_config, key_file, http):
-    cfg = make_config(no_train=True, secret_file=key_file)
+    cfg = make_config(id="n0", no_train=True, secret_file=key_file)
     async with running(cfg) as (node,):
         before = params_of(node)
         body = message(node, sender="tester")
@@ -120,7 +124,7 @@ async def test_a_signed_exchange_is_answered_with_a_signed_reply_and_cannot_be_r
         async with http.post(node.url + "/v1/gossip", data=body, headers=headers) as r:  # the same request again
             assert r.status == 401 and "replay" in (await r.json())["error"]
         stale, _ = ClusterKey(KEY, clock=lambda: __import__("time").time() - 60).sign_request(
-            "POST", "/v1/gossip", "tester", body
+            "POST", "/v1/gossip", "tester", "n0", body
         )
         async with http.post(node.url + "/v1/gossip", data=body, headers={HEADER: stale}) as r:
             assert r.status == 401 and "timestamp" in (await r.json())["error"]
@@ -163,7 +167,7 @@ async def rogue_node(port_holder: list[int], reply: bytes, status: dict, *, sign
 
 @pytest.mark.parametrize("sign_with", [None, OTHER_KEY], ids=["unsigned", "other-key"])
 async def test_a_forged_reply_is_not_merged_and_its_sender_is_ignored(make_config, key_file, sign_with):
-    cfg = make_config(no_train=True, secret_file=key_file, gossip_interval=0.05)
+    cfg = make_config(id="n0", no_train=True, secret_file=key_file, gossip_interval=0.05)
     async with running(cfg) as (node,):
         before = params_of(node)
         poison = {k: np.full_like(v, 1e3) for k, v in before.items()}
@@ -193,7 +197,7 @@ async def test_a_forged_reply_is_not_merged_and_its_sender_is_ignored(make_confi
 
 
 async def test_allow_ids_limits_who_may_gossip(make_config, key_file, http):
-    cfg = make_config(no_train=True, secret_file=key_file, allow_ids=("friend",))
+    cfg = make_config(id="n0", no_train=True, secret_file=key_file, allow_ids=("friend",))
     async with running(cfg) as (node,):
         before = params_of(node)
         for sender, expected in (("stranger", 401), ("friend", 200)):
@@ -232,3 +236,79 @@ async def test_four_members_converge_and_an_outsider_is_refused_by_all(make_conf
         assert {p["id"] for p in out.status()["ignored_peers"]} == {"m0", "m1", "m2", "m3"}
         assert all(n.id not in {p.id for p in out.peers.all()} for n in inside)
         assert not all(np.array_equal(params_of(out)[k], v) for k, v in out_before.items())  # it trains alone
+
+
+async def test_a_non_member_is_refused_before_its_body_is_read_or_room_reserved(make_config, key_file):
+    """A well-formed header with a made-up signature and a large declared body: the answer comes at once, from
+    the head alone, and the node's exchange slots stay free for members."""
+    from .faults import raw_request, status_of
+
+    async with running(make_config(id="n0", no_train=True, secret_file=key_file)) as (node,):
+        fake = f"v1 id=x,to=n0,ts={int(time.time())},nonce={'0' * 32},hsig={'1' * 64},sig={'2' * 64}"
+        head = (
+            f"POST /v1/gossip HTTP/1.1\r\nHost: x\r\n{HEADER}: {fake}\r\n"
+            f"Content-Type: {wire.CONTENT_TYPE}\r\nContent-Length: {node.gossiper.max_body}\r\n\r\n"
+        ).encode()
+        start = time.monotonic()
+        reply = await raw_request(node.port, head, b"", timeout=5)  # no body is ever sent
+        assert status_of(reply) == 401 and time.monotonic() - start < 2
+        assert node.gossiper._receiving == 0 and len(node.gossiper.ledger) == 0
+
+
+async def test_only_the_member_that_prepared_an_exchange_decides_it(make_config, key_file, http):
+    async with running(make_config(id="n0", no_train=True, secret_file=key_file)) as (node,):
+        xid = wire.new_xid()
+        body = message(node, sender="alice", xid=xid)
+        async with http.post(
+            node.url + "/v1/gossip", data=body, headers=signed_headers("/v1/gossip", body, sender="alice")[0]
+        ) as r:
+            assert r.status == 200
+        path = f"/v1/gossip/{xid}/commit"
+        async with http.post(node.url + path, headers=signed_headers(path, sender="mallory")[0]) as r:
+            assert r.status == 401 and "another member" in (await r.json())["error"]
+        async with http.post(node.url + path, headers=signed_headers(path, sender="alice")[0]) as r:
+            assert (await r.json())["outcome"] == "committed"
+
+
+async def test_an_mdns_record_claiming_a_members_id_gets_the_impostor_shunned_not_the_member(make_config, zc, key_file):
+    """A non-member announces the id of an honest member at its own address: the members probe it before
+    believing it, shun that address, and keep gossiping with the real member."""
+    import socket as _socket
+
+    from zeroconf.asyncio import AsyncServiceInfo
+
+    from gossipfl.discovery.mdns import SERVICE_TYPE
+
+    a_cfg = make_config(id="ma", discovery=("mdns",), no_train=True, seed=1, secret_file=key_file)
+    b_cfg = make_config(id="mb", discovery=("mdns",), no_train=True, seed=2, secret_file=key_file)
+    async def refuse_all(request: web.Request) -> web.Response:
+        return web.json_response({"error": "no"}, status=401)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", refuse_all)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        async with running(a_cfg, b_cfg, zeroconf=zc) as (a, b):
+            assert await wait_for(lambda: a.peers.get("mb") is not None and a.gossiper.stats.ok > 0, timeout=15)
+            props = dict(b.discovery.mdns.info.properties)
+            fake = AsyncServiceInfo(
+                SERVICE_TYPE, f"impostor.{SERVICE_TYPE}", addresses=[_socket.inet_aton("127.0.0.1")], port=port,
+                properties=props, server="impostor.local.",
+            )  # fmt: skip
+            await (await zc.async_register_service(fake))
+            rogue = f"http://127.0.0.1:{port}"
+            try:
+                assert await wait_for(lambda: a.peers.shunned(rogue), timeout=10)
+                assert a.peers.get("mb").url == b.url
+                ok = a.gossiper.stats.ok
+                assert await wait_for(lambda: a.gossiper.stats.ok > ok + 3, timeout=10)  # still gossiping with mb
+                ignored = {p["url"]: p for p in a.status()["ignored_peers"]}
+                assert ignored[rogue]["id"] == "mb" and ignored[rogue]["reason"].startswith("authentication:")
+            finally:
+                await zc.async_unregister_service(fake)
+    finally:
+        await runner.cleanup()

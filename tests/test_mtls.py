@@ -3,6 +3,7 @@ and a node of another CA refused by every member."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import ssl
 
@@ -186,3 +187,13 @@ async def test_a_probed_node_whose_status_names_another_id_than_its_certificate_
             assert await node.discovery.prober.probe(url, "static") == "ignored"  # not probed again for a while
         finally:
             await runner.cleanup()
+
+
+async def test_the_cli_reads_an_https_node_with_the_cluster_ca(make_config, pki, tmp_path):
+    good, _ = pki
+    async with running(make_config(id=None, no_train=True, **tls(good, "n-a"))) as (node,):
+        out = tmp_path / "m.safetensors"
+        rc = await asyncio.to_thread(main, ["pull", node.url, "-o", str(out), "--cacert", str(good / "ca.crt")])
+        assert rc == 0 and out.stat().st_size > 10_000
+        other = tmp_path / "other.safetensors"  # without the CA, the node's certificate is not trusted
+        assert await asyncio.to_thread(main, ["pull", node.url, "-o", str(other)]) == 1 and not other.exists()

@@ -227,17 +227,31 @@ def test_a_peer_that_failed_authentication_sits_out_then_is_tried_again():
     t.upsert("a", "http://a:1", "digits", "mdns")
     t.mark_failed("a")
     assert t.ignore("a", "http://a:1", "authentication: bad signature", for_s=60)
-    assert "a" not in t and t.shunned("a") and t.choose(random.Random(0)) is None
+    assert "a" not in t and t.shunned("http://a:1") and t.choose(random.Random(0)) is None
     assert t.ignored() == [{"id": "a", "url": "http://a:1", "reason": "authentication: bad signature"}]
     assert not t.upsert("a", "http://a:1", "digits", "mdns")  # discovery cannot put it back meanwhile
     clock.t += 59.9
-    assert t.choose(random.Random(0)) is None and t.shunned("a")
+    assert t.choose(random.Random(0)) is None and t.shunned("http://a:1")
     clock.t += 0.2
     peer = t.choose(random.Random(0))  # its time out is over: tried again, as the mDNS peer it was
     assert peer is not None and peer.id == "a" and peer.source == "mdns" and peer.failures == 0
-    assert t.ignored() == [] and not t.shunned("a")
+    assert t.ignored() == [] and not t.shunned("http://a:1")
     t.ignore("a", "http://a:1", "authentication: bad signature", for_s=60)
     assert "a" not in t  # failing again sends it out again
+
+
+def test_a_rogue_claiming_an_honest_id_gets_its_own_address_shunned_not_the_honest_node():
+    clock = Clock()
+    t = PeerTable("me", clock=clock)
+    t.upsert("b", "http://b:1", "digits", "mdns")
+    t.mark_ok("b")
+    # an unauthenticated announcement of "b" at the rogue's address fails authentication there
+    t.ignore("b", "http://rogue:1", "authentication: reply not signed", for_s=60)
+    assert t.get("b").url == "http://b:1" and t.shunned("http://rogue:1") and not t.shunned("http://b:1")
+    assert not t.upsert("b", "http://rogue:1", "digits", "mdns")  # the rogue's address stays out
+    assert t.get("b").url == "http://b:1"
+    t.remove("b")
+    assert t.upsert("b", "http://b:1", "digits", "inbound")  # the honest node comes back at its own address
 
 
 def test_an_address_that_failed_authentication_is_shunned_by_url():

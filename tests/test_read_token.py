@@ -32,6 +32,8 @@ def _status(url: str, token: str | None) -> int:
             return r.status
     except urllib.error.HTTPError as e:
         return e.code
+    except OSError:  # not listening yet
+        return 0
 
 
 @pytest.fixture(scope="module")

@@ -46,31 +46,58 @@ def test_counters_are_left_out_of_the_distance_and_never_clipped():
     assert distance(mine, out) == pytest.approx(1.0, rel=1e-5)
 
 
-def test_auto_radius_is_the_median_of_recent_distances_and_outliers_are_refused():
+def test_auto_radius_is_the_median_of_the_partners_distances_and_outliers_are_refused():
     r = RobustMerge("auto", refuse_factor=20)
     mine = model(0.0)
-    for _ in range(MIN_HISTORY):
-        assert not r.apply(mine, model(1.0)).clipped  # distance sqrt(7) each: the median
-    far = r.apply(mine, model(10.0))  # 10x the median: clipped to it, not refused
+    for i in range(MIN_HISTORY):
+        assert not r.apply(mine, model(1.0), f"p{i}").clipped  # distance sqrt(7) each: the median
+    far = r.apply(mine, model(10.0), "x")  # 10x the median: clipped to it, not refused
     assert far.clipped and far.tau == pytest.approx(np.sqrt(7), rel=1e-6)
     assert distance(mine, far.params) == pytest.approx(np.sqrt(7), rel=1e-5)
     with pytest.raises(TooFar, match="implausibly far"):
-        r.apply(mine, model(100.0))
+        r.apply(mine, model(100.0), "y")
     assert (r.clipped, r.refused) == (1, 1)
     with pytest.raises(TooFar, match="not finite"):
-        r.apply(mine, model(np.inf))
+        r.apply(mine, model(np.inf), "z")
 
 
-def test_a_minority_of_far_models_cannot_raise_the_auto_radius():
+def test_a_minority_of_far_partners_cannot_raise_the_auto_radius():
     r = RobustMerge("auto", refuse_factor=0)  # never refuse: only clipping stands between
     mine = model(0.0)
-    taus = [r.apply(mine, model(100.0 if i % 3 == 0 else 1.0)).tau for i in range(60)]
+    taus = [r.apply(mine, model(100.0 if i % 3 == 0 else 1.0), f"p{i}").tau for i in range(60)]
     assert max(taus[10:]) == pytest.approx(np.sqrt(7), rel=1e-6)
+
+
+def test_one_partner_sending_many_far_models_counts_once():
+    """A member that streams far models (merged, refused, or prepared and aborted) cannot drag the radius:
+    each partner's latest distance counts once."""
+    r = RobustMerge("auto", refuse_factor=20)
+    mine = model(0.0)
+    for i in range(10):
+        r.apply(mine, model(1.0), f"honest{i}")
+    for _ in range(100):
+        try:
+            r.apply(mine, model(1000.0), "mallory")
+        except TooFar:
+            pass
+    poisoned = r.apply(mine, model(15.0), "mallory")
+    assert poisoned.clipped and poisoned.tau == pytest.approx(np.sqrt(7), rel=1e-6)
+    assert r.describe()["partners"] == 11
+
+
+def test_the_first_partner_is_not_clipped_and_coinciding_models_refuse_nothing():
+    r = RobustMerge("auto", refuse_factor=2)
+    assert not r.apply(model(0.0), model(100.0), "first").clipped  # nothing yet to compare it with
+    r = RobustMerge("auto", refuse_factor=2)
+    for i in range(MIN_HISTORY):
+        r.apply(model(1.0), model(1.0), f"p{i}")  # converged: every distance 0
+    out = r.apply(model(1.0), model(1.0 + 1e-7), "q")  # a tiny difference is neither refused nor zeroed
+    assert out.tau > 0
 
 
 def test_no_refusal_before_enough_history_and_a_fixed_radius():
     r = RobustMerge(0.5, refuse_factor=2)
-    out = r.apply(model(0.0), model(100.0))  # the first model ever: clipped, not refused
+    out = r.apply(model(0.0), model(100.0), "a")  # the first model ever: clipped, not refused
     assert out.clipped and out.tau == 0.5
 
 
@@ -109,7 +136,7 @@ async def test_a_poisoned_exchange_moves_a_clipping_node_by_at_most_half_the_rad
 async def test_an_implausibly_far_model_is_refused_with_400_and_counted(make_config, http):
     async with running(make_config(no_train=True, clip_radius="auto", refuse_factor=5)) as (node,):
         base = params_of(node)
-        for i in range(MIN_HISTORY):  # honest-looking partners: small, varied distances
+        for i in range(MIN_HISTORY + 1):  # honest-looking partners: small, varied distances
             near = {k: v + 0.01 * (1 + i % 3) if v.dtype.kind == "f" else v for k, v in base.items()}
             xid = wire.new_xid()
             async with http.post(node.url + "/v1/gossip", data=message(node, near, sender=f"p{i}", xid=xid),

@@ -14,6 +14,7 @@ from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZerocon
 
 from gossipfl.discovery.identity import Identity
 from gossipfl.discovery.peers import PeerTable
+from gossipfl.discovery.probing import Prober
 
 SERVICE_TYPE = "_gossipfl._tcp.local."
 TXT_VERSION = "1"
@@ -93,12 +94,14 @@ class MdnsDiscovery:
         identity: Identity,
         peers: PeerTable,
         log: logging.LoggerAdapter,
+        prober: Prober | None = None,
     ) -> None:
         self.zc = zc
         self.identity = identity
         self.node_id = node_id
         self.peers = peers
         self.log = log
+        self.prober = prober  # members only: peers announced over mDNS are probed before they are added
         self.info = AsyncServiceInfo(
             SERVICE_TYPE,
             service_name(node_id),
@@ -158,9 +161,17 @@ class MdnsDiscovery:
                 names.add(peer_id)
             return
         reason = self.identity.mismatch_of(found)
+        known = self.peers.get(peer_id)
         if reason:
-            if self.peers.ignore(peer_id, url, reason):
+            if known is not None and known.url != url:  # an announcement claiming a known peer's id: keep the peer
+                self.log.warning("mDNS: %s claims to be %s but %s; ignored", url, peer_id, reason)
+            elif self.peers.ignore(peer_id, url, reason):
                 self.log.warning("ignoring %s at %s: %s", peer_id, url, reason)
+            return
+        if self.prober is not None and (known is None or known.url != url):
+            # members only: an mDNS record proves nothing, so the node at that address must prove it is a
+            # member (a signed status, a certificate for the id it states) before it enters the peer table
+            await self.prober.probe(url, "mdns", claimed=peer_id)
             return
         if self.peers.upsert(peer_id, url, task, "mdns"):
             self.log.info("peer found (mDNS): %s at %s", peer_id, url)

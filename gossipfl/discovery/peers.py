@@ -50,7 +50,9 @@ class PeerTable:
         self.clock = clock
         self._peers: dict[str, Peer] = {}
         self._ignored: dict[str, dict[str, str]] = {}  # seen but not gossiped with, and why
-        # failed authentication: (not re-added before this clock time, the peer as it was, to retry then)
+        # addresses that failed authentication: (not re-added before this clock time, the peer that was
+        # there, to retry then). By address, not by id: anyone can announce any id over mDNS, and a rogue
+        # claiming an honest node's id must not get that node shunned.
         self._shunned: dict[str, tuple[float, Peer | None]] = {}
 
     def __len__(self) -> int:
@@ -64,7 +66,7 @@ class PeerTable:
 
     def upsert(self, peer_id: str, url: str, task: str | None, source: str) -> bool:
         """Add or refresh a peer; return True when it is new (or its address changed). Ignores self."""
-        if peer_id == self.self_id or self.shunned(peer_id):
+        if peer_id == self.self_id or self.shunned(url):
             return False
         self._ignored.pop(peer_id, None)
         old = self._peers.get(peer_id)
@@ -81,41 +83,49 @@ class PeerTable:
         return True
 
     def ignore(self, peer_id: str, url: str | None, reason: str, for_s: float | None = None) -> bool:
-        """Record a node that cannot be gossiped with (other task, protocol or model shape; or, for ``for_s``
-        seconds, during which discovery cannot add it back, a failed authentication); True if new."""
+        """Record a node that cannot be gossiped with (other task, protocol or model shape); True if new.
+        With ``for_s``, a failed authentication at ``url``: that address is shunned for ``for_s`` seconds
+        (discovery cannot add it back meanwhile), and the peer is dropped only if that is its address."""
         if peer_id == self.self_id:
             return False
-        peer = self._peers.pop(peer_id, None)
-        if for_s is not None:
-            self._shunned[peer_id] = (self.clock() + for_s, peer)
+        if for_s is not None and url:
+            known = self._peers.get(peer_id)
+            peer = self._peers.pop(peer_id) if known is not None and known.url == url else None
+            self._shunned[url] = (self.clock() + for_s, peer)
             while len(self._shunned) > MAX_IGNORED:
                 del self._shunned[next(iter(self._shunned))]
+        else:
+            self._peers.pop(peer_id, None)
         if len(self._ignored) >= MAX_IGNORED and peer_id not in self._ignored:
             self._ignored.pop(next(iter(self._ignored)))  # the oldest entry
         new = self._ignored.get(peer_id, {}).get("reason") != reason
         self._ignored[peer_id] = {"id": peer_id, "url": url or "", "reason": reason}
         return new
 
-    def shunned(self, peer_id: str) -> bool:
-        """Whether ``peer_id`` failed authentication recently (see ``ignore``)."""
-        entry = self._shunned.get(peer_id)
+    def shunned(self, url: str) -> bool:
+        """Whether the node at ``url`` failed authentication recently (see ``ignore``)."""
+        entry = self._shunned.get(url)
         if entry is not None and entry[0] <= self.clock():
-            del self._shunned[peer_id]
+            del self._shunned[url]
+            self._readmit_one(entry[1])
             return False
         return entry is not None
+
+    def _readmit_one(self, peer: Peer | None) -> None:
+        if peer is not None and peer.id not in self._peers:
+            self._ignored.pop(peer.id, None)
+            peer.failures = peer.busy = 0
+            peer.retry_at = 0.0
+            self._peers[peer.id] = peer
 
     def _readmit(self) -> None:
         """Peers whose time out for a failed authentication is over are tried again (keys get rotated, a
         misconfigured node gets fixed), as the peers they were; a new failure sends them out again."""
         now = self.clock()
-        for peer_id, (until, peer) in list(self._shunned.items()):
+        for url, (until, peer) in list(self._shunned.items()):
             if until <= now:
-                del self._shunned[peer_id]
-                if peer is not None and peer_id not in self._peers:
-                    self._ignored.pop(peer_id, None)
-                    peer.failures = peer.busy = 0
-                    peer.retry_at = 0.0
-                    self._peers[peer_id] = peer
+                del self._shunned[url]
+                self._readmit_one(peer)
 
     def ignored(self) -> list[dict[str, str]]:
         return [self._ignored[k] for k in sorted(self._ignored)]

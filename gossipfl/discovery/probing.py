@@ -12,7 +12,7 @@ import aiohttp
 from gossipfl.common.httpio import PEER_READ_TIMEOUT, TooLarge
 from gossipfl.discovery.identity import Identity
 from gossipfl.discovery.peers import PeerTable
-from gossipfl.security.http import call, get_json
+from gossipfl.security.http import get_json
 from gossipfl.security.membership import Membership
 from gossipfl.security.signing import Unauthorized
 
@@ -37,7 +37,7 @@ class Prober:
         self.log = log
         self.last_error = ""  # why the last probe found nothing (for callers that report it)
 
-    async def probe(self, url: str, source: str) -> str:
+    async def probe(self, url: str, source: str, claimed: str | None = None) -> str:
         """Ask ``url`` who it is and add it to the peer table as learned from ``source``. Returns "added",
         "known" (already in the table at this URL), "self", "ignored" (another task, model shape or
         cluster; or it failed authentication: listed under ignored peers with the reason) or "unreachable".
@@ -62,8 +62,8 @@ class Prober:
                 init=_text(status.get("init_model")),
                 scheme=urlsplit(url).scheme,  # it answered on this scheme
             )
-        except Unauthorized as e:
-            if self.peers.ignore(url, url, f"authentication: {e}", for_s=AUTH_IGNORE_S):
+        except Unauthorized as e:  # listed under the id its announcement claimed, if any, else its address
+            if self.peers.ignore(claimed or url, url, f"authentication: {e}", for_s=AUTH_IGNORE_S):
                 self.log.warning("ignoring %s peer %s for %.0f s: authentication: %s", source, url, AUTH_IGNORE_S, e)
             return "ignored"
         except (TimeoutError, aiohttp.ClientError, TooLarge, ValueError, KeyError, TypeError, AttributeError) as e:
@@ -89,19 +89,15 @@ class Prober:
         return "known"
 
     async def _certified(self, url: str, peer_id: str) -> None:
-        """Unauthorized unless the node at ``url`` holds a certificate for ``peer_id`` (its status named that
-        id; the first connection proved only that it is a member)."""
-        reply = await call(
-            self.session_factory(),
-            self.membership,
-            "GET",
-            url + "/v2/health/live",
-            limit=4096,
-            timeout=PEER_READ_TIMEOUT,
+        """Unauthorized unless the node at ``url`` holds a certificate for ``peer_id``: its status named that
+        id, and the first connection proved only that it is a member. Asks again, expecting that id (the
+        TLS handshake checks it; with a cluster key too, the reply is signed)."""
+        status, _ = await get_json(
+            self.session_factory(), self.membership, url + "/v1/status", MAX_STATUS_BYTES, PEER_READ_TIMEOUT,
             expect=peer_id,
-        )
-        if reply.status != 200:
-            raise ValueError(f"HTTP {reply.status} from /v2/health/live")
+        )  # fmt: skip
+        if not isinstance(status, dict) or status.get("id") != peer_id:
+            raise Unauthorized(f"the node certified as {peer_id!r} did not say so in its status")
 
 
 def _text(value: object) -> str | None:

@@ -131,6 +131,7 @@ class Discovery:
                 identity=self.identity,
                 peers=self.peers,
                 log=self.log,
+                prober=self.prober if self.prober.membership.members_only else None,
             )
             await self.mdns.start()
         except NonUniqueNameException:

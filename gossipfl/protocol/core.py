@@ -111,7 +111,7 @@ class GossipCore:
         robust.TooFar, a WireError, for a model implausibly far)."""
         params = theirs.params
         if self.robust is not None:
-            params = self.robust.apply(mine.params, theirs.params).params
+            params = self.robust.apply(mine.params, theirs.params, theirs.sender).params
         local = merge.Side(mine.params, mine.age, self.learner.train_size, mine.weight)
         remote = merge.Side(params, theirs.age, theirs.samples or 0, theirs.weight or 1.0)
         return self.rule(local, remote)

@@ -106,12 +106,16 @@ class Responder(GossipCore):
                 self.on_inbound(msg.sender, url)
         return reply
 
-    async def decide(self, xid: str, decision: str) -> tuple[str, str]:
+    async def decide(self, xid: str, decision: str, member: str | None = None) -> tuple[str, str]:
         """Phase 2: the initiator asks to commit or abort ``xid``. Returns (outcome, reason); the same
         outcome to every later call about the same xid. Decided without waiting for anything; a commit is
-        answered once recorded, and applied right after (the node merges nothing else meanwhile)."""
+        answered once recorded, and applied right after (the node merges nothing else meanwhile). ``member``:
+        who asks (authenticated; None on an open node): only the member that prepared an exchange decides it
+        (Impersonation otherwise)."""
         now = self.clock()
         self.expire()
+        if member is not None and (entry := self.ledger.prepared(xid)) is not None and entry.sender != member:
+            raise Impersonation(f"exchange {xid} belongs to another member")
         if (outcome := self.ledger.outcome(xid)) is not None:
             return outcome, "already decided"
         entry = self.ledger.prepared(xid)

@@ -5,10 +5,11 @@ Before the merge rule sees a peer's model, the peer's difference from this node'
 norm ``tau``: ``x_peer' = x_own + clip(x_peer - x_own, tau)``. One exchange with a member that sends
 anything (parameters times 100, flipped, noise) then moves this node by at most ``tau / 2`` (the
 ``average`` rule). ``tau`` is fixed (``--clip-radius TAU``) or adaptive (``--clip-radius auto``): the
-``quantile`` (``--clip-quantile``, default the median) of the distances to the last ``HISTORY`` models this
-node received, the current one included. It follows the honest distances as the network converges, and
-partners that send far models cannot raise it unless they are more than ``1 - quantile`` of the partners:
-the paper's adaptive rule clips the share of partners assumed Byzantine. A model farther than
+``quantile`` (``--clip-quantile``, default the median) of the latest distance to each of the last ``HISTORY``
+partners, the current model included. It follows the honest distances as the network converges, and
+partners that send far models cannot raise it unless they are more than ``1 - quantile`` of the partners
+(each counts once: with a cluster key alone a member can claim many ids; mutual TLS binds them): the
+paper's adaptive rule clips the share of partners assumed Byzantine. A model farther than
 ``refuse_factor`` times the median (``--refuse-factor``) is refused outright.
 
 Each side clips what it receives toward itself, so when clipping happens the two partners no longer end
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import math
 import threading
-from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -29,8 +29,8 @@ import numpy as np
 from gossipfl.protocol.wire import WireError
 
 Params = Mapping[str, np.ndarray]
-HISTORY = 64  # distances kept for the adaptive radius and the refusal threshold
-MIN_HISTORY = 8  # no refusal before this many distances were seen (the start, when all are alike)
+HISTORY = 64  # partners whose latest distance sets the adaptive radius and the refusal threshold
+MIN_HISTORY = 8  # no refusal before this many other partners were seen
 REFUSE_FACTOR = 20.0
 
 
@@ -91,8 +91,10 @@ class Clipped:
 
 
 class RobustMerge:
-    """One node's clipping: its radius setting and the distances it has seen (thread-safe: merges are
-    computed in worker threads)."""
+    """One node's clipping: its radius setting and the latest distance to each recent partner (thread-safe:
+    merges are computed in worker threads). Each partner counts once, however many models it sends, so a
+    partner cannot drag the adaptive radius with a stream of far models, whether they are merged, refused,
+    or prepared and then aborted."""
 
     def __init__(
         self, radius: float | str, refuse_factor: float = REFUSE_FACTOR, quantile: float = 0.5, history: int = HISTORY
@@ -100,37 +102,46 @@ class RobustMerge:
         self.radius = radius
         self.refuse_factor = refuse_factor
         self.quantile = quantile
-        self._seen: deque[float] = deque(maxlen=history)
+        self.history = history
+        self._latest: dict[str, float] = {}  # partner -> its latest distance, most recent partner last
         self._lock = threading.Lock()
         self.last_tau: float | None = None
         self.clipped = 0  # models received that were clipped
         self.refused = 0  # models received that were refused as too far
 
     def reference(self) -> float | None:
-        """The median of the recent distances (None before any)."""
+        """The median of the partners' latest distances (None before any)."""
         with self._lock:
-            return float(np.median(self._seen)) if self._seen else None
+            return float(np.median(list(self._latest.values()))) if self._latest else None
 
-    def apply(self, mine: Params, theirs: Params) -> Clipped:
-        """The peer's model clipped toward this node's; TooFar when it is implausibly far."""
+    def apply(self, mine: Params, theirs: Params, sender: str = "") -> Clipped:
+        """The model of partner ``sender`` clipped toward this node's; TooFar when it is implausibly far.
+        The radius and the refusal threshold come from the other partners' latest distances and this one
+        (until there are MIN_HISTORY others, nothing is refused, and the first partner ever is not clipped:
+        there is nothing yet to compare it with)."""
         d = distance(mine, theirs)
         if not math.isfinite(d):
             raise TooFar("the model's distance from this node's is not finite")
         with self._lock:
-            seen = list(self._seen)
-            self._seen.append(d)
-        window = [*seen, d]
+            others = [v for k, v in self._latest.items() if k != sender]
+            self._latest.pop(sender, None)
+            self._latest[sender] = d
+            while len(self._latest) > self.history:
+                del self._latest[next(iter(self._latest))]
+        window = [*others, d]
         median = float(np.median(window))
-        if self.refuse_factor > 0 and len(seen) >= MIN_HISTORY and d > self.refuse_factor * max(median, 1e-12):
+        # a floor, so that a network whose models coincide (pure averaging, converged) refuses nothing
+        floor = 1e-6 * max(distance(mine, {k: np.zeros_like(v) for k, v in mine.items()}), 1e-12)
+        if self.refuse_factor > 0 and len(others) >= MIN_HISTORY and d > self.refuse_factor * max(median, floor):
             with self._lock:
                 self.refused += 1
             raise TooFar(
                 f"model implausibly far: distance {d:.4g} > {self.refuse_factor:g} x the recent median {median:.4g}"
             )
         tau = float(np.quantile(window, self.quantile)) if self.radius == "auto" else float(self.radius)
-        out = Clipped(clip_toward(mine, theirs, tau, d), d, tau)
+        out = Clipped(clip_toward(mine, theirs, max(tau, floor), d), d, max(tau, floor))
         with self._lock:
-            self.last_tau = tau
+            self.last_tau = out.tau
             self.clipped += out.clipped
         return out
 
@@ -140,6 +151,7 @@ class RobustMerge:
             "clip_quantile": self.quantile if self.radius == "auto" else None,
             "tau": self.last_tau,
             "recent_median_distance": self.reference(),
+            "partners": len(self._latest),
             "refuse_factor": self.refuse_factor,
             "clipped": self.clipped,
             "refused_too_far": self.refused,

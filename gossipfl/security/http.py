@@ -42,7 +42,7 @@ async def call(
     connection limit's 503 comes before any route could sign it. Raises aiohttp errors, TimeoutError,
     TooLarge and BodyError as reading does."""
     target = URL(url).raw_path_qs
-    signed, pending = membership.sign(method, target, body)
+    signed, pending = membership.sign(method, target, body, to=expect)
     try:
         return await _call(session, membership, method, url, body, signed, pending, limit, timeout, expect, headers)
     except aiohttp.ClientSSLError as e:  # a certificate from another CA (either side), or for another id

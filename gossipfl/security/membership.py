@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from gossipfl.security.signing import HEADER, ClusterKey, Unauthorized
+from gossipfl.security.signing import HEADER, ClusterKey, Signature, Unauthorized
 from gossipfl.security.tls import TlsFiles, client_context
 
 BEARER = "Bearer "
@@ -23,6 +23,14 @@ class Pending:
     method: str
     target: str
     nonce: str | None  # None without a cluster key
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """A request whose head passed ``Membership.check_head``."""
+
+    member: str | None  # the authenticated node id (None on an open node)
+    signed: Signature | None  # its cluster-key signature, to check the body against
 
 
 @dataclass
@@ -59,17 +67,19 @@ class Membership:
         modes = [m for m, on in (("cluster-key", self.key), ("mutual-tls", self.tls)) if on is not None]
         return {
             "mode": "+".join(modes) or "open",
-            "key_id": self.key.key_id if self.key else None,
             "scheme": self.scheme,
             "read_token": self.read_token is not None,
             "allow_ids": sorted(self.allow) if self.allow is not None else None,
         }
 
     # -- client side: requests this node sends, replies it reads ---------------------------------------
-    def sign(self, method: str, target: str, body: bytes = b"") -> tuple[dict[str, str], Pending]:
+    def sign(
+        self, method: str, target: str, body: bytes = b"", to: str | None = None
+    ) -> tuple[dict[str, str], Pending]:
+        """Headers for a request to the node ``to`` (None: a read of a node whose id is not known yet)."""
         if self.key is None:
             return {}, Pending(method, target, None)
-        header, nonce = self.key.sign_request(method, target, self.node_id, body)
+        header, nonce = self.key.sign_request(method, target, self.node_id, to or "", body)
         return {HEADER: header}, Pending(method, target, nonce)
 
     def check_reply(
@@ -95,27 +105,34 @@ class Membership:
         return who
 
     # -- server side: requests this node answers -------------------------------------------------------
-    def check_request(
-        self, method: str, target: str, headers: Mapping[str, str], body: bytes, cert_id: str | None
-    ) -> tuple[str | None, str | None]:
-        """(authenticated sender id, nonce to sign the reply with) of a request to a members-only route;
-        (None, None) on an open node. Unauthorized when the caller is not a member in good standing."""
+    def check_head(
+        self, method: str, target: str, headers: Mapping[str, str], length: int, cert_id: str | None
+    ) -> Admitted:
+        """Whether a request to a members-only route comes from a member in good standing, as far as its head
+        tells (before any body is read): its certificate, the signature of its head (fresh, for this node, a
+        new nonce), the allow-list. Unauthorized otherwise. An open node admits everyone, anonymously."""
         if not self.members_only:
-            return None, None
-        who, nonce = None, None
+            return Admitted(None, None)
+        who, signed = None, None
         if self.tls is not None:
             if cert_id is None:
                 raise Unauthorized("a client certificate from the cluster CA is required")
             who = cert_id
         if self.key is not None:
-            signed = self.key.verify_request(method, target, headers.get(HEADER), body)
-            signer, nonce = signed.signer, signed.nonce
-            if who is not None and signer != who:
-                raise Unauthorized(f"request signed as {signer!r} over a connection certified for {who!r}")
-            who = signer
+            signed = self.key.check_head(method, target, headers.get(HEADER), self.node_id, length)
+            if who is not None and signed.signer != who:
+                raise Unauthorized(f"request signed as {signed.signer!r} over a connection certified for {who!r}")
+            who = signed.signer
         if self.allow is not None and who not in self.allow:
             raise Unauthorized(f"{who!r} is not in this node's allow-ids")
-        return who, nonce
+        return Admitted(who, signed)
+
+    def check_body(self, admitted: Admitted, method: str, target: str, body: bytes) -> Pending:
+        """Finish checking an admitted request once its body is read; what the reply's signature needs."""
+        if self.key is not None and admitted.signed is not None:
+            self.key.check_body(admitted.signed, method, target, body)
+            return Pending(method, target, admitted.signed.nonce)
+        return Pending(method, target, None)
 
     def reply_headers(self, pending: Pending, status: int, body: bytes) -> dict[str, str]:
         if self.key is None or pending.nonce is None:
@@ -128,4 +145,5 @@ class Membership:
             return True
         if not authorization or not authorization.startswith(BEARER):
             return False
-        return hmac.compare_digest(authorization[len(BEARER) :].strip().encode(), self.read_token.encode())
+        given = authorization[len(BEARER) :].strip().encode("utf-8", "surrogateescape")  # any bytes: no 500
+        return hmac.compare_digest(given, self.read_token.encode())

@@ -1,11 +1,15 @@
 """The cluster key: HMAC-SHA256 signatures on node-to-node requests and their replies.
 
-A request carries ``Gossipfl-Signature: v1 id=SENDER,ts=UNIX_SECONDS,nonce=HEX32,sig=HEX64``, the MAC over
-the method, the path and query, the sender id, the timestamp, the nonce and the SHA-256 of the body. The
-reply carries the same header with the responder's id and a MAC over its status, the request it answers
-(method, path, the request's nonce) and the SHA-256 of its body, so a reply cannot be forged, altered or
-replayed to another request. A request outside a +-30 s window, or whose nonce was already seen within
-it, is refused. Comparisons are constant-time; the key, signatures and bodies never appear in messages.
+A request carries ``Gossipfl-Signature: v1 id=SENDER,to=RECIPIENT,ts=UNIX_SECONDS,nonce=HEX32,hsig=HEX64,
+sig=HEX64``. ``hsig`` is a MAC over the request's head: method, path and query, sender, recipient, timestamp,
+nonce and body length, so a responder can refuse a non-member, a stale or replayed request, or one meant
+for another node before it reads a body or reserves room for it; ``sig`` adds the SHA-256 of the body and is
+checked once the body is read. The recipient is the node id the sender means to reach (empty for a read of
+a node whose id it does not know yet, allowed on GET only), so a request captured on its way to one node is
+refused by every other. The reply carries the same header with the responder's id and a MAC over its
+status, the request it answers (method, path, the request's nonce) and the SHA-256 of its body: a reply
+cannot be forged, altered or replayed to another request. Comparisons are constant-time; the key,
+signatures and bodies never appear in messages.
 
 Pure but for the clock and the nonce book, which the caller owns (one per node)."""
 
@@ -23,9 +27,10 @@ from dataclasses import dataclass
 HEADER = "Gossipfl-Signature"
 WINDOW_S = 30.0  # a request or reply more than this far from the receiver's clock is refused
 MAX_NONCES = 1 << 17  # nonces remembered within the window; beyond, requests are refused (not forgotten)
+_ID = r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}"
 _HEADER_RE = re.compile(
-    r"^v1 id=(?P<id>[A-Za-z0-9][A-Za-z0-9._-]{0,62}),ts=(?P<ts>\d{1,12}),"
-    r"nonce=(?P<nonce>[0-9a-f]{32}),sig=(?P<sig>[0-9a-f]{64})$"
+    rf"^v1 id=(?P<id>{_ID}),to=(?P<to>(?:{_ID})?),ts=(?P<ts>\d{{1,12}}),"
+    r"nonce=(?P<nonce>[0-9a-f]{32}),hsig=(?P<hsig>[0-9a-f]{64}),sig=(?P<sig>[0-9a-f]{64})$"
 )
 
 
@@ -36,8 +41,10 @@ class Unauthorized(Exception):
 @dataclass(frozen=True)
 class Signature:
     signer: str  # node id of the sender (a request) or responder (a reply)
+    to: str  # the recipient's node id ("" when the sender did not know it; a reply: the request's sender)
     ts: int
     nonce: str  # the request's nonce (a reply repeats it)
+    hsig: str  # MAC of the head (a reply: unused, zeros)
     sig: str
 
 
@@ -48,19 +55,25 @@ def parse(value: str | None) -> Signature:
     m = _HEADER_RE.match(value)
     if m is None:
         raise Unauthorized(f"malformed {HEADER} header")
-    return Signature(m["id"], int(m["ts"]), m["nonce"], m["sig"])
+    return Signature(m["id"], m["to"], int(m["ts"]), m["nonce"], m["hsig"], m["sig"])
 
 
 def render(s: Signature) -> str:
-    return f"v1 id={s.signer},ts={s.ts},nonce={s.nonce},sig={s.sig}"
+    return f"v1 id={s.signer},to={s.to},ts={s.ts},nonce={s.nonce},hsig={s.hsig},sig={s.sig}"
 
 
 def digest(body: bytes) -> str:
     return hashlib.sha256(body).hexdigest()
 
 
-def request_message(method: str, target: str, sender: str, ts: int, nonce: str, body_digest: str) -> bytes:
-    return "\n".join(("gossipfl-request-v1", method.upper(), target, sender, str(ts), nonce, body_digest)).encode()
+def head_message(method: str, target: str, s: Signature, length: int) -> bytes:
+    return "\n".join(
+        ("gossipfl-head-v1", method.upper(), target, s.signer, s.to, str(s.ts), s.nonce, str(length))
+    ).encode()
+
+
+def request_message(method: str, target: str, s: Signature, body: bytes) -> bytes:
+    return head_message(method, target, s, len(body)) + b"\n" + digest(body).encode()
 
 
 def reply_message(
@@ -122,32 +135,48 @@ class ClusterKey:
         if abs(skew) > self.window:
             raise Unauthorized(f"{what} timestamp {skew:+.0f} s from this node's clock (window +-{self.window:g} s)")
 
-    def sign_request(self, method: str, target: str, sender: str, body: bytes = b"") -> tuple[str, str]:
-        """(header value, nonce) for a request; keep the nonce to check the reply."""
-        ts, nonce = int(self.clock()), secrets.token_hex(16)
-        sig = self._mac(request_message(method, target, sender, ts, nonce, digest(body)))
-        return render(Signature(sender, ts, nonce, sig)), nonce
+    def sign_request(self, method: str, target: str, sender: str, to: str, body: bytes = b"") -> tuple[str, str]:
+        """(header value, nonce) for a request from ``sender`` to the node ``to`` ("" if not known yet);
+        keep the nonce to check the reply."""
+        head = Signature(sender, to, int(self.clock()), secrets.token_hex(16), "", "")
+        hsig = self._mac(head_message(method, target, head, len(body)))
+        sig = self._mac(request_message(method, target, head, body))
+        return render(Signature(head.signer, to, head.ts, head.nonce, hsig, sig)), head.nonce
 
-    def verify_request(self, method: str, target: str, header: str | None, body: bytes = b"") -> Signature:
-        """The signature (sender id, nonce) of a correctly signed, fresh, first-seen request; Unauthorized
-        otherwise. The nonce is recorded only once the signature is good (a forger cannot burn others' nonces)."""
+    def check_head(self, method: str, target: str, header: str | None, recipient: str, length: int) -> Signature:
+        """The signature of a request whose head is signed with this key, fresh, meant for ``recipient``
+        (or for anyone, on GET), its nonce not seen before (recorded now); Unauthorized otherwise. The body
+        is checked later, once read (``check_body``)."""
         s = parse(header)
-        expected = self._mac(request_message(method, target, s.signer, s.ts, s.nonce, digest(body)))
-        if not hmac.compare_digest(expected, s.sig):
+        if not hmac.compare_digest(self._mac(head_message(method, target, s, length)), s.hsig):
             raise Unauthorized("bad signature (another cluster key, or the request was altered)")
+        if s.to != recipient and not (s.to == "" and method.upper() == "GET"):
+            raise Unauthorized(f"request meant for {s.to or 'any node'!r}, not this node")
         self._fresh(s.ts, "request")
-        now = self.clock()
-        if refused := self.nonces.add(s.nonce, s.ts + self.window, now):
+        if refused := self.nonces.add(s.nonce, s.ts + self.window, self.clock()):
             raise Unauthorized(refused)
+        return s
+
+    def check_body(self, s: Signature, method: str, target: str, body: bytes) -> None:
+        if not hmac.compare_digest(self._mac(request_message(method, target, s, body)), s.sig):
+            raise Unauthorized("bad signature over the body (another cluster key, or the body was altered)")
+
+    def verify_request(
+        self, method: str, target: str, header: str | None, recipient: str, body: bytes = b""
+    ) -> Signature:
+        """``check_head`` then ``check_body``: a request whose body is at hand."""
+        s = self.check_head(method, target, header, recipient, len(body))
+        self.check_body(s, method, target, body)
         return s
 
     def sign_reply(self, status: int, method: str, target: str, nonce: str, responder: str, body: bytes) -> str:
         ts = int(self.clock())
         sig = self._mac(reply_message(status, method, target, nonce, responder, ts, digest(body)))
-        return render(Signature(responder, ts, nonce, sig))
+        return render(Signature(responder, "", ts, nonce, "0" * 64, sig))
 
     def verify_reply(self, header: str | None, status: int, method: str, target: str, nonce: str, body: bytes) -> str:
-        """The responder id of a correctly signed reply to the request that carried ``nonce``."""
+        """The responder id of a correctly signed reply to the request that carried ``nonce`` (which is what
+        makes it fresh: its timestamp is not checked, so that a large reply may take its time)."""
         if header is None:
             raise Unauthorized("reply not signed (the peer does not hold the cluster key)")
         s = parse(header)
@@ -156,5 +185,4 @@ class ClusterKey:
         expected = self._mac(reply_message(status, method, target, nonce, s.signer, s.ts, digest(body)))
         if not hmac.compare_digest(expected, s.sig):
             raise Unauthorized("reply has a bad signature (another cluster key, or it was altered)")
-        self._fresh(s.ts, "reply")
         return s.signer

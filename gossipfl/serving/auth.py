@@ -2,8 +2,9 @@
 
 - ``/v1/gossip`` and its decisions: members only, when the node has a cluster key or mutual TLS: a signed
   request (``security.signing``), a client certificate from the cluster CA, or both; and, with
-  ``--allow-ids``, an id on the list. The gossip body is part of the signature, so ``post_gossip`` finishes
-  the check once it has read the body (``authenticate``); the rest is checked here, before any body is read.
+  ``--allow-ids``, an id on the list. All of it but the body's signature is checked here, before a body is
+  read or room reserved for it (a non-member holds no exchange slot); ``post_gossip`` finishes the check
+  once it has read the body (``authenticate``).
 - ``/v2/health/live`` and ``/v2/health/ready``: open, for orchestrators.
 - Everything else (model, status, peers, metrics, OpenAPI, inference): the read token when one is set
   (``Authorization: Bearer``), or a member's signed request or certificate (node-to-node reads).
@@ -18,8 +19,8 @@ from collections import Counter
 
 from aiohttp import web
 
-from gossipfl.security.membership import Membership, Pending
-from gossipfl.security.signing import HEADER, Unauthorized, parse
+from gossipfl.security.membership import Membership
+from gossipfl.security.signing import HEADER, Unauthorized
 from gossipfl.security.tls import node_id_of
 from gossipfl.serving.errors import closing, error
 
@@ -40,14 +41,16 @@ def is_member_route(path: str) -> bool:
 
 
 def refuse(request: web.Request, kind: str, reason: str) -> web.Response:
-    """401 for ``kind`` ("member" or "read"), counted, logged once per address and reason."""
+    """401 for ``kind`` ("member" or "read"), counted; logged at warning level the first time per address and
+    reason (up to _LOGGED_LIMIT of them, then at debug), with the path as sent (percent-encoded: one line)."""
     request.app[REFUSED_KEY][kind] += 1
     logged = request.app[LOGGED_KEY]
     key = (request.remote, kind, reason.split(":")[0])
-    level = logging.DEBUG if key in logged else logging.WARNING
-    if len(logged) < _LOGGED_LIMIT:
+    level = logging.DEBUG
+    if key not in logged and len(logged) < _LOGGED_LIMIT:
         logged.add(key)
-    log.log(level, "refused %s %s from %s: %s", request.method, request.path, request.remote, reason)
+        level = logging.WARNING
+    log.log(level, "refused %s %s from %s: %s", request.method, request.raw_path[:200], request.remote, reason)
     m = request.app[MEMBERSHIP_KEY]
     challenge = 'Bearer realm="gossipfl"' if kind == "read" else "Gossipfl-Signature" if m.key else "Mutual-TLS"
     resp = error(401, f"unauthorized: {reason}")
@@ -61,14 +64,27 @@ def cert_id(request: web.Request) -> str | None:
     return node_id_of(transport.get_extra_info("peercert")) if transport is not None else None
 
 
+def _admit(request: web.Request, length: int) -> None:
+    """Check a members-only request's head (Unauthorized), keeping what its body check will need."""
+    m, state = request.app[MEMBERSHIP_KEY], request[_STATE]
+    state["admitted"] = m.check_head(request.method, request.raw_path, request.headers, length, state["cert"])
+
+
 def authenticate(request: web.Request, body: bytes) -> str | None:
-    """Finish checking a members-only request whose body is ``body``: the member's id (None on an open node).
-    Raises Unauthorized."""
-    m = request.app[MEMBERSHIP_KEY]
-    state = request[_STATE]
-    who, nonce = m.check_request(request.method, request.raw_path, request.headers, body, state["cert"])
-    state["pending"] = Pending(request.method, request.raw_path, nonce)
-    return who
+    """Finish checking a members-only request admitted by the middleware, now that its body is read: the
+    member's id (None on an open node). Raises Unauthorized."""
+    m, state = request.app[MEMBERSHIP_KEY], request[_STATE]
+    admitted = state["admitted"]
+    if admitted is None:  # a route that reads a body without the middleware having admitted it: a bug
+        raise Unauthorized("request not admitted")
+    state["pending"] = m.check_body(admitted, request.method, request.raw_path, body)
+    return admitted.member
+
+
+def member(request: web.Request) -> str | None:
+    """The node id the request authenticated as (None on an open node, or for a read with a token)."""
+    admitted = request[_STATE]["admitted"]
+    return admitted.member if admitted is not None else None
 
 
 def install(app: web.Application, membership: Membership) -> None:
@@ -82,20 +98,18 @@ def install(app: web.Application, membership: Membership) -> None:
 @web.middleware
 async def members_only(request: web.Request, handler: object) -> web.StreamResponse:
     m = request.app[MEMBERSHIP_KEY]
-    state = request[_STATE] = {"cert": cert_id(request) if m.tls is not None else None, "pending": None}
+    state = request[_STATE] = {"cert": cert_id(request) if m.tls is not None else None, "admitted": None,
+                               "pending": None}  # fmt: skip
     try:
         if is_member_route(request.path):
-            if m.members_only:
-                if request.path == GOSSIP:  # the body is read, and the check finished, by post_gossip
-                    if m.tls is not None and state["cert"] is None:
-                        raise Unauthorized("a client certificate from the cluster CA is required")
-                    if m.key is not None:
-                        parse(request.headers.get(HEADER))
-                else:
-                    authenticate(request, b"")
+            if request.path == GOSSIP:  # admitted on its head; post_gossip checks the body once read
+                _admit(request, request.content_length or 0)
+            else:  # a decision: no body
+                _admit(request, 0)
+                authenticate(request, b"")
         elif request.path not in OPEN_PATHS:
-            member = (m.key is not None and HEADER in request.headers) or state["cert"] is not None
-            if member:
+            if (m.key is not None and HEADER in request.headers) or state["cert"] is not None:
+                _admit(request, 0)  # a member's read (status probe, peer exchange)
                 authenticate(request, b"")
             elif not m.bearer_ok(request.headers.get("Authorization")):
                 return refuse(request, "read", "a read token is required (Authorization: Bearer TOKEN)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import ssl
 import tempfile
 import urllib.error
 import urllib.request
@@ -34,10 +35,34 @@ def auth_headers(token: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
-def _request(url: str, data: bytes | None = None, headers: dict[str, str] | None = None, timeout: float = 30.0):
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A node never redirects; following one would hand the read token to another host."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001, ANN201
+        return None
+
+
+def _opener(cacert: str | None) -> urllib.request.OpenerDirector:
+    """No redirects; for an https node, its certificate checked against ``cacert`` (the cluster CA), by
+    chain only: a node's certificate names its node id, not the address it is reached at."""
+    handlers: list[urllib.request.BaseHandler] = [_NoRedirect()]
+    if cacert:
+        ctx = ssl.create_default_context(cafile=cacert)
+        ctx.check_hostname = False
+        handlers.append(urllib.request.HTTPSHandler(context=ctx))
+    return urllib.request.build_opener(*handlers)
+
+
+def _request(
+    url: str,
+    data: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 30.0,
+    cacert: str | None = None,
+):
     req = urllib.request.Request(url, data=data, headers=headers or {}, method="POST" if data is not None else "GET")
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
+        with _opener(cacert).open(req, timeout=timeout) as resp:
             return resp.read(), resp.headers
     except urllib.error.HTTPError as e:
         body = e.read()
@@ -51,19 +76,23 @@ def _request(url: str, data: bytes | None = None, headers: dict[str, str] | None
         raise ClientError(f"{url}: {getattr(e, 'reason', e)}") from None
 
 
-def get_json(url: str, timeout: float = 30.0, token: str | None = None) -> Any:
-    body, _ = _request(url, headers=auth_headers(token), timeout=timeout)
+def get_json(url: str, timeout: float = 30.0, token: str | None = None, cacert: str | None = None) -> Any:
+    body, _ = _request(url, headers=auth_headers(token), timeout=timeout, cacert=cacert)
     try:
         return json.loads(body)
     except ValueError:
         raise ClientError(f"{url}: the answer is not JSON (is this a gossipfl node?)") from None
 
 
-def pull(url: str, out: str | Path, timeout: float = 30.0, token: str | None = None) -> dict[str, Any]:
+def pull(
+    url: str, out: str | Path, timeout: float = 30.0, token: str | None = None, cacert: str | None = None
+) -> dict[str, Any]:
     """Save a node's served model as a safetensors file; return its metadata and tensor count."""
     from safetensors import SafetensorError, safe_open
 
-    body, _ = _request(base_url(url) + "/v1/model?format=safetensors", headers=auth_headers(token), timeout=timeout)
+    body, _ = _request(
+        base_url(url) + "/v1/model?format=safetensors", headers=auth_headers(token), timeout=timeout, cacert=cacert
+    )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
@@ -98,13 +127,18 @@ def load_input(path: str | Path) -> np.ndarray:
 
 
 def query(
-    url: str, x: np.ndarray, model: str | None = None, timeout: float = 30.0, token: str | None = None
+    url: str,
+    x: np.ndarray,
+    model: str | None = None,
+    timeout: float = 30.0,
+    token: str | None = None,
+    cacert: str | None = None,
 ) -> dict[str, np.ndarray]:
     """Run ``x`` through a node's served model with one OIP v2 infer request (binary tensors both ways)."""
     root = base_url(url)
     try:
-        name = model or get_json(root + "/v1/status", timeout, token)["task"]
-        meta = get_json(f"{root}/v2/models/{name}", timeout, token)
+        name = model or get_json(root + "/v1/status", timeout, token, cacert)["task"]
+        meta = get_json(f"{root}/v2/models/{name}", timeout, token, cacert)
         (spec,) = meta["inputs"]
         spec["datatype"], spec["shape"], spec["name"]  # noqa: B018 - checked here, used below
     except (KeyError, TypeError, ValueError):
@@ -133,6 +167,7 @@ def query(
         data=header + raw,
         headers={"Content-Type": "application/octet-stream", oip.HEADER: str(len(header)), **auth_headers(token)},
         timeout=timeout,
+        cacert=cacert,
     )
     return decode_response(body, headers.get(oip.HEADER))
 

@@ -96,7 +96,10 @@ async def post_decision(request: web.Request) -> web.Response:
     xid, decision = request.match_info["xid"], request.match_info["decision"]
     if not wire.XID_RE.match(xid):
         return error(400, "exchange id must be 32 lowercase hex digits")
-    outcome, reason = await request.app[NODE_KEY].gossiper.decide(xid, decision)
+    try:
+        outcome, reason = await request.app[NODE_KEY].gossiper.decide(xid, decision, member=auth.member(request))
+    except Impersonation as e:
+        return auth.refuse(request, "member", str(e))
     doc = {"xid": xid, "outcome": outcome}
     if outcome == ABORTED:
         doc["reason"] = reason

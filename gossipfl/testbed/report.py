@@ -41,7 +41,7 @@ def summarize(
     last = series[-1] if series else None
     return {
         "mode": opts.mode,
-        "options": asdict(opts),
+        "options": {**asdict(opts), "extra_node_args": redacted(opts.extra_node_args)},
         "nodes": {
             n.id: {
                 "url": n.url,
@@ -100,3 +100,24 @@ def final_table(result: dict) -> str:
             f"consensus distance {s['consensus_distance_first']:.3e} -> {s['consensus_distance_last']:.3e}{share}"
         )
     return "\n".join(lines)
+
+
+SECRET_FLAGS = ("--read-token",)
+
+
+def redacted(args: tuple[str, ...] | list[str]) -> list[str]:
+    """Node arguments as results.json keeps them: the value of a secret given on the command line is not
+    written to disk (files are named, their content never is)."""
+    out, hide = [], False
+    for a in args:
+        if hide:
+            out.append("***")
+            hide = False
+        elif a in SECRET_FLAGS:
+            out.append(a)
+            hide = True
+        elif a.startswith(tuple(f + "=" for f in SECRET_FLAGS)):
+            out.append(a.split("=", 1)[0] + "=***")
+        else:
+            out.append(a)
+    return out
