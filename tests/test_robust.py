@@ -49,14 +49,14 @@ def test_counters_are_left_out_of_the_distance_and_never_clipped():
 def test_auto_radius_is_the_median_of_the_partners_distances_and_outliers_are_refused():
     r = RobustMerge("auto", refuse_factor=20)
     mine = model(0.0)
-    for i in range(MIN_HISTORY):
-        assert not r.apply(mine, model(1.0), f"p{i}").clipped  # distance sqrt(7) each: the median
+    for i in range(MIN_HISTORY):  # distance sqrt(7) each: the median; the first has nothing to compare with
+        assert r.apply(mine, model(1.0), f"p{i}").clipped == (i == 0)
     far = r.apply(mine, model(10.0), "x")  # 10x the median: clipped to it, not refused
     assert far.clipped and far.tau == pytest.approx(np.sqrt(7), rel=1e-6)
     assert distance(mine, far.params) == pytest.approx(np.sqrt(7), rel=1e-5)
     with pytest.raises(TooFar, match="implausibly far"):
         r.apply(mine, model(100.0), "y")
-    assert (r.clipped, r.refused) == (1, 1)
+    assert (r.clipped, r.refused) == (2, 1)
     with pytest.raises(TooFar, match="not finite"):
         r.apply(mine, model(np.inf), "z")
 
@@ -85,9 +85,22 @@ def test_one_partner_sending_many_far_models_counts_once():
     assert r.describe()["partners"] == 11
 
 
-def test_the_first_partner_is_not_clipped_and_coinciding_models_refuse_nothing():
-    r = RobustMerge("auto", refuse_factor=2)
-    assert not r.apply(model(0.0), model(100.0), "first").clipped  # nothing yet to compare it with
+def test_the_first_partners_cannot_set_their_own_radius():
+    """The first partner ever moves a node not at all (nothing to compare it with); among few partners one far
+    one does not set the radius; and a partner's own distance never counts for its radius."""
+    r = RobustMerge("auto", refuse_factor=0)
+    first = r.apply(model(0.0), model(100.0), "attacker")
+    assert first.clipped and first.tau == 0 and distance(model(0.0), first.params) == 0
+    r.apply(model(0.0), model(1.0), "honest")
+    again = r.apply(model(0.0), model(100.0), "attacker")  # others: honest (sqrt 7) only
+    assert again.tau == pytest.approx(np.sqrt(7), rel=1e-6)
+    r2 = RobustMerge("auto", refuse_factor=0)
+    r2.apply(model(0.0), model(1.0), "h1")
+    r2.apply(model(0.0), model(100.0), "x1")
+    assert r2.apply(model(0.0), model(100.0), "x2").tau == pytest.approx(np.sqrt(7), rel=1e-6)  # the lower middle
+
+
+def test_coinciding_models_refuse_nothing():
     r = RobustMerge("auto", refuse_factor=2)
     for i in range(MIN_HISTORY):
         r.apply(model(1.0), model(1.0), f"p{i}")  # converged: every distance 0

@@ -5,8 +5,8 @@ Before the merge rule sees a peer's model, the peer's difference from this node'
 norm ``tau``: ``x_peer' = x_own + clip(x_peer - x_own, tau)``. One exchange with a member that sends
 anything (parameters times 100, flipped, noise) then moves this node by at most ``tau / 2`` (the
 ``average`` rule). ``tau`` is fixed (``--clip-radius TAU``) or adaptive (``--clip-radius auto``): the
-``quantile`` (``--clip-quantile``, default the median) of the latest distance to each of the last ``HISTORY``
-partners, the current model included. It follows the honest distances as the network converges, and
+``quantile`` (``--clip-quantile``, default the median) of the latest distance to each of the other last
+``HISTORY`` partners. It follows the honest distances as the network converges, and
 partners that send far models cannot raise it unless they are more than ``1 - quantile`` of the partners
 (each counts once: with a cluster key alone a member can claim many ids; mutual TLS binds them): the
 paper's adaptive rule clips the share of partners assumed Byzantine. A model farther than
@@ -116,9 +116,11 @@ class RobustMerge:
 
     def apply(self, mine: Params, theirs: Params, sender: str = "") -> Clipped:
         """The model of partner ``sender`` clipped toward this node's; TooFar when it is implausibly far.
-        The radius and the refusal threshold come from the other partners' latest distances and this one
-        (until there are MIN_HISTORY others, nothing is refused, and the first partner ever is not clipped:
-        there is nothing yet to compare it with)."""
+        The radius and the refusal threshold come from the *other* partners' latest distances only, so a
+        partner cannot widen its own radius, and from the lower of two middle values, so that among few
+        partners one far one does not set the radius. The first partner ever has nothing to be compared
+        with: its model is clipped to nothing (the merge leaves this node where it is) and only its distance
+        is kept. Nothing is refused before MIN_HISTORY other partners are known."""
         d = distance(mine, theirs)
         if not math.isfinite(d):
             raise TooFar("the model's distance from this node's is not finite")
@@ -128,18 +130,22 @@ class RobustMerge:
             self._latest[sender] = d
             while len(self._latest) > self.history:
                 del self._latest[next(iter(self._latest))]
-        window = [*others, d]
-        median = float(np.median(window))
         # a floor, so that a network whose models coincide (pure averaging, converged) refuses nothing
         floor = 1e-6 * max(distance(mine, {k: np.zeros_like(v) for k, v in mine.items()}), 1e-12)
+        median = float(np.quantile(others, 0.5, method="lower")) if others else 0.0
         if self.refuse_factor > 0 and len(others) >= MIN_HISTORY and d > self.refuse_factor * max(median, floor):
             with self._lock:
                 self.refused += 1
             raise TooFar(
                 f"model implausibly far: distance {d:.4g} > {self.refuse_factor:g} x the recent median {median:.4g}"
             )
-        tau = float(np.quantile(window, self.quantile)) if self.radius == "auto" else float(self.radius)
-        out = Clipped(clip_toward(mine, theirs, max(tau, floor), d), d, max(tau, floor))
+        if self.radius != "auto":
+            tau = float(self.radius)
+        elif others:
+            tau = max(float(np.quantile(others, self.quantile, method="lower")), floor)
+        else:
+            tau = 0.0
+        out = Clipped(clip_toward(mine, theirs, tau, d), d, tau)
         with self._lock:
             self.last_tau = out.tau
             self.clipped += out.clipped
