@@ -50,7 +50,7 @@ class PaddedTask(SyntheticTask):
 
 
 def configs(mode: str, folder: Path, key: Path) -> list[NodeConfig]:
-    out = []
+    out, cluster = [], f"cost-{uuid.uuid4().hex[:6]}"
     for i, node_id in enumerate((f"{mode.replace('+', '-')}-a", f"{mode.replace('+', '-')}-b")):
         extra: dict = {}
         if "hmac" in mode:
@@ -63,7 +63,7 @@ def configs(mode: str, folder: Path, key: Path) -> list[NodeConfig]:
             extra["id"] = node_id
         out.append(
             NodeConfig(
-                host="127.0.0.1", port=0, discovery=("static",), cluster=f"cost-{uuid.uuid4().hex[:6]}",
+                host="127.0.0.1", port=0, discovery=("static",), cluster=cluster,
                 no_train=True, seed=i, gossip_interval=3600.0, eval_interval=3600.0, **extra,
             )
         )  # fmt: skip
