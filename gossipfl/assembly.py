@@ -178,7 +178,7 @@ def tls_connector(m: Membership) -> aiohttp.TCPConnector | None:
         return None
     from aiohttp.client_reqrep import ConnectionKey
 
-    return aiohttp.TCPConnector(force_close="server_hostname" not in ConnectionKey._fields)
+    return aiohttp.TCPConnector(force_close="server_hostname" not in getattr(ConnectionKey, "_fields", ()))
 
 
 def robust_merge(cfg: NodeConfig) -> RobustMerge | None:

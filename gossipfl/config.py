@@ -219,7 +219,7 @@ def validate(c: NodeConfig) -> None:
         parse_radius(c.clip_radius)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if c.clip_radius and c.merge == "pushsum":
+    if parse_radius(c.clip_radius) is not None and c.merge == "pushsum":
         raise ConfigError(
             "clip-radius with merge pushsum: push-sum trusts each partner's weight, which clipping does not bound; "
             "use average, age or samples"
@@ -231,6 +231,11 @@ def validate(c: NodeConfig) -> None:
     tls = (c.tls_cert, c.tls_key, c.tls_ca)
     if any(tls) and not all(tls):
         raise ConfigError("mutual TLS needs all three of --tls-cert, --tls-key and --tls-ca")
+    if (c.read_token or c.read_token_file) and not (c.secret_file or c.tls_cert):
+        raise ConfigError(
+            "read-token needs --secret-file or mutual TLS: members read each other's status and peer lists, and "
+            "prove they are members with them"
+        )
     if c.allow_ids and not (c.secret_file or c.tls_cert):
         raise ConfigError("allow-ids needs --secret-file or mutual TLS: without them a node id proves nothing")
     for i in c.allow_ids:

@@ -100,6 +100,13 @@ def test_the_first_partners_cannot_set_their_own_radius():
     assert r2.apply(model(0.0), model(100.0), "x2").tau == pytest.approx(np.sqrt(7), rel=1e-6)  # the lower middle
 
 
+def test_a_lone_partner_is_clipped_to_its_previous_distance():
+    r = RobustMerge("auto", refuse_factor=0)
+    assert r.apply(model(0.0), model(1.0), "only").tau == 0  # the first time: nothing to compare with
+    out = r.apply(model(0.0), model(2.0), "only")  # then its previous distance: two nodes still learn
+    assert out.tau == pytest.approx(np.sqrt(7), rel=1e-6) and out.clipped
+
+
 def test_coinciding_models_refuse_nothing():
     r = RobustMerge("auto", refuse_factor=2)
     for i in range(MIN_HISTORY):

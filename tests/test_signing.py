@@ -239,3 +239,11 @@ def test_headers_render_and_parse_back():
     assert signing.parse(signing.render(s)) == s
     s = signing.Signature("node-1", "", 12, "ab" * 16, "ef" * 32, "cd" * 32)
     assert signing.parse(signing.render(s)) == s
+
+
+def test_a_full_nonce_book_is_an_overload_not_an_authentication_failure():
+    clock = Clock()
+    k = ClusterKey(KEY, clock=clock, nonces=1)
+    verify(k, "POST", "/v1/gossip", signed(clock=clock)[0], b"x")
+    with pytest.raises(signing.Overloaded, match="too many"):  # 503 and retry, not 401 and a shun
+        verify(k, "POST", "/v1/gossip", signed(clock=clock)[0], b"x")

@@ -18,6 +18,7 @@ from gossipfl.discovery.probing import Prober
 
 SERVICE_TYPE = "_gossipfl._tcp.local."
 TXT_VERSION = "1"
+MAX_PROBES = 16  # members only: announced addresses being probed at once
 RESOLVE_TIMEOUT_MS = 3000
 MAX_OTHER_CLUSTERS = 64
 
@@ -102,6 +103,7 @@ class MdnsDiscovery:
         self.peers = peers
         self.log = log
         self.prober = prober  # members only: peers announced over mDNS are probed before they are added
+        self._probing: set[str] = set()  # addresses being probed
         self.info = AsyncServiceInfo(
             SERVICE_TYPE,
             service_name(node_id),
@@ -137,6 +139,9 @@ class MdnsDiscovery:
             return
         if state_change is ServiceStateChange.Removed:
             peer_id = name.removesuffix("." + SERVICE_TYPE)
+            known = self.peers.get(peer_id)
+            if self.prober is not None and known is not None and known.alive and known.last_ok is not None:
+                return  # members only: anyone can send a goodbye; a peer that answers stays until it does not
             if self.peers.remove(peer_id):
                 self.log.info("peer removed (mDNS goodbye): %s", peer_id)
             return
@@ -163,15 +168,22 @@ class MdnsDiscovery:
         reason = self.identity.mismatch_of(found)
         known = self.peers.get(peer_id)
         if reason:
-            if known is not None and known.url != url:  # an announcement claiming a known peer's id: keep the peer
-                self.log.warning("mDNS: %s claims to be %s but %s; ignored", url, peer_id, reason)
+            if known is not None:  # a record claiming a known peer's id cannot remove it (anyone can announce)
+                self.log.debug("mDNS: %s announced as %s but %s; the known peer stays", url, peer_id, reason)
             elif self.peers.ignore(peer_id, url, reason):
                 self.log.warning("ignoring %s at %s: %s", peer_id, url, reason)
             return
         if self.prober is not None and (known is None or known.url != url):
             # members only: an mDNS record proves nothing, so the node at that address must prove it is a
-            # member (a signed status, a certificate for the id it states) before it enters the peer table
-            await self.prober.probe(url, "mdns", claimed=peer_id)
+            # member (a signed status, a certificate for the id it states) before it enters the peer table;
+            # at most MAX_PROBES at once, so that a flood of announcements makes this node dial little
+            if len(self._probing) >= MAX_PROBES or url in self._probing:
+                return
+            self._probing.add(url)
+            try:
+                await self.prober.probe(url, "mdns", claimed=peer_id)
+            finally:
+                self._probing.discard(url)
             return
         if self.peers.upsert(peer_id, url, task, "mdns"):
             self.log.info("peer found (mDNS): %s at %s", peer_id, url)

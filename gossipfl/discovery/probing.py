@@ -15,6 +15,7 @@ from gossipfl.discovery.peers import PeerTable
 from gossipfl.security.http import get_json
 from gossipfl.security.membership import Membership
 from gossipfl.security.signing import Unauthorized
+from gossipfl.security.tls import canonical
 
 MAX_STATUS_BYTES = 256 * 1024
 AUTH_IGNORE_S = 60.0  # an address whose node failed authentication is not probed again for this long
@@ -52,6 +53,10 @@ class Prober:
             if who is not None and who != peer_id:
                 raise Unauthorized(f"status says {peer_id!r} but the node authenticated as {who!r}")
             if self.membership.tls is not None and peer_id != self.peers.self_id:
+                if not canonical(peer_id):
+                    raise Unauthorized(
+                        f"id {peer_id!r} cannot be bound to a certificate (not lowercase, or ends in '.')"
+                    )
                 await self._certified(url, peer_id)
             found = {k: _text(status.get(k)) for k in ("model", "split")}
             found.update(
@@ -62,8 +67,9 @@ class Prober:
                 init=_text(status.get("init_model")),
                 scheme=urlsplit(url).scheme,  # it answered on this scheme
             )
-        except Unauthorized as e:  # listed under the id its announcement claimed, if any, else its address
-            if self.peers.ignore(claimed or url, url, f"authentication: {e}", for_s=AUTH_IGNORE_S):
+        except Unauthorized as e:  # listed under its address: the id it claims is unproven (maybe a member's)
+            said = f" (announced as {claimed!r})" if claimed else ""
+            if self.peers.ignore(url, url, f"authentication{said}: {e}", for_s=AUTH_IGNORE_S):
                 self.log.warning("ignoring %s peer %s for %.0f s: authentication: %s", source, url, AUTH_IGNORE_S, e)
             return "ignored"
         except (TimeoutError, aiohttp.ClientError, TooLarge, ValueError, KeyError, TypeError, AttributeError) as e:

@@ -118,15 +118,16 @@ class RobustMerge:
         """The model of partner ``sender`` clipped toward this node's; TooFar when it is implausibly far.
         The radius and the refusal threshold come from the *other* partners' latest distances only, so a
         partner cannot widen its own radius, and from the lower of two middle values, so that among few
-        partners one far one does not set the radius. The first partner ever has nothing to be compared
-        with: its model is clipped to nothing (the merge leaves this node where it is) and only its distance
-        is kept. Nothing is refused before MIN_HISTORY other partners are known."""
+        partners one far one does not set the radius. While a node has had one partner only, that partner's
+        previous distance is the radius: its first model moves this node not at all (there is nothing to
+        compare it with), and a lone partner can widen the radius step by step (robust merging needs
+        several partners). Nothing is refused before MIN_HISTORY other partners are known."""
         d = distance(mine, theirs)
         if not math.isfinite(d):
             raise TooFar("the model's distance from this node's is not finite")
         with self._lock:
             others = [v for k, v in self._latest.items() if k != sender]
-            self._latest.pop(sender, None)
+            previous = self._latest.pop(sender, None)
             self._latest[sender] = d
             while len(self._latest) > self.history:
                 del self._latest[next(iter(self._latest))]
@@ -143,8 +144,8 @@ class RobustMerge:
             tau = float(self.radius)
         elif others:
             tau = max(float(np.quantile(others, self.quantile, method="lower")), floor)
-        else:
-            tau = 0.0
+        else:  # the only partner so far: its previous distance (none the first time: this node stays put)
+            tau = previous if previous is not None else 0.0
         out = Clipped(clip_toward(mine, theirs, tau, d), d, tau)
         with self._lock:
             self.last_tau = out.tau

@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from gossipfl.security.secrets import SecretError
+from gossipfl.security.tls import canonical
 
 CA_DAYS = 3650
 NODE_DAYS = 730
@@ -73,8 +74,11 @@ def init_ca(folder: str | Path, name: str = "gossipfl cluster CA") -> Path:
 
 def issue(folder: str | Path, node_id: str, days: int = NODE_DAYS) -> tuple[Path, Path]:
     """A certificate for ``node_id`` signed by the CA in ``folder``; (certificate, key) paths."""
-    if not _ID_RE.match(node_id):
-        raise SecretError(f"node id {node_id!r}: 1-63 characters from letters, digits, '.', '_', '-'")
+    if not _ID_RE.match(node_id) or not canonical(node_id):
+        raise SecretError(
+            f"node id {node_id!r}: 1-63 characters from lowercase letters, digits, '.', '_', '-', not ending "
+            "with '.' (TLS compares ids without regard to case)"
+        )
     folder = Path(folder)
     try:
         ca_key = serialization.load_pem_private_key((folder / "ca.key").read_bytes(), password=None)

@@ -38,6 +38,11 @@ class Unauthorized(Exception):
     """A request or reply failed authentication; the message says why, without any secret."""
 
 
+class Overloaded(Exception):
+    """Too many signed requests within the replay window to remember their nonces: HTTP 503, retry later
+    (not an authentication failure: the caller must not shun this node for it)."""
+
+
 @dataclass(frozen=True)
 class Signature:
     signer: str  # node id of the sender (a request) or responder (a reply)
@@ -80,7 +85,7 @@ def reply_message(
     status: int, method: str, target: str, nonce: str, responder: str, ts: int, body_digest: str
 ) -> bytes:
     parts = ("gossipfl-reply-v1", str(status), method.upper(), target, nonce, responder, str(ts), body_digest)
-    return "\n".join(parts).encode()
+    return "\n".join(parts).encode("utf-8", "surrogateescape")
 
 
 class NonceBook:
@@ -154,7 +159,7 @@ class ClusterKey:
             raise Unauthorized(f"request meant for {s.to or 'any node'!r}, not this node")
         self._fresh(s.ts, "request")
         if refused := self.nonces.add(s.nonce, s.ts + self.window, self.clock()):
-            raise Unauthorized(refused)
+            raise (Overloaded if refused.startswith("too many") else Unauthorized)(refused)
         return s
 
     def check_body(self, s: Signature, method: str, target: str, body: bytes) -> None:

@@ -63,6 +63,13 @@ def client_context(files: TlsFiles, *, check_id: bool = True) -> ssl.SSLContext:
     return ctx
 
 
+def canonical(node_id: str) -> bool:
+    """Whether ``node_id`` can be bound to a certificate exactly: the handshake compares it as a DNS name,
+    without regard to case and ignoring a final dot, so only lowercase ids without one are accepted with TLS
+    (else one certificate would answer for several ids)."""
+    return node_id == node_id.lower() and not node_id.endswith(".")
+
+
 def node_id_of(peercert: dict[str, Any] | None) -> str | None:
     """The node id a verified peer certificate (``SSLSocket.getpeercert()``) names: its common name."""
     if not peercert:
@@ -86,4 +93,7 @@ def own_node_id(cert_path: str) -> str:
     names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     if not names:
         raise SecretError(f"tls-cert {cert_path}: no common name (the node id) in its subject")
-    return str(names[0].value)
+    node_id = str(names[0].value)
+    if not canonical(node_id):
+        raise SecretError(f"tls-cert {cert_path}: node id {node_id!r} must be lowercase and not end with '.'")
+    return node_id

@@ -20,7 +20,7 @@ from collections import Counter
 from aiohttp import web
 
 from gossipfl.security.membership import Membership
-from gossipfl.security.signing import HEADER, Unauthorized
+from gossipfl.security.signing import HEADER, Overloaded, Unauthorized
 from gossipfl.security.tls import node_id_of
 from gossipfl.serving.errors import closing, error
 
@@ -115,6 +115,10 @@ async def members_only(request: web.Request, handler: object) -> web.StreamRespo
                 return refuse(request, "read", "a read token is required (Authorization: Bearer TOKEN)")
     except Unauthorized as e:
         return refuse(request, "member", str(e))
+    except Overloaded as e:
+        resp = error(503, str(e))
+        resp.headers["Retry-After"] = "1"
+        return closing(resp)
     resp = await handler(request)  # type: ignore[operator]
     pending = state["pending"]
     if pending is not None and resp.status != 401 and isinstance(resp, web.Response) and isinstance(resp.body, bytes):
