@@ -22,20 +22,26 @@ TOKEN = "read-token-123"
 READ_ROUTES = ["/v1/model", "/v1/status", "/v1/peers", "/metrics", "/v1/openapi.json", "/v2", "/v2/models/digits"]
 
 
+def write_key(path, key: bytes) -> str:
+    path.write_bytes(key)
+    path.chmod(0o600)
+    return str(path)
+
+
 @pytest.fixture
 def key_file(tmp_path):
-    p = tmp_path / "cluster.key"
-    p.write_bytes(KEY)
-    p.chmod(0o600)
-    return str(p)
+    return write_key(tmp_path / "cluster.key", KEY)
 
 
 @pytest.fixture
 def other_key_file(tmp_path):
-    p = tmp_path / "other.key"
-    p.write_bytes(OTHER_KEY)
-    p.chmod(0o600)
-    return str(p)
+    return write_key(tmp_path / "other.key", OTHER_KEY)
+
+
+def listed(node, who: str) -> list[dict]:
+    """``node``'s ignored peers that announced themselves as ``who``: listed under their address, with the
+    id they announced (unproven) in the reason."""
+    return [p for p in node.status()["ignored_peers"] if f"announced as {who!r}" in p["reason"]]
 
 
 def signed_headers(
@@ -226,16 +232,13 @@ async def test_four_members_converge_and_an_outsider_is_refused_by_all(make_conf
         out_before = params_of(out)
         assert await cluster_converges(inside, timeout=60)
 
-        def lists(n, who):  # under its address, with the id it announced (unproven) in the reason
-            return [p for p in n.status()["ignored_peers"] if f"announced as {who!r}" in p["reason"]]
-
-        assert await wait_for(lambda: all(lists(n, "outsider") for n in inside), timeout=20)
+        assert await wait_for(lambda: all(listed(n, "outsider") for n in inside), timeout=20)
         for n in inside:
-            (entry,) = lists(n, "outsider")
+            (entry,) = listed(n, "outsider")
             assert entry["reason"].startswith("authentication") and entry["url"] == out.url, entry
         # the outsider learned nothing from them and changed none of them
         assert out.learner.merges == 0 and out.gossiper.stats.ok == 0 and out.gossiper.stats.served == 0
-        assert all(lists(out, f"m{i}") for i in range(4))
+        assert all(listed(out, f"m{i}") for i in range(4))
         assert all(n.id not in {p.id for p in out.peers.all()} for n in inside)
         assert not all(np.array_equal(params_of(out)[k], v) for k, v in out_before.items())  # it trains alone
 

@@ -17,7 +17,7 @@ from gossipfl.protocol import wire
 from gossipfl.security.tls import TlsFiles, client_context
 
 from .helpers import message, params_of, running, wait_for
-from .test_members import cluster_converges, unchanged
+from .test_members import cluster_converges, listed, unchanged
 
 
 @pytest.fixture(scope="module")
@@ -60,16 +60,13 @@ async def test_four_tls_members_converge_and_a_node_of_another_ca_is_refused_by_
         assert all(n.url.startswith("https://") for n in nodes)
         assert await cluster_converges(inside, timeout=60)
 
-        def lists(n, who):  # under its address, with the id it announced (unproven) in the reason
-            return [p for p in n.status()["ignored_peers"] if f"announced as {who!r}" in p["reason"]]
-
-        assert await wait_for(lambda: all(lists(n, "intruder") for n in inside), timeout=20)
+        assert await wait_for(lambda: all(listed(n, "intruder") for n in inside), timeout=20)
         for n in inside:
-            (entry,) = lists(n, "intruder")
+            (entry,) = listed(n, "intruder")
             assert "TLS handshake failed" in entry["reason"] and entry["url"] == out.url, entry
             assert n.status()["security"]["mode"] == "mutual-tls"
         assert out.learner.merges == 0 and out.gossiper.stats.ok == 0 and out.gossiper.stats.served == 0
-        assert all(lists(out, f"m{i}") for i in range(4))
+        assert all(listed(out, f"m{i}") for i in range(4))
 
 
 async def test_without_a_client_certificate_gossip_is_refused_and_reads_follow_the_token(make_config, pki):
