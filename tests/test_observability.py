@@ -97,6 +97,15 @@ async def test_openapi_describes_every_served_route(make_config, http):
     described = {(method, path) for path, ops in doc["paths"].items() for method in ops}
     assert served == described
     assert doc["openapi"].startswith("3.") and "Error" in doc["components"]["schemas"]
+    assert set(doc["components"]["securitySchemes"]) == {"bearer", "gossipfl_signature", "mutual_tls"}
+    for path, ops in doc["paths"].items():  # who may call what (serving/auth.py): health open, gossip members only
+        for op in ops.values():
+            if path.startswith("/v2/health/"):
+                assert op["security"] == [] and "401" not in op["responses"], path
+            elif path.startswith("/v1/gossip"):
+                assert {next(iter(s)) for s in op["security"]} == {"gossipfl_signature", "mutual_tls"}, path
+            else:
+                assert {"bearer": []} in op["security"] and "401" in op["responses"], path
     for path, ops in doc["paths"].items():
         for method, op in ops.items():
             codes = {c for c in op["responses"] if c.startswith("4")}

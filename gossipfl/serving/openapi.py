@@ -96,7 +96,44 @@ def _v2_model_paths(versioned: bool) -> dict[str, Any]:
     }
 
 
+OPEN_PATHS = ("/v2/health/live", "/v2/health/ready")
+MEMBER_SECURITY = [{"gossipfl_signature": []}, {"mutual_tls": []}]
+READ_SECURITY = [{"bearer": []}, *MEMBER_SECURITY]
+SECURITY_SCHEMES = {
+    "bearer": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "the node's read token, when it runs with --read-token(-file); absent otherwise",
+    },
+    "gossipfl_signature": {
+        "type": "apiKey",
+        "in": "header",
+        "name": "Gossipfl-Signature",
+        "description": "HMAC-SHA256 under the cluster key (--secret-file): see docs/http-api.md, Signatures",
+    },
+    "mutual_tls": {"type": "mutualTLS", "description": "a client certificate from the cluster CA (--tls-ca)"},
+}
+
+
+def _secured(doc: dict[str, Any]) -> dict[str, Any]:
+    """Every operation but the health checks says who may call it, and that it may answer 401 (a node that
+    runs open requires nothing: the alternatives then do not apply)."""
+    for path, ops in doc["paths"].items():
+        for op in ops.values():
+            if path in OPEN_PATHS:
+                op["security"] = []
+                continue
+            op["security"] = MEMBER_SECURITY if path.startswith("/v1/gossip") else READ_SECURITY
+            op["responses"]["401"] = ERROR
+    doc["components"]["securitySchemes"] = SECURITY_SCHEMES
+    return doc
+
+
 def document(model_name: str) -> dict[str, Any]:
+    return _secured(_document(model_name))
+
+
+def _document(model_name: str) -> dict[str, Any]:
     return {
         "openapi": "3.1.0",
         "info": {
