@@ -126,7 +126,7 @@ class ClusterKey:
         self.clock = clock
         self.window = window
         self.nonces = NonceBook(nonces)
-        # a fingerprint for status and logs (to tell two keys apart), from which the key cannot be recovered
+        # a fingerprint for the log (to tell two keys apart), from which the key cannot be recovered
         self.key_id = hashlib.sha256(b"gossipfl key id\n" + key).hexdigest()[:12]
 
     def __repr__(self) -> str:
