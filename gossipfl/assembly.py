@@ -148,8 +148,7 @@ def membership(cfg: NodeConfig, node_id: str) -> tuple[Membership, list[tuple[in
             notes.append((logging.WARNING, f"secret-file {cfg.secret_file} can be read by every user: chmod 600 it"))
     tls = None
     if cfg.tls_cert and cfg.tls_key and cfg.tls_ca:
-        tls = TlsFiles(cfg.tls_cert, cfg.tls_key, cfg.tls_ca)
-        server_context(tls)  # every file is checked now, at start
+        tls = TlsFiles(cfg.tls_cert, cfg.tls_key, cfg.tls_ca)  # the files are read by server_tls, at start
     token = read_token(cfg.read_token, cfg.read_token_file)
     m = Membership(node_id, key=key, tls=tls, read_token=token, allow=frozenset(cfg.allow_ids) or None)
     if not m.members_only:
@@ -166,7 +165,8 @@ def membership(cfg: NodeConfig, node_id: str) -> tuple[Membership, list[tuple[in
 
 
 def server_tls(m: Membership) -> ssl.SSLContext | None:
-    """The server's SSL context of a node with mutual TLS; None without."""
+    """The server's SSL context of a node with mutual TLS (SecretError, naming the file, when one of them
+    cannot be used); None without."""
     return server_context(m.tls) if m.tls is not None else None
 
 

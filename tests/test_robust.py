@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gossipfl.protocol import wire
-from gossipfl.protocol.robust import MIN_HISTORY, RobustMerge, TooFar, clip_toward, distance, parse_radius
+from gossipfl.protocol.robust import MIN_HISTORY, RobustMerge, TooFar, clip_toward, distance, norm, parse_radius
 
 from .helpers import message, params_of, running
 
@@ -40,7 +40,7 @@ def test_clipping_bounds_the_distance_and_keeps_the_direction(a, b, tau):
 def test_counters_are_left_out_of_the_distance_and_never_clipped():
     mine, theirs = model(0.0), model(3.0)
     theirs["count"] = np.array([10**9], dtype=np.int64)
-    assert distance(mine, theirs) == pytest.approx(3.0 * np.sqrt(7))
+    assert distance(mine, theirs) == pytest.approx(3.0 * np.sqrt(7)) == norm(theirs)
     out = clip_toward(mine, theirs, 1.0)
     assert out["count"][0] == 10**9 and out["w"].dtype == np.float32
     assert distance(mine, out) == pytest.approx(1.0, rel=1e-5)

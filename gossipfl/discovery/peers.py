@@ -121,11 +121,8 @@ class PeerTable:
     def _readmit(self) -> None:
         """Peers whose time out for a failed authentication is over are tried again (keys get rotated, a
         misconfigured node gets fixed), as the peers they were; a new failure sends them out again."""
-        now = self.clock()
-        for url, (until, peer) in list(self._shunned.items()):
-            if until <= now:
-                del self._shunned[url]
-                self._readmit_one(peer)
+        for url in list(self._shunned):
+            self.shunned(url)  # expires the entry, and readmits its peer, when its time is over
 
     def ignored(self) -> list[dict[str, str]]:
         return [self._ignored[k] for k in sorted(self._ignored)]

@@ -13,12 +13,11 @@ from gossipfl.common.httpio import PEER_READ_TIMEOUT, TooLarge
 from gossipfl.discovery.identity import Identity
 from gossipfl.discovery.peers import PeerTable
 from gossipfl.security.http import get_json
-from gossipfl.security.membership import Membership
+from gossipfl.security.membership import SHUN_S, Membership
 from gossipfl.security.signing import Unauthorized
 from gossipfl.security.tls import canonical
 
 MAX_STATUS_BYTES = 256 * 1024
-AUTH_IGNORE_S = 60.0  # an address whose node failed authentication is not probed again for this long
 
 
 class Prober:
@@ -69,8 +68,8 @@ class Prober:
             )
         except Unauthorized as e:  # listed under its address: the id it claims is unproven (maybe a member's)
             said = f" (announced as {claimed!r})" if claimed else ""
-            if self.peers.ignore(url, url, f"authentication{said}: {e}", for_s=AUTH_IGNORE_S):
-                self.log.warning("ignoring %s peer %s for %.0f s: authentication: %s", source, url, AUTH_IGNORE_S, e)
+            if self.peers.ignore(url, url, f"authentication{said}: {e}", for_s=SHUN_S):
+                self.log.warning("ignoring %s peer %s for %.0f s: authentication: %s", source, url, SHUN_S, e)
             return "ignored"
         except (TimeoutError, aiohttp.ClientError, TooLarge, ValueError, KeyError, TypeError, AttributeError) as e:
             self.last_error = str(e) or type(e).__name__

@@ -25,6 +25,7 @@ from gossipfl.protocol.transport import (
     post_decision,
     post_prepare,
 )
+from gossipfl.security.membership import SHUN_S
 from gossipfl.security.signing import Unauthorized
 
 JITTER = 0.2
@@ -34,7 +35,6 @@ PACE_PEERS = 20  # the peers this node exchanged with most recently set the pace
 PACE_HORIZON_S = 60.0  # ...if that exchange ended less than this long ago (a peer that left stops counting)
 MIN_WAKE_S = 0.02  # the gossip loop never wakes more often than this
 DOUBT_POLL_S = 0.25  # while a doubt is being asked about, look again this often for the next one due
-AUTH_IGNORE_S = 60.0  # a peer that failed authentication is not tried again (nor re-added) for this long
 
 
 def pace(interval: float, latest: Iterable[float], share: float = LINK_SHARE) -> float:
@@ -192,10 +192,8 @@ class Initiator(GossipCore):
             self.log.debug("exchange with %s: busy (%s)", peer.id, e)
             return "busy"
         except Unauthorized as e:  # not a member, or not the member expected: nothing of its reply is used
-            if self.peers.ignore(peer.id, peer.url, f"authentication: {e}", for_s=AUTH_IGNORE_S):
-                self.log.warning(
-                    "ignoring peer %s at %s for %.0f s: authentication: %s", peer.id, peer.url, AUTH_IGNORE_S, e
-                )
+            if self.peers.ignore(peer.id, peer.url, f"authentication: {e}", for_s=SHUN_S):
+                self.log.warning("ignoring peer %s at %s for %.0f s: authentication: %s", peer.id, peer.url, SHUN_S, e)
             return "unauthorized"
         except (aiohttp.ClientError, TimeoutError, ExchangeError, TooLarge, BodyError, wire.WireError) as e:
             self.log.info("exchange with %s failed: %s", peer.id, str(e) or type(e).__name__)

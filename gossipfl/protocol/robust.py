@@ -51,6 +51,16 @@ def distance(mine: Params, theirs: Params) -> float:
     return math.sqrt(total)
 
 
+def norm(params: Params) -> float:
+    """L2 norm of a model over its floating-point tensors (``distance`` from zero, without making a zero
+    model to measure it)."""
+    total = 0.0
+    for k in _floats(params):
+        v = np.asarray(params[k], dtype=np.float64).ravel()
+        total += float(np.dot(v, v))
+    return math.sqrt(total)
+
+
 def clip_toward(mine: Params, theirs: Params, tau: float, dist: float | None = None) -> dict[str, np.ndarray]:
     """``theirs`` moved toward ``mine`` so that their distance is at most ``tau`` (unchanged when it is)."""
     d = distance(mine, theirs) if dist is None else dist
@@ -132,7 +142,7 @@ class RobustMerge:
             while len(self._latest) > self.history:
                 del self._latest[next(iter(self._latest))]
         # a floor, so that a network whose models coincide (pure averaging, converged) refuses nothing
-        floor = 1e-6 * max(distance(mine, {k: np.zeros_like(v) for k, v in mine.items()}), 1e-12)
+        floor = 1e-6 * max(norm(mine), 1e-12)
         median = float(np.quantile(others, 0.5, method="lower")) if others else 0.0
         if self.refuse_factor > 0 and len(others) >= MIN_HISTORY and d > self.refuse_factor * max(median, floor):
             with self._lock:

@@ -14,6 +14,7 @@ from gossipfl.security.signing import HEADER, ClusterKey, Signature, Unauthorize
 from gossipfl.security.tls import TlsFiles, client_context
 
 BEARER = "Bearer "
+SHUN_S = 60.0  # an address whose node failed authentication is left alone (not contacted, not re-added) this long
 
 
 @dataclass(frozen=True)
