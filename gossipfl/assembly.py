@@ -9,6 +9,7 @@ import logging
 import re
 import socket
 import ssl
+from collections.abc import Callable
 
 import aiohttp
 
@@ -91,19 +92,38 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def resolve_shard(shard: tuple[int | None, int]) -> tuple[int, int, str | None]:
+ORDINAL_PATIENCE_S = 30.0  # auto/N: how long to look for the replica's name (its DNS record may come late)
+
+
+async def resolve_shard(
+    shard: tuple[int | None, int],
+    log: logging.Logger | logging.LoggerAdapter | None = None,
+    patience: float = ORDINAL_PATIENCE_S,
+    names_of: Callable[[], list[str]] = replica.own_names,
+) -> tuple[int, int, str | None]:
     """(K, N, source) of ``--partition``: K as given, or for auto/N the ordinal in this host's names and the
-    name it came from. ValueError when auto/N finds no ordinal."""
+    name it came from, looked for again for up to ``patience`` seconds (a compose replica learns its name
+    from the DNS record of its own address, which may not be there yet). ValueError when none is found."""
     k, n = shard
     if k is not None:
         return k, n, None
-    names = await asyncio.to_thread(replica.own_names)
-    found = replica.shard_index(names, n)
-    if found is None:
-        raise ValueError(
-            f"partition auto/{n}: no replica ordinal in this host's names ({', '.join(names)}); give --partition K/N"
-        )
-    return found[0], n, found[1]
+    loop = asyncio.get_running_loop()
+    deadline, wait = loop.time() + patience, 0.5
+    while True:
+        names = await asyncio.to_thread(names_of)
+        found = replica.shard_index(names, n)
+        if found is not None:
+            return found[0], n, found[1]
+        if loop.time() >= deadline:
+            raise ValueError(
+                f"partition auto/{n}: no replica ordinal in this host's names ({', '.join(names)}) after "
+                f"{patience:.0f} s; give --partition K/N"
+            )
+        if log is not None and wait == 0.5:
+            log.warning("partition auto/%d: no replica ordinal in %s yet: looking again for up to %.0f s", n,
+                        ", ".join(names), patience)  # fmt: skip
+        await asyncio.sleep(min(wait, max(deadline - loop.time(), 0.0)))
+        wait = min(wait * 2, 5.0)
 
 
 def discovery_settings(cfg: NodeConfig) -> DiscoverySettings:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import signal
 import sys
@@ -109,8 +110,17 @@ async def _run_node(config: NodeConfig, task: Task) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     node = Node(config, task=task)
+    starting = asyncio.ensure_future(node.start())
+    signalled = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([starting, signalled], return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():  # SIGTERM while starting (loading data, waiting for a DNS record): stop cleanly
+        starting.cancel()
+        await asyncio.gather(starting, return_exceptions=True)  # start() releases what it acquired
+        logging.getLogger("gossipfl").info("signal received during start-up: node stopped before it started")
+        return 0
+    signalled.cancel()
     try:
-        await node.start()
+        starting.result()
     except StartError as e:
         print(f"gossipfl: error: {e}", file=sys.stderr)
         return 2

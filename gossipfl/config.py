@@ -95,6 +95,21 @@ class NodeConfig:
             "with --clip-radius: refuse (400) a model farther than this many times the recent median; 0: never"
         ),
     )
+    state_dir: str | None = field(
+        default=None,
+        metadata=_opt(
+            "directory for checkpoints (this node's in DIR/<id>/): written every checkpoint-interval seconds and at "
+            "stop, resumed from at start"
+        ),
+    )
+    checkpoint_interval: float = field(default=30.0, metadata=_opt("seconds between checkpoints (with --state-dir)"))
+    join_wait: float = field(
+        default=10.0,
+        metadata=_opt(
+            "a node with no checkpoint waits up to this long for peers before its first local step, and starts from "
+            "the model of the most trained one it finds; 0: train at once"
+        ),
+    )
     no_train: bool = field(default=False, metadata=_opt("do not train: pure averaging"))
     seed: int = field(default=0, metadata=_opt("this node's seed: minibatch order, peer choice"))
     init_seed: int | None = field(
@@ -197,7 +212,17 @@ def validate(c: NodeConfig) -> None:
     unknown = sorted(set(c.discovery) - set(DISCOVERY_BACKENDS))
     if unknown:
         raise ConfigError(f"discovery {','.join(unknown)}: unknown backend (known: {', '.join(DISCOVERY_BACKENDS)})")
-    for name in ("gossip_interval", "train_interval", "eval_interval", "lr", "dns_interval", "pex_interval"):
+    if not c.join_wait >= 0:
+        raise ConfigError("join-wait must be >= 0")
+    for name in (
+        "gossip_interval",
+        "train_interval",
+        "eval_interval",
+        "lr",
+        "dns_interval",
+        "pex_interval",
+        "checkpoint_interval",
+    ):
         if not getattr(c, name) > 0:
             raise ConfigError(f"{name.replace('_', '-')} must be > 0")
     if c.merge not in RULES:

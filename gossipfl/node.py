@@ -6,6 +6,7 @@ Several nodes may share one process and one event loop (pass a shared AsyncZeroc
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from typing import Any
@@ -15,23 +16,24 @@ import numpy as np
 from aiohttp import web
 from zeroconf.asyncio import AsyncZeroconf
 
-from gossipfl import assembly
+from gossipfl import assembly, state
 from gossipfl.common.logs import node_logger
 from gossipfl.common.supervise import Supervisor
 from gossipfl.config import NodeConfig
 from gossipfl.discovery.identity import Identity
 from gossipfl.discovery.peers import PeerTable
 from gossipfl.discovery.service import Discovery, DiscoveryError
+from gossipfl.learning.checkpoint import CheckpointError
 from gossipfl.learning.partition import class_histogram, partition
 from gossipfl.learning.registry import get_task, load_checked
 from gossipfl.learning.task import Evaluation, Task, with_validation
-from gossipfl.protocol import wire
+from gossipfl.protocol import joining
 from gossipfl.protocol.gossiper import Gossiper
+from gossipfl.report import Reporting
 from gossipfl.serving import modelfile
 from gossipfl.serving import predict as serving
-from gossipfl.serving.auth import REFUSED_KEY
 from gossipfl.serving.httpserver import NodeRunner
-from gossipfl.serving.metrics import NodeMetrics, Readings
+from gossipfl.serving.metrics import NodeMetrics
 from gossipfl.serving.routes import build_app
 
 STOP_GRACE_S = 3.0  # on stop, loops and exchanges in flight get this long, then are cancelled
@@ -43,7 +45,7 @@ class StartError(Exception):
     """The node cannot start as configured (port taken, mDNS interface missing, id in use)."""
 
 
-class Node:
+class Node(Reporting):
     def __init__(self, config: NodeConfig, *, zeroconf: AsyncZeroconf | None = None, task: Task | None = None):
         self.config = config
         self.task = task or get_task(config.task, config.data)
@@ -63,6 +65,9 @@ class Node:
         self.partition_source: str | None = None  # the name whose ordinal gave K (auto/N)
         self.train_loss: float | None = None
         self.started_at: float | None = None
+        self.checkpoints: state.Checkpointer | None = None
+        self.resumed: state.Resumed | None = None
+        self.join: joining.Joined | str | None = None  # how the node started (see protocol/joining.py)
 
     @property
     def exit_code(self) -> int:
@@ -84,7 +89,7 @@ class Node:
             data = await asyncio.to_thread(load_checked, self.task, cfg.data_seed)
             if cfg.eval_split == "validation":  # the test split stays unseen; train less the hold-out
                 data = with_validation(data, cfg.data_seed)
-            k, n, source = await assembly.resolve_shard(cfg.shard)
+            k, n, source = await assembly.resolve_shard(cfg.shard, logging.getLogger("gossipfl"))
             if source is not None:  # auto/N: the replica's ordinal
                 self.partition, self.partition_source = f"{k}/{n}", source
             self.shard = partition(data.train.y, n, cfg.partition_scheme, cfg.data_seed)[k]
@@ -137,6 +142,16 @@ class Node:
         )
         self.metrics = NodeMetrics(self._readings, node_id=self.id, task=self.task.name)
         self.gossiper.on_exchange = self.metrics.exchange
+        if cfg.state_dir:
+            expect = {"node_id": self.id, "task": self.task.name, "model": self.identity.model}
+            expect.update(cluster=cfg.cluster, split=split)
+            self.checkpoints = state.Checkpointer(cfg.state_dir, expect, self.log, cfg.checkpoint_interval)
+            try:
+                self.checkpoints.open()
+            except CheckpointError as e:
+                sock.close()
+                raise StartError(str(e)) from None
+            self.resumed = await asyncio.to_thread(self.checkpoints.resume, self.learner, self.gossiper.robust)
 
         self._runner = NodeRunner(build_app(self, self.membership))
         await self._runner.setup()
@@ -164,11 +179,16 @@ class Node:
         for r in rounds:
             self._loop(r.name, r.interval, r.work)
         self.gossiper.on_inbound = lambda sender, url: self.discovery.learn_inbound(url)
+        if self.resumed is not None:
+            self.discovery.recall(self.resumed.peer_urls)
 
         self.started_at = time.monotonic()
         session = self._session
         self._loop("gossip", self.gossiper.next_delay, lambda: self._gossip_round(session), first_wait=True)
         self._loop("eval", cfg.eval_interval, self._evaluate)
+        if self.checkpoints is not None:
+            self._loop("checkpoint", cfg.checkpoint_interval, self._checkpoint, first_wait=True)
+        self.join = None if self._joins() else "skipped"
         if not cfg.no_train:
             self._loop("train", cfg.train_interval, self._train_round)
         self.log.info(
@@ -206,6 +226,8 @@ class Node:
         for t in pending:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self.checkpoints is not None:  # after every exchange ended: the model no longer changes
+            await asyncio.to_thread(self._save)
         await self._close()
         self.log.info("node stopped" if self.failure is None else "node stopped after a failure")
 
@@ -217,6 +239,8 @@ class Node:
             await self._runner.cleanup()
         if self._session is not None:
             await self._session.close()
+        if self.checkpoints is not None:
+            self.checkpoints.close()
 
     async def __aenter__(self) -> Node:
         await self.start()
@@ -226,13 +250,41 @@ class Node:
         await self.stop()
 
     # -- periodic work ----------------------------------------------------------------------------
+    def _joins(self) -> bool:
+        """Whether this node waits for trained peers before its first step: it has no checkpoint, a way to find
+        peers, and a merge rule under which adopting a model is sound (push-sum weights are mass: no)."""
+        cfg = self.config
+        finds = "mdns" in cfg.discovery or bool(cfg.seeds) or bool(cfg.dns_name)
+        return self.resumed is None and cfg.join_wait > 0 and cfg.merge != "pushsum" and finds and not cfg.no_train
+
     async def _train_round(self) -> None:
+        if self.join is None:  # before the first local step (protocol/joining.py)
+            session = self._session
+            self.join = await joining.join_when_ready(
+                self.gossiper,
+                session,
+                self.peers.working,
+                random.Random(f"{self.config.seed}/join/{self.id}"),
+                self.config.join_wait,
+                self._stopping,
+            )
+            if isinstance(self.join, joining.Joined):
+                self.log.info("joined: started from %s's model (age %d)", self.join.peer, self.join.age)
+            if self._stopping.is_set():
+                return
         self.train_loss = await asyncio.to_thread(self.learner.train_steps, self.config.steps_per_round)
 
     def _gossip_round(self, session: aiohttp.ClientSession) -> None:
         self.gossiper.round(session)
         # the served model follows the gap between exchanges in force (pacing may lengthen it)
         self.learner.publish_after_steps = assembly.publish_after_steps(self.config, self.gossiper.pace())
+
+    async def _checkpoint(self) -> None:
+        await asyncio.to_thread(self._save)
+
+    def _save(self) -> None:
+        assert self.checkpoints is not None
+        self.checkpoints.save(self.learner, self.peers, self.gossiper.robust)
 
     async def _evaluate(self) -> None:
         self.last_eval = await asyncio.to_thread(self.learner.evaluate)
@@ -259,86 +311,3 @@ class Node:
 
     async def model_is_finite(self) -> bool:
         return await asyncio.to_thread(serving.outputs_finite, self.task, self.learner)
-
-    def _readings(self) -> Readings:
-        st, ev, robust = self.gossiper.stats, self.last_eval, self.gossiper.robust
-        return Readings(
-            initiated={
-                "ok": st.ok,
-                "failed": st.failed,
-                "busy": st.busy,
-                "aborted": st.aborted,
-                "unauthorized": st.unauthorized,
-            },
-            answered={"ok": st.served, "declined": st.declined, "rejected": st.rejected},
-            in_doubt=len(self.gossiper.doubts),
-            loop_errors={(n, t): c for n, h in self.supervisor.loops.items() for t, c in h.types.items()},
-            loop_rounds={n: h.rounds for n, h in self.supervisor.loops.items()},
-            failed=self.failure is not None,
-            bytes_sent=st.bytes_sent,
-            bytes_received=st.bytes_received,
-            known_peers=len(self.peers),
-            ignored_peers=len(self.peers.ignored()),
-            model_age=self.learner.age,
-            served_age=self.learner.served_age,
-            train_steps=self.learner.steps,
-            accuracy=ev.accuracy if ev else None,
-            loss=ev.loss if ev else None,
-            refused_requests=dict(self._runner.app[REFUSED_KEY]) if self._runner else {},
-            models_clipped=robust.clipped if robust else 0,
-            models_too_far=robust.refused if robust else 0,
-        )
-
-    def status(self) -> dict[str, Any]:
-        ev = self.last_eval
-        gossip = self.gossiper
-        return {
-            "id": self.id,
-            "protocol": wire.PROTOCOL_VERSION,
-            "task": self.task.name,
-            "cluster": self.config.cluster,
-            "url": self.url,
-            "age": self.learner.age,  # steps the model embodies: the most among its merged ancestors
-            "steps": self.learner.steps,  # minibatch steps this node made itself
-            "merges": self.learner.merges,  # exchanges merged into this node's model
-            "partition": self.partition,
-            "partition_from": self.partition_source,
-            "partition_scheme": self.config.partition_scheme,
-            "split": self.identity.split,  # data-seed/shards/scheme[/validation]: must agree across the cluster
-            "eval_split": self.config.eval_split,  # what metrics.accuracy is measured on
-            "init_model": self.identity.init,  # digest of the initial model (training nodes)
-            "samples": self.learner.train_size,
-            "class_histogram": self.class_histogram,
-            # whether local training is going on now (not merely configured)
-            "training": "train" in self.supervisor.loops
-            and self.supervisor.loops["train"].running
-            and not self.failure,
-            "failure": self.failure,  # why the node is stopping after a loop could not go on, else null
-            "device": str(self.learner.device),
-            # the served model (scored in metrics, answered from) is the working copy as of the last merge
-            "served": {"age": self.learner.served_age, "local_steps_behind": self.learner.unpublished_steps},
-            "merge": {
-                "rule": self.config.merge,
-                "weight": self.learner.weight,
-                "robust": gossip.robust.describe() if gossip.robust else None,  # --clip-radius
-            },
-            "uptime_s": round(time.monotonic() - self.started_at, 3) if self.started_at else 0.0,
-            "model": self.gossiper.model_digest,
-            "peers": self.peers.describe(),
-            "ignored_peers": self.peers.ignored(),
-            # the mechanisms in force (never a secret) and the requests refused with 401, by kind
-            "security": {**self.membership.describe(), "refused": dict(self._runner.app[REFUSED_KEY])},
-            "metrics": {
-                "accuracy": ev.accuracy if ev else None,
-                "loss": ev.loss if ev else None,
-                "train_loss": self.train_loss,
-            },
-            "exchanges": {
-                **gossip.stats.as_dict(),
-                "pace_s": round(gossip.pace(), 4),  # mean seconds between exchanges now (>= --gossip-interval)
-                "in_flight": len(gossip.tasks),
-                "prepared": len(gossip.ledger),
-                "doubtful": len(gossip.doubts),
-            },
-            "loops": self.supervisor.describe(),
-        }

@@ -226,7 +226,9 @@ async def test_four_members_converge_and_an_outsider_is_refused_by_all(make_conf
     members = [
         make_config(id=f"m{i}", discovery=("mdns",), partition=f"{i}/4", seed=i, secret_file=key_file) for i in range(4)
     ]
-    outsider = make_config(id="outsider", discovery=("mdns",), partition="0/4", seed=9, secret_file=other_key_file)
+    outsider = make_config(  # it can join nobody: it waits a second for peers, then trains alone
+        id="outsider", discovery=("mdns",), partition="0/4", seed=9, secret_file=other_key_file, join_wait=1
+    )
     async with running(*members, outsider, zeroconf=zc) as nodes:
         inside, out = nodes[:4], nodes[4]
         out_before = params_of(out)

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-LEARNED = ("dns", "pex", "inbound")  # sources that are forgotten when the peer stops answering
+LEARNED = ("dns", "pex", "inbound", "checkpoint")  # sources that are forgotten when the peer stops answering
 MAX_IGNORED = 256
 
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Awaitable, Callable, Coroutine
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,8 @@ from gossipfl.security.membership import Membership
 
 SEED_RETRY_S = 5.0
 MAX_INBOUND_PROBES = 16  # unknown callers being identified at once; more wait for their next call
+UNREACHABLE_S = 60.0  # an inbound caller that could not be reached back is not probed again for this long
+MAX_UNREACHABLE = 1024  # addresses remembered as unreachable (the oldest is forgotten first)
 
 
 class DiscoveryError(Exception):
@@ -78,6 +81,10 @@ class Discovery:
         self.mdns: MdnsDiscovery | None = None
         self._closed = False
         self._probing: set[str] = set()  # addresses of inbound peers being identified
+        # inbound callers that could not be reached at their source address (behind NAT, or a firewall that
+        # lets them call out only) -> when to try again: until then their calls are answered, not probed
+        self.unreachable: dict[str, float] = {}
+        self.clock: Callable[[], float] = time.monotonic
         self._tasks: set[asyncio.Task] = set()
         self.prober = Prober(
             identity=identity, peers=peers, session_factory=session_factory, log=log, membership=membership
@@ -142,20 +149,45 @@ class Discovery:
             raise DiscoveryError(f"mDNS on {where}: {e.strerror or e}") from None
 
     def learn_inbound(self, url: str) -> None:
-        """A peer we did not know exchanged with us: check who it is (once at a time per address)."""
+        """A peer we did not know exchanged with us: check who it is (once at a time per address; an address
+        that could not be reached is not probed again for UNREACHABLE_S)."""
+        now = self.clock()
+        if self.unreachable.get(url, now) > now:
+            return
+        self.unreachable.pop(url, None)
         if url in self._probing or len(self._probing) >= MAX_INBOUND_PROBES or self._closed:
             return
         self._probing.add(url)
 
         async def probe() -> None:
             try:
-                await self.prober.probe(url, "inbound")
+                if await self.prober.probe(url, "inbound") == "unreachable":
+                    self._remember_unreachable(url)
             finally:
                 self._probing.discard(url)
 
         self._spawn(probe())
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def _remember_unreachable(self, url: str) -> None:
+        if url not in self.unreachable:
+            self.log.info(
+                "inbound caller at %s cannot be reached at that address (NAT or firewall?): its exchanges are "
+                "answered, and it is not probed again for %.0f s (%s)",
+                url,
+                UNREACHABLE_S,
+                self.prober.last_error or "no reply",
+            )
+        while len(self.unreachable) >= MAX_UNREACHABLE:
+            del self.unreachable[next(iter(self.unreachable))]
+        self.unreachable[url] = self.clock() + UNREACHABLE_S
+
+    def recall(self, urls: Iterable[str]) -> None:
+        """Probe the peers a checkpoint remembers, once each, so that a restarted node has partners at once
+        (mDNS, DNS and seeds find them again too, in their own time)."""
+        for url in urls:
+            self._spawn(self.prober.probe(url, "checkpoint"))
+
+    def _spawn(self, coro: Coroutine[Any, Any, object]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -31,6 +31,24 @@ MAX_AGE = 2**53  # the wire's bound (wire.MAX_AGE): a node never makes a model i
 
 
 @dataclass(frozen=True)
+class Saved:
+    """What a Learner needs to continue where it left off (a checkpoint's content, see gossipfl/state.py):
+    the working model's whole state dict, the optimizer's per-parameter state, the counters, and where the
+    minibatch order stands."""
+
+    model: Params  # the working model's state dict (parameters and every buffer)
+    optimizer: dict[str, np.ndarray]  # "<param index>.<name>" -> tensor (momentum buffer, Adam's moments, step)
+    optimizer_scalars: dict[str, float]  # "<param index>.<name>" -> a non-tensor value of the same state
+    age: int
+    steps: int
+    merges: int
+    weight: float
+    rng: np.ndarray  # the minibatch generator's state (uint8)
+    order: np.ndarray  # the current epoch's permutation of the training samples (int64)
+    cursor: int  # how far into ``order`` the next batch starts
+
+
+@dataclass(frozen=True)
 class State:
     params: Params  # the gossiped state: parameters and floating-point buffers
     age: int  # local training steps the model embodies (max over merged ancestors, see merge.py)
@@ -174,6 +192,60 @@ class Learner:
             self.merges += 1
             self._publish()
             return before
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def save(self) -> Saved:
+        """Everything needed to continue from here, copied under the lock (one consistent moment)."""
+        with self._lock:
+            tensors: dict[str, np.ndarray] = {}
+            scalars: dict[str, float] = {}
+            for index, state in self.optimizer.state_dict()["state"].items():
+                for name, value in state.items():
+                    if isinstance(value, torch.Tensor):
+                        tensors[f"{index}.{name}"] = value.detach().to("cpu", copy=True).numpy()
+                    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                        scalars[f"{index}.{name}"] = float(value)
+            return Saved(
+                model=_cpu_copies(self.model.state_dict()),
+                optimizer=tensors,
+                optimizer_scalars=scalars,
+                age=self.age,
+                steps=self.steps,
+                merges=self.merges,
+                weight=self.weight,
+                rng=self._gen.get_state().numpy().copy(),
+                order=self._order.numpy().copy(),
+                cursor=self._cursor,
+            )
+
+    def load(self, saved: Saved) -> None:
+        """Continue from ``saved`` (a checkpoint of a Learner of the same model and shard): the working model,
+        optimizer state, counters and minibatch order; the served model becomes the working copy. Raises
+        ValueError, changing nothing, when it does not fit this Learner."""
+        own = self.model.state_dict()
+        if set(saved.model) != set(own):
+            raise ValueError("the saved model has other tensors than this one")
+        for name, t in own.items():
+            if tuple(saved.model[name].shape) != tuple(t.shape):
+                raise ValueError(f"tensor {name}: saved shape {saved.model[name].shape}, model {tuple(t.shape)}")
+        if len(saved.order) not in (0, self.train_size) or not 0 <= saved.cursor:
+            raise ValueError("the saved minibatch order is for another shard")
+        state: dict[int, dict[str, object]] = {}
+        for key, value in [*saved.optimizer.items(), *saved.optimizer_scalars.items()]:
+            index, _, name = key.partition(".")
+            value = torch.from_numpy(np.array(value)) if isinstance(value, np.ndarray) else value
+            state.setdefault(int(index), {})[name] = value
+        optimizer = self.optimizer.state_dict()
+        with self._lock:
+            self.model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in saved.model.items()})
+            self.optimizer.load_state_dict({"state": state, "param_groups": optimizer["param_groups"]})
+            self.age, self.steps, self.merges = int(saved.age), int(saved.steps), int(saved.merges)
+            self.weight = float(saved.weight)
+            self._gen.set_state(torch.from_numpy(np.array(saved.rng, dtype=np.uint8)))
+            self._order = torch.from_numpy(np.array(saved.order, dtype=np.int64))
+            self._cursor = int(saved.cursor)
+            self.version += 1
+            self._publish()
 
     # -- training and evaluation -----------------------------------------------------------------
     def _next_batch(self) -> torch.Tensor:

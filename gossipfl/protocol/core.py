@@ -64,6 +64,8 @@ class GossipCore:
         self.freeze_s = FREEZE_S
         self._background: set[asyncio.Task] = set()  # best-effort aborts; merges committed as responder
         self._closed = False
+        # why this node neither starts nor accepts exchanges for now (joining: fetching a model first), or None
+        self.holding: str | None = None
 
     def close(self) -> None:
         """Refuse new exchanges from now on (the node is stopping); decisions on prepared ones still run."""

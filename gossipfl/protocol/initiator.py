@@ -101,7 +101,7 @@ class Initiator(GossipCore):
         if self._next_start is not None and now < self._next_start:
             return  # woke up for a doubt only
         self._next_start = now + self.pace() * self.rng.uniform(1 - JITTER, 1 + JITTER)
-        if self._closed or len(self._outbound) >= MAX_OUTBOUND or self.frozen():
+        if self._closed or self.holding is not None or len(self._outbound) >= MAX_OUTBOUND or self.frozen():
             return
         for peer_id in [p for p, t in self._not_before.items() if t <= now]:
             del self._not_before[peer_id]

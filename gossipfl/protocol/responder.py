@@ -46,9 +46,9 @@ class Responder(GossipCore):
 
     def reserve(self) -> bool:
         """Claim room for one incoming exchange before its body is read; False (answer 409) if there is
-        none or the node is stopping. Call ``release`` once the body was handled."""
+        none, the node is stopping or holding (joining). Call ``release`` once the body was handled."""
         self.expire()
-        if self._closed or not self.ledger.room(self._receiving):
+        if self._closed or self.holding is not None or not self.ledger.room(self._receiving):
             return False
         self._receiving += 1
         return True

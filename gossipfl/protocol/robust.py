@@ -162,6 +162,24 @@ class RobustMerge:
             self.clipped += out.clipped
         return out
 
+    def export(self) -> dict[str, object]:
+        """What a checkpoint keeps: the partners' latest distances (oldest first) and the counters."""
+        with self._lock:
+            return {"latest": dict(self._latest), "clipped": self.clipped, "refused": self.refused}
+
+    def restore(self, saved: dict[str, object]) -> None:
+        """Take back what ``export`` gave (ValueError, changing nothing, if it is not that shape)."""
+        latest = saved.get("latest", {})
+        if not isinstance(latest, dict):
+            raise ValueError("robust: 'latest' is not a map")
+        distances = {str(k): float(v) for k, v in latest.items()}  # type: ignore[arg-type]
+        if not all(math.isfinite(d) and d >= 0 for d in distances.values()):
+            raise ValueError("robust: a distance is not a finite non-negative number")
+        clipped, refused = int(saved.get("clipped", 0)), int(saved.get("refused", 0))  # type: ignore[arg-type]
+        with self._lock:
+            self._latest = dict(list(distances.items())[-self.history :])
+            self.clipped, self.refused = clipped, refused
+
     def describe(self) -> dict[str, object]:
         return {
             "clip_radius": self.radius,

@@ -61,7 +61,8 @@ async def post_gossip(request: web.Request) -> web.Response:
     must arrive within a deadline that grows with its size."""
     gossiper = request.app[NODE_KEY].gossiper
     if not gossiper.reserve():
-        return closing(error(409, "busy: no room for another exchange now" if not gossiper.closed else "stopping"))
+        reason = "stopping" if gossiper.closed else gossiper.holding or "busy: no room for another exchange now"
+        return closing(error(409, reason))
     try:
         declared = request.content_length
         deadline = timeout_for(min(declared or gossiper.max_body, gossiper.max_body))
