@@ -151,7 +151,8 @@ class Node(Reporting):
             except CheckpointError as e:
                 sock.close()
                 raise StartError(str(e)) from None
-            self.resumed = await asyncio.to_thread(self.checkpoints.resume, self.learner, self.gossiper.robust)
+            g = self.gossiper
+            self.resumed = await asyncio.to_thread(self.checkpoints.resume, self.learner, g.robust, g.ledger, g.clock())
 
         self._runner = NodeRunner(build_app(self, self.membership))
         await self._runner.setup()
@@ -227,7 +228,7 @@ class Node(Reporting):
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         if self.checkpoints is not None:  # after every exchange ended: the model no longer changes
-            await asyncio.to_thread(self._save)
+            await self._checkpoint()
         await self._close()
         self.log.info("node stopped" if self.failure is None else "node stopped after a failure")
 
@@ -280,11 +281,10 @@ class Node(Reporting):
         self.learner.publish_after_steps = assembly.publish_after_steps(self.config, self.gossiper.pace())
 
     async def _checkpoint(self) -> None:
-        await asyncio.to_thread(self._save)
-
-    def _save(self) -> None:
         assert self.checkpoints is not None
-        self.checkpoints.save(self.learner, self.peers, self.gossiper.robust)
+        g = self.gossiper
+        extras = state.extras(self.peers, g.robust, g.ledger, g.clock())  # on the loop, which owns them
+        await asyncio.to_thread(self.checkpoints.save, self.learner, extras)
 
     async def _evaluate(self) -> None:
         self.last_eval = await asyncio.to_thread(self.learner.evaluate)

@@ -42,6 +42,8 @@ class Reporting:
             refused_requests=dict(self._runner.app[REFUSED_KEY]) if self._runner else {},
             models_clipped=robust.clipped if robust else 0,
             models_too_far=robust.refused if robust else 0,
+            checkpoints_written=self.checkpoints.saves if self.checkpoints is not None else 0,
+            checkpoint_time=self.checkpoints.last_saved_at if self.checkpoints is not None else None,
         )
 
     def status(self) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from gossipfl.common.atomic import fsync_dir, write_atomic
 from gossipfl.discovery.peers import PeerTable
 from gossipfl.learning.checkpoint import CheckpointError, decode, dumps, encode, loads
 from gossipfl.learning.learner import Learner
+from gossipfl.protocol.ledger import Ledger
 from gossipfl.protocol.robust import RobustMerge
 
 META = "state.json"
@@ -91,9 +92,10 @@ class Checkpointer:
             self._lock_file = None
 
     # -- start: resume ----------------------------------------------------------------------------
-    def resume(self, learner: Learner, robust: RobustMerge | None) -> Resumed | None:
-        """Load the checkpoint into ``learner`` (and ``robust``); None when there is none, or when it cannot
-        be used: then it is moved aside, one line says why, and the learner is untouched."""
+    def resume(self, learner: Learner, robust: RobustMerge | None, ledger: Ledger, now: float) -> Resumed | None:
+        """Load the checkpoint into ``learner``, ``robust`` and ``ledger`` (the exchanges committed here, their
+        ages counted to ``now`` on the ledger's clock); None when there is none, or when it cannot be used:
+        then it is moved aside, one line says why, and all three are left as they were (empty)."""
         if not (self.dir / META).exists():
             return None
         try:
@@ -106,14 +108,17 @@ class Checkpointer:
             if m is None:
                 raise CheckpointError(f"tensors file {name!r} is not a checkpoint's")
             saved = decode((self.dir / name).read_bytes(), doc)
+            saved_at = float(doc["saved_at"])
             if robust is not None:
                 robust.restore(doc.get("robust") or {})
+            elapsed = max(self.clock() - saved_at, 0.0)  # the node was down this long
+            ledger.restore_committed([(x, a + elapsed) for x, a in doc.get("committed") or []], now)
             learner.load(saved)  # ValueError, changing nothing, when the shapes or the shard differ
             peers = tuple(str(p["url"]) for p in doc.get("peers", []) if isinstance(p, dict) and "url" in p)
-            saved_at = float(doc["saved_at"])
         except (CheckpointError, ValueError, KeyError, TypeError, AttributeError, OSError) as e:
             if robust is not None:
                 robust.restore({})
+            ledger.forget_outcomes()
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
             self.set_aside = str(self._move_aside())
             self.log.warning(
@@ -145,22 +150,17 @@ class Checkpointer:
         return aside
 
     # -- running: save ----------------------------------------------------------------------------
-    def save(self, learner: Learner, peers: PeerTable, robust: RobustMerge | None, *, force: bool = False) -> bool:
-        """Write a checkpoint if the model changed since the last one (always with ``force``). Blocking (run it
-        in a thread). A write that fails (disk full, permissions) is logged, once per reason, and the node
-        goes on; the previous checkpoint stays whole."""
+    def save(self, learner: Learner, extras: dict[str, Any], *, force: bool = False) -> bool:
+        """Write a checkpoint if the model changed since the last one (always with ``force``), with ``extras``
+        (see ``extras``: taken on the event loop, which owns them). Blocking (run it in a thread). A write
+        that fails (disk full, permissions) is logged, once per reason, and the node goes on; the previous
+        checkpoint stays whole."""
         if not force and learner.version == self._saved_version:
             return False
         version = learner.version
         saved = learner.save()
         now = self.clock()
-        meta = {
-            **self.expect,
-            "saved_at": now,
-            "peers": [{"id": p.id, "url": p.url, "task": p.task, "source": p.source} for p in peers.working()],
-            "robust": robust.export() if robust is not None else None,
-        }
-        blob, doc = encode(saved, meta)
+        blob, doc = encode(saved, {**self.expect, "saved_at": now, **extras})
         generation = self._generation + 1
         doc["tensors_file"] = f"tensors-{generation}.safetensors"
         try:
@@ -195,6 +195,16 @@ class Checkpointer:
             "last_error": self.last_error,
             "set_aside": self.set_aside,
         }
+
+
+def extras(peers: PeerTable, robust: RobustMerge | None, ledger: Ledger, now: float) -> dict[str, Any]:
+    """What a checkpoint keeps besides the learner: the peers that work, the robust merge's recent distances,
+    the exchanges committed here (``now``: the ledger's clock). Call it on the event loop."""
+    return {
+        "peers": [{"id": p.id, "url": p.url, "task": p.task, "source": p.source} for p in peers.working()],
+        "robust": robust.export() if robust is not None else None,
+        "committed": ledger.committed(now),
+    }
 
 
 def disabled() -> dict[str, Any]:

@@ -8,7 +8,9 @@ import errno
 import json
 import logging
 import os
+import re
 import signal
+import urllib.request
 
 import numpy as np
 import pytest
@@ -19,10 +21,12 @@ from gossipfl.discovery.peers import PeerTable
 from gossipfl.learning.checkpoint import CheckpointError, decode, dumps, encode, loads
 from gossipfl.learning.learner import Learner, build_seeded
 from gossipfl.learning.tasks.digits import DigitsTask
+from gossipfl.protocol import wire
+from gossipfl.protocol.ledger import COMMITTED, Ledger
 from gossipfl.protocol.robust import RobustMerge
 
 from .faults import NodeProcess
-from .helpers import running, wait_for
+from .helpers import message, running, wait_for
 
 LOG = logging.LoggerAdapter(logging.getLogger("test"), {})
 
@@ -96,6 +100,14 @@ def test_the_json_half_is_checked_too():
             loads(data)
 
 
+def ledger() -> Ledger:
+    return Ledger(max_prepared=4, prepare_ttl=5)
+
+
+def extras(peers=None, robust=None, book=None) -> dict:
+    return state.extras(peers or PeerTable("n1"), robust, book if book is not None else ledger(), 100.0)
+
+
 def checkpointer(tmp_path, node_id="n1", **expect) -> state.Checkpointer:
     ident = {"node_id": node_id, "task": "digits", "model": "m1", "cluster": "c", "split": "s"} | expect
     c = state.Checkpointer(tmp_path, ident, LOG, 1.0)
@@ -109,17 +121,26 @@ def test_save_and_resume_through_the_directory_with_peers_and_robust_state(tmp_p
     robust.restore({"latest": {"p1": 0.5, "p2": 0.25}, "clipped": 3, "refused": 1})
     peers = PeerTable("n1")
     peers.upsert("p1", "http://10.0.0.1:8470", "digits", "mdns")
+    book = ledger()
+    for i, xid in enumerate(["a" * 32, "b" * 32, "c" * 32]):
+        book.prepare(xid, "p1", None, None, now=90.0 + i)
+        book.decide(xid, COMMITTED if i != 1 else "aborted", now=90.0 + i)
     c = checkpointer(tmp_path)
-    assert c.save(a, peers, robust) and not c.save(a, peers, robust)  # unchanged: not written again
+    assert c.save(a, extras(peers, robust, book)) and not c.save(a, extras(peers, robust, book))  # unchanged
     a.train_steps(1)
-    assert c.save(a, peers, robust)
+    assert c.save(a, extras(peers, robust, book))
     assert sorted(p.name for p in c.dir.iterdir()) == ["lock", "state.json", "tensors-2.safetensors"]
     c.close()
-    b, robust2 = learner(), RobustMerge("auto")
+    b, robust2, book2 = learner(), RobustMerge("auto"), ledger()
     c2 = checkpointer(tmp_path)
-    resumed = c2.resume(b, robust2)
+    resumed = c2.resume(b, robust2, book2, 5000.0)
     assert resumed is not None and resumed.age == 5 and resumed.peer_urls == ("http://10.0.0.1:8470",)
     assert robust2.export() == robust.export() and b.age == 5
+    # committed outcomes come back, aged by the time the node was down (here: a fraction of a second)
+    assert book2.outcome("a" * 32) == COMMITTED and book2.outcome("c" * 32) == COMMITTED
+    assert book2.outcome("b" * 32) is None  # an abort is the answer to any unknown xid anyway
+    assert [x for x, _ in book2.committed(5000.0)] == ["a" * 32, "c" * 32]
+    assert [round(ago) for _, ago in book2.committed(5000.0)] == [10, 8]
     assert c2.describe()["resumed"] and c2.describe()["resumed_from"]["age"] == 5
 
 
@@ -139,12 +160,12 @@ def test_a_checkpoint_of_another_task_model_or_cluster_is_moved_aside(tmp_path, 
     a = learner()
     a.train_steps(2)
     c = checkpointer(tmp_path)
-    c.save(a, PeerTable("n1"), None)
+    c.save(a, extras())
     c.close()
     b = learner()
     c2 = checkpointer(tmp_path, **expect)
     with caplog.at_level(logging.WARNING):
-        assert c2.resume(b, None) is None
+        assert c2.resume(b, None, ledger(), 0.0) is None
     assert b.age == 0 and not (c2.dir / "state.json").exists()
     aside = list(c2.dir.glob("aside-*"))
     assert len(aside) == 1 and sorted(p.name for p in aside[0].iterdir()) == ["state.json", "tensors-1.safetensors"]
@@ -157,7 +178,7 @@ def test_a_crash_in_the_middle_of_a_write_leaves_the_previous_checkpoint_whole(t
     a = learner()
     a.train_steps(2)
     c = checkpointer(tmp_path)
-    c.save(a, PeerTable("n1"), None)
+    c.save(a, extras())
     a.train_steps(2)
     real = atomic.os.replace
     calls = []
@@ -169,13 +190,13 @@ def test_a_crash_in_the_middle_of_a_write_leaves_the_previous_checkpoint_whole(t
         return real(src, dst)
 
     monkeypatch.setattr(atomic.os, "replace", crash_on_the_json)
-    assert not c.save(a, PeerTable("n1"), None) and c.last_error == "No space left on device"
+    assert not c.save(a, extras()) and c.last_error == "No space left on device"
     monkeypatch.setattr(atomic.os, "replace", real)
     assert calls == ["tensors-2.safetensors", "state.json"]
     assert sorted(p.name for p in c.dir.iterdir()) == ["lock", "state.json", "tensors-1.safetensors"]
     c.close()
     b = learner()
-    assert checkpointer(tmp_path).resume(b, None) is not None and b.age == 2  # the previous one
+    assert checkpointer(tmp_path).resume(b, None, ledger(), 0.0) is not None and b.age == 2  # the previous one
 
 
 def node_args(tmp_path, *extra: str) -> list[str]:
@@ -217,6 +238,10 @@ def test_sigkill_then_start_again_resumes_from_the_last_periodic_checkpoint(tmp_
     try:
         n.wait_up()
         assert wait_for_sync(lambda: n.status()["checkpoint"]["saves"] >= 3 and n.status()["age"] > 20, 30)
+        with urllib.request.urlopen(n.url + "/metrics", timeout=5) as r:
+            metrics = r.read().decode()
+        written = re.search(r"^gossipfl_checkpoints_written_total\S* (\S+)$", metrics, re.M)
+        assert written and float(written.group(1)) >= 3 and "gossipfl_last_checkpoint_timestamp_seconds" in metrics
         n.proc.send_signal(signal.SIGKILL)
         n.proc.wait(10)
     finally:
@@ -306,3 +331,22 @@ def wait_for_sync(predicate, timeout: float) -> bool:
             pass
         time.sleep(0.2)
     return False
+
+
+async def test_a_commit_is_still_known_after_a_restart(make_config, tmp_path, http):
+    """Exactly-once across a restart: an initiator in doubt about an exchange this node committed before it
+    stopped asks again and is told "committed", not "aborted" (which would leave the two halves apart)."""
+    cfg = make_config(id="xo", no_train=True, state_dir=str(tmp_path))
+    async with running(cfg) as (n,):
+        body = message(n, sender="initiator")
+        xid = wire.decode(body, n.gossiper.spec).xid
+        async with http.post(n.url + "/v1/gossip", data=body) as r:
+            assert r.status == 200
+        async with http.post(f"{n.url}/v1/gossip/{xid}/commit") as r:
+            assert (await r.json())["outcome"] == COMMITTED
+    async with running(cfg) as (again,):
+        assert again.status()["checkpoint"]["resumed"]
+        async with http.post(f"{again.url}/v1/gossip/{xid}/commit") as r:
+            assert (await r.json())["outcome"] == COMMITTED
+        async with http.post(f"{again.url}/v1/gossip/{'f' * 32}/commit") as r:
+            assert (await r.json())["outcome"] == "aborted"  # never prepared here

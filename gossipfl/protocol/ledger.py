@@ -104,6 +104,29 @@ class Ledger(Generic[S, M]):
             self._decided.popitem(last=False)
         return entry
 
+    def committed(self, now: float) -> list[tuple[str, float]]:
+        """(xid, seconds ago) of the exchanges committed here and still remembered, oldest first: what a
+        checkpoint keeps, so that an initiator in doubt about one is told "committed" after a restart too
+        (any other xid is answered "aborted", which is right for one undecided at a restart)."""
+        return [(xid, round(now - when, 3)) for xid, (outcome, when) in self._decided.items() if outcome == COMMITTED]
+
+    def restore_committed(self, entries: list[tuple[str, float]], now: float) -> None:
+        """Take back what ``committed`` gave (ages counted to ``now``); ValueError, changing nothing, when an
+        entry is not an (xid, non-negative seconds) pair."""
+        parsed = []
+        for entry in entries:
+            xid, ago = entry
+            if not isinstance(xid, str) or isinstance(ago, bool) or not isinstance(ago, (int, float)) or not ago >= 0:
+                raise ValueError(f"committed exchange {entry!r}: expected [xid, seconds ago]")
+            parsed.append((xid, now - float(ago)))
+        for xid, when in parsed[-self.max_remembered :]:
+            if when > now - self.remember_s:
+                self._decided[xid] = (COMMITTED, when)
+
+    def forget_outcomes(self) -> None:
+        self._decided.clear()
+        self._unknown.clear()
+
     def expire(self, now: float) -> list[Prepared[S, M]]:
         """Abort the prepared exchanges whose decision did not come in time; forget old outcomes."""
         gone = [p for p in self._prepared.values() if p.expires <= now]

@@ -46,6 +46,8 @@ class Readings:
     refused_requests: dict[str, int]  # kind (member, read) -> requests answered 401
     models_clipped: int  # received models clipped toward this node's (--clip-radius)
     models_too_far: int  # received models refused as implausibly far
+    checkpoints_written: int = 0  # checkpoints written since start (--state-dir)
+    checkpoint_time: float | None = None  # wall-clock time of the last one written, None before any
 
 
 class _StateCollector(Collector):
@@ -132,6 +134,18 @@ class _StateCollector(Collector):
                 value=r.models_too_far,
             )
         )  # fmt: skip
+        out.append(
+            CounterMetricFamily(f"{NAMESPACE}_checkpoints_written", "Checkpoints written since start (--state-dir).",
+                                value=r.checkpoints_written)
+        )  # fmt: skip
+        if r.checkpoint_time is not None:
+            out.append(
+                GaugeMetricFamily(
+                    f"{NAMESPACE}_last_checkpoint_timestamp_seconds",
+                    "When the last checkpoint was written (Unix time).",
+                    r.checkpoint_time,
+                )
+            )  # fmt: skip
         if r.accuracy is not None:
             out.append(
                 GaugeMetricFamily(f"{NAMESPACE}_test_accuracy_ratio", "Last test accuracy (0 to 1).", r.accuracy)
