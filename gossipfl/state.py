@@ -73,7 +73,8 @@ class Checkpointer:
     def open(self) -> None:
         """Create the directory and take its lock (CheckpointError: cannot be created, or in use)."""
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
+            self.dir.parent.mkdir(parents=True, exist_ok=True)
+            self.dir.mkdir(mode=0o700, exist_ok=True)  # a model can reveal its training data: this user only
             f = open(self.dir / LOCK, "a+b")
         except OSError as e:
             raise CheckpointError(f"state-dir {self.dir}: {e.strerror or e}") from None

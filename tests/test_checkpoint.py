@@ -130,6 +130,8 @@ def test_save_and_resume_through_the_directory_with_peers_and_robust_state(tmp_p
     a.train_steps(1)
     assert c.save(a, extras(peers, robust, book))
     assert sorted(p.name for p in c.dir.iterdir()) == ["lock", "state.json", "tensors-2.safetensors"]
+    assert c.dir.stat().st_mode & 0o777 == 0o700  # a model can reveal its training data: this user only
+    assert all((c.dir / f).stat().st_mode & 0o777 == 0o600 for f in ("state.json", "tensors-2.safetensors"))
     c.close()
     b, robust2, book2 = learner(), RobustMerge("auto"), ledger()
     c2 = checkpointer(tmp_path)
