@@ -232,8 +232,27 @@ def intruder(nodes, url):
         print("!! " + p, file=sys.stderr)
     return 1 if problems else 0
 
+def restarted(url, before, timeout, out):
+    """After a restart: the node answers, resumed from its checkpoint, with an age at least ``before``."""
+    t0, s = time.monotonic(), None
+    while time.monotonic() - t0 < timeout and s is None:
+        s = status(url)
+        time.sleep(0.5)
+    cp = (s or {}).get("checkpoint") or {}
+    row = {"age_before": before, "age_after": (s or {}).get("age"), "resumed": cp.get("resumed"),
+           "resumed_from": cp.get("resumed_from"), "seconds": round(time.monotonic() - t0, 1)}
+    json.dump(row, open(out, "w"))
+    ok = bool(cp.get("resumed")) and (row["age_after"] or 0) >= before
+    print(f"   restart: {'resumed' if cp.get('resumed') else 'NOT resumed'} from age "
+          f"{(cp.get('resumed_from') or {}).get('age')} (age {before} before the stop, {row['age_after']} after)")
+    return 0 if ok else 1
+
 if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
+    if cmd == "age":
+        print((status(args[0]) or {}).get("age", -1))
+    if cmd == "restarted":
+        sys.exit(restarted(args[0], int(args[1]), float(args[2]), args[3]))
     if cmd == "wait":
         sys.exit(wait(json.loads(args[0]), float(args[1])))
     if cmd == "progress":
@@ -305,7 +324,8 @@ run_mode() {
     [ "$rootless" = 0 ] && net_flags+=(--internal)
     "${P[@]}" network create "${net_flags[@]}" "$net" >/dev/null
 
-    local env=(-e GOSSIPFL_DISCOVERY="$mode" -e GOSSIPFL_CLUSTER="testbed-$mode" -e GOSSIPFL_LOG_LEVEL=info)
+    local env=(-e GOSSIPFL_DISCOVERY="$mode" -e GOSSIPFL_CLUSTER="testbed-$mode" -e GOSSIPFL_LOG_LEVEL=info
+               -e GOSSIPFL_STATE_DIR=/var/lib/gossipfl -e GOSSIPFL_CHECKPOINT_INTERVAL=5)
     [ "$mode" = dns ] && env+=(-e "GOSSIPFL_DNS_NAME=$alias_name" -e GOSSIPFL_DNS_INTERVAL=2)
     for e in "${extra_env[@]}"; do env+=(-e "$e"); done
     local secrets=() intruder_url=""
@@ -370,6 +390,17 @@ run_mode() {
         "${P[@]}" rm -f -v -t 0 "gossipfl-tb-$mode-intruder" >/dev/null 2>&1 || true
     fi
 
+    # a restart (podman stop: SIGTERM, then start): the node resumes from its checkpoint on its volume
+    local restart_ok=0 first="${names[0]}" age_before
+    age_before="$(python3 "$work/tb.py" age "${urls[$first]}")"
+    "${P[@]}" stop -t 30 "$first" >/dev/null 2>&1 && "${P[@]}" start "$first" >/dev/null 2>&1 || restart_ok=1
+    if [ "$rootless" = 1 ]; then
+        urls[$first]="http://$("${P[@]}" port "$first" 8470 | head -n1)"
+    else
+        urls[$first]="http://$("${P[@]}" inspect -f "{{(index .NetworkSettings.Networks \"$net\").IPAddress}}" "$first"):8470"
+    fi
+    python3 "$work/tb.py" restarted "${urls[$first]}" "$age_before" 60 "$work/$mode-restart.json" || restart_ok=1
+
     # the image's HEALTHCHECK, run once by hand
     local health="{" stops="{" sep="" st
     for name in "${names[@]}"; do
@@ -398,6 +429,15 @@ run_mode() {
     fi
     python3 "$work/report.py" "$work/$mode-rows.json" "$work/$mode-stops.json" "$mode" "$tolerance" \
         "$work/$mode-table.md" "$work/$mode-health.json" || return 1
+    python3 - "$work/$mode-restart.json" "$first" >>"$work/$mode-table.md" <<'PY' || return 1
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(f"\nRestart of {sys.argv[2]} after the run (`podman stop`, then `podman start`, GOSSIPFL_STATE_DIR on the"
+      f" image's volume): resumed **{r['resumed']}** from the checkpoint of {(r['resumed_from'] or {}).get('saved_at')}"
+      f" at age {(r['resumed_from'] or {}).get('age')}; age {r['age_before']} before the stop, {r['age_after']} when it"
+      f" answered again {r['seconds']} s after the start.")
+PY
+    [ "$restart_ok" = 0 ] || { echo "!! $mode: the restarted node did not resume from its checkpoint" >&2; return 1; }
     return "$intruder_ok"
 }
 
