@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import os
 import re
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,18 +26,27 @@ from typing import IO, Any
 from gossipfl.common.atomic import fsync_dir, write_atomic
 from gossipfl.discovery.peers import PeerTable
 from gossipfl.learning.checkpoint import CheckpointError, decode, dumps, encode, loads
-from gossipfl.learning.learner import Learner
+from gossipfl.learning.learner import Learner, Saved
 from gossipfl.protocol.ledger import Ledger
 from gossipfl.protocol.robust import RobustMerge
 
 META = "state.json"
 LOCK = "lock"
 _TENSORS = re.compile(r"^tensors-(\d+)\.safetensors$")
-IDENTITY = ("node_id", "task", "model", "cluster", "split")  # what a checkpoint must agree with to be used
+# what a checkpoint must agree with to be used (the optimizer: Adam's state is not SGD's)
+IDENTITY = ("node_id", "task", "model", "cluster", "split", "optimizer")
 
 
 def iso(t: float | None) -> str | None:
     return None if t is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def _when(value: object) -> float:
+    """A checkpoint's ``saved_at``: a Unix time that ``iso`` can show (ValueError otherwise)."""
+    t = float(value)  # type: ignore[arg-type]
+    if not 0 <= t < 1e11:
+        raise ValueError(f"saved_at {value!r} is not a time")
+    return t
 
 
 @dataclass(frozen=True)
@@ -61,6 +72,7 @@ class Checkpointer:
         self.interval = interval
         self.clock = clock
         self._lock_file: IO[bytes] | None = None
+        self._writing = threading.Lock()  # one write at a time (a periodic one may outlive its loop at stop)
         self._generation = 0
         self._saved_version: int | None = None  # the learner version last written
         self.saves = 0
@@ -74,8 +86,9 @@ class Checkpointer:
         """Create the directory and take its lock (CheckpointError: cannot be created, or in use)."""
         try:
             self.dir.parent.mkdir(parents=True, exist_ok=True)
-            self.dir.mkdir(mode=0o700, exist_ok=True)  # a model can reveal its training data: this user only
-            f = open(self.dir / LOCK, "a+b")
+            self.dir.mkdir(mode=0o700, exist_ok=True)
+            self.dir.chmod(0o700)  # a model can reveal its training data: this user only
+            f = open(os.open(self.dir / LOCK, os.O_RDWR | os.O_CREAT, 0o600), "a+b")
         except OSError as e:
             raise CheckpointError(f"state-dir {self.dir}: {e.strerror or e}") from None
         try:
@@ -109,18 +122,18 @@ class Checkpointer:
             if m is None:
                 raise CheckpointError(f"tensors file {name!r} is not a checkpoint's")
             saved = decode((self.dir / name).read_bytes(), doc)
-            saved_at = float(doc["saved_at"])
+            saved_at = _when(doc["saved_at"])
             if robust is not None:
                 robust.restore(doc.get("robust") or {})
             elapsed = max(self.clock() - saved_at, 0.0)  # the node was down this long
             ledger.restore_committed([(x, a + elapsed) for x, a in doc.get("committed") or []], now)
             learner.load(saved)  # ValueError, changing nothing, when the shapes or the shard differ
             peers = tuple(str(p["url"]) for p in doc.get("peers", []) if isinstance(p, dict) and "url" in p)
-        except (CheckpointError, ValueError, KeyError, TypeError, AttributeError, OSError) as e:
+        except Exception as e:  # whatever is wrong with it, the node starts fresh rather than not at all
             if robust is not None:
                 robust.restore({})
             ledger.forget_outcomes()
-            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
             self.set_aside = str(self._move_aside())
             self.log.warning(
                 "checkpoint in %s not used (%s): moved to %s; starting fresh", self.dir, reason, self.set_aside
@@ -143,7 +156,7 @@ class Checkpointer:
         n = 1
         while aside.exists():
             aside, n = aside.with_name(f"{aside.name.split('.')[0]}.{n}"), n + 1
-        aside.mkdir()
+        aside.mkdir(mode=0o700)
         for f in [self.dir / META, *self.dir.glob("tensors-*.safetensors")]:
             if f.exists():
                 shutil.move(str(f), aside / f.name)
@@ -151,38 +164,51 @@ class Checkpointer:
         return aside
 
     # -- running: save ----------------------------------------------------------------------------
-    def save(self, learner: Learner, extras: dict[str, Any], *, force: bool = False) -> bool:
-        """Write a checkpoint if the model changed since the last one (always with ``force``), with ``extras``
-        (see ``extras``: taken on the event loop, which owns them). Blocking (run it in a thread). A write
-        that fails (disk full, permissions) is logged, once per reason, and the node goes on; the previous
-        checkpoint stays whole."""
-        if not force and learner.version == self._saved_version:
+    def written(self, version: int) -> bool:
+        """Whether the learner at ``version`` is what the last checkpoint holds."""
+        return version == self._saved_version
+
+    def save(self, learner: Learner, extras: dict[str, Any]) -> bool:
+        """Capture and write a checkpoint if the model changed since the last one. Blocking (run it in a
+        thread); see ``write``."""
+        if self.written(learner.version):
             return False
         version = learner.version
-        saved = learner.save()
-        now = self.clock()
-        blob, doc = encode(saved, {**self.expect, "saved_at": now, **extras})
-        generation = self._generation + 1
-        doc["tensors_file"] = f"tensors-{generation}.safetensors"
-        try:
-            write_atomic(self.dir / doc["tensors_file"], blob)
-            write_atomic(self.dir / META, dumps(doc))
-        except OSError as e:
-            reason = e.strerror or str(e)
-            if reason != self.last_error:
-                self.log.warning("checkpoint not written to %s: %s (the previous one is kept)", self.dir, reason)
-            self.last_error = reason
-            (self.dir / doc["tensors_file"]).unlink(missing_ok=True)
-            return False
-        for old in self.dir.glob("tensors-*.safetensors"):
-            if old.name != doc["tensors_file"]:
-                old.unlink(missing_ok=True)
-        if self.last_error is not None:
-            self.log.info("checkpoint written to %s again", self.dir)
-        self._generation, self._saved_version = generation, version
-        self.saves += 1
-        self.last_saved_at, self.last_error = now, None
-        return True
+        return self.write(learner.save(), version, extras)
+
+    def write(self, saved: Saved, version: int, extras: dict[str, Any]) -> bool:
+        """Write ``saved`` (the learner at ``version``) with ``extras`` (see ``extras``: taken on the event
+        loop, which owns them, at the same moment). Blocking; one write at a time. A write that fails (disk
+        full, permissions) is logged, once per reason, and the node goes on; the previous checkpoint stays
+        whole."""
+        with self._writing:
+            if version == self._saved_version:
+                return False
+            now = self.clock()
+            blob, doc = encode(saved, {**self.expect, "saved_at": now, **extras})
+            generation = self._generation + 1
+            doc["tensors_file"] = tensors = f"tensors-{generation}.safetensors"
+            text = dumps(doc)
+            try:
+                write_atomic(self.dir / tensors, blob)
+                write_atomic(self.dir / META, text)
+            except OSError as e:
+                reason = e.strerror or str(e)
+                if reason != self.last_error:
+                    self.log.warning("checkpoint not written to %s: %s (the previous one is kept)", self.dir, reason)
+                self.last_error = reason
+                if not _holds(self.dir / META, text):  # (the JSON may be in place and only its fsync failed)
+                    (self.dir / tensors).unlink(missing_ok=True)
+                    return False
+            for old in self.dir.glob("tensors-*.safetensors"):
+                if old.name != tensors:
+                    old.unlink(missing_ok=True)
+            if self.last_error is not None and self.last_saved_at is not None:
+                self.log.info("checkpoint written to %s again", self.dir)
+            self._generation, self._saved_version = generation, version
+            self.saves += 1
+            self.last_saved_at, self.last_error = now, None
+            return True
 
     def describe(self) -> dict[str, Any]:
         r = self.resumed
@@ -206,6 +232,13 @@ def extras(peers: PeerTable, robust: RobustMerge | None, ledger: Ledger, now: fl
         "robust": robust.export() if robust is not None else None,
         "committed": ledger.committed(now),
     }
+
+
+def _holds(path: Path, data: bytes) -> bool:
+    try:
+        return path.read_bytes() == data
+    except OSError:
+        return False
 
 
 def disabled() -> dict[str, Any]:

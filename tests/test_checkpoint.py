@@ -58,6 +58,41 @@ def test_a_resumed_learner_continues_exactly_as_if_never_stopped(optimizer):
         np.testing.assert_array_equal(state_of(b)[k], v, err_msg=k)
 
 
+def test_an_optimizer_state_of_another_kind_changes_nothing():
+    """SGD's momentum loaded into Adam: refused before anything changes (it would fail every step after)."""
+    a, b = learner("sgd"), learner("adam")
+    a.train_steps(3)
+    before = state_of(b)
+    with pytest.raises(ValueError, match="optimizer or minibatch state does not fit"):
+        b.load(a.save())
+    assert all(np.array_equal(state_of(b)[k], v) for k, v in before.items()) and b.age == 0
+    b.train_steps(2)  # and it still trains
+
+
+def test_overlapping_writes_leave_one_whole_checkpoint(tmp_path, monkeypatch):
+    """A periodic write that outlives its loop at stop and the last write at stop: one at a time."""
+    import threading
+    import time
+
+    a = learner()
+    a.train_steps(2)
+    c = checkpointer(tmp_path)
+    real_fsync = atomic.os.fsync
+    monkeypatch.setattr(atomic.os, "fsync", lambda fd: (time.sleep(0.1), real_fsync(fd)))
+    first = a.save()
+    a.train_steps(1)
+    second = a.save()
+    threads = [threading.Thread(target=c.write, args=(s, v, extras())) for s, v in ((first, 2), (second, 3))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    names = sorted(p.name for p in c.dir.iterdir())
+    assert names == ["lock", "state.json", "tensors-2.safetensors"], names
+    c.close()
+    assert checkpointer(tmp_path).resume(learner(), None, ledger(), 0.0) is not None
+
+
 def test_a_checkpoint_that_does_not_fit_changes_nothing():
     a, b = learner(), learner()
     a.train_steps(3)
@@ -80,7 +115,8 @@ def test_a_checkpoint_that_does_not_fit_changes_nothing():
     [
         (lambda blob, doc: (blob[: len(blob) // 2], doc), "digest"),
         (lambda blob, doc: (blob[:-1] + bytes([blob[-1] ^ 1]), doc), "digest"),
-        (lambda blob, doc: (blob, {**doc, "learner": {**doc["learner"], "age": -1}}), "non-negative"),
+        (lambda blob, doc: (blob, {**doc, "learner": {**doc["learner"], "age": -1}}), "from 0 to 2"),
+        (lambda blob, doc: (blob, {**doc, "learner": {**doc["learner"], "steps": 2**60}}), "from 0 to 2"),
         (lambda blob, doc: (blob, {**doc, "learner": {}}), "incomplete"),
         (lambda blob, doc: (b"\0" * 8, {**doc, "tensors_sha256": __import__("hashlib").sha256(b"\0" * 8).hexdigest()}),
          "incomplete"),
@@ -109,7 +145,8 @@ def extras(peers=None, robust=None, book=None) -> dict:
 
 
 def checkpointer(tmp_path, node_id="n1", **expect) -> state.Checkpointer:
-    ident = {"node_id": node_id, "task": "digits", "model": "m1", "cluster": "c", "split": "s"} | expect
+    ident = {"node_id": node_id, "task": "digits", "model": "m1", "cluster": "c", "split": "s", "optimizer": "sgd"}
+    ident |= expect
     c = state.Checkpointer(tmp_path, ident, LOG, 1.0)
     c.open()
     return c
@@ -156,7 +193,12 @@ def test_a_second_node_cannot_take_a_directory_in_use(tmp_path):
 
 @pytest.mark.parametrize(
     "expect, reason",
-    [({"task": "synthetic"}, "task 'digits'"), ({"cluster": "other"}, "cluster 'c'"), ({"model": "m2"}, "model")],
+    [
+        ({"task": "synthetic"}, "task 'digits'"),
+        ({"cluster": "other"}, "cluster 'c'"),
+        ({"model": "m2"}, "model"),
+        ({"optimizer": "adam"}, "optimizer 'sgd'"),  # Adam's state is not SGD's
+    ],
 )
 def test_a_checkpoint_of_another_task_model_or_cluster_is_moved_aside(tmp_path, caplog, expect, reason):
     a = learner()

@@ -83,3 +83,12 @@ async def test_a_joiner_refuses_a_model_that_is_not_its_peers(make_config, tmp_p
             assert b.status()["join"]["state"] == "waiting" and b.learner.merges == 0
             assert await wait_for(lambda: b.status()["join"]["state"] == "alone", 5)
             assert b.learner.merges == 0 or b.learner.steps > 0
+
+
+async def test_a_node_stopped_while_waiting_to_join_leaves_no_checkpoint(make_config, tmp_path):
+    """Else it would resume its untrained model next time, skip the join and drag its peers back."""
+    async with running(make_config(seeds=("127.0.0.1:9",), join_wait=30, state_dir=str(tmp_path))) as (n,):
+        assert n.status()["join"]["state"] == "waiting"
+    assert not list(tmp_path.rglob("state.json"))
+    async with running(make_config(id=n.id, seeds=("127.0.0.1:9",), join_wait=30, state_dir=str(tmp_path))) as (m,):
+        assert m.status()["join"]["state"] == "waiting" and not m.status()["checkpoint"]["resumed"]

@@ -4,13 +4,14 @@ temporary file in the same directory, fsync it, rename it over the target, fsync
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Replace ``path`` with ``data`` atomically and durably, readable by this user only by default (OSError
     on failure; the target is untouched)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
     try:
         with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "wb") as f:
             f.write(data)

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load, save
 
-from gossipfl.learning.learner import Saved
+from gossipfl.learning.learner import MAX_AGE, Saved
 
 FORMAT = 1  # bumped when the layout changes; a checkpoint of another format is set aside, not read
 
@@ -87,6 +87,6 @@ def decode(blob: bytes, doc: dict[str, Any]) -> Saved:
 
 
 def _count(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise CheckpointError(f"counter {value!r} is not a non-negative integer")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_AGE:
+        raise CheckpointError(f"counter {value!r} is not an integer from 0 to 2**53")
     return value

@@ -230,15 +230,23 @@ class Learner:
                 raise ValueError(f"tensor {name}: saved shape {saved.model[name].shape}, model {tuple(t.shape)}")
         if len(saved.order) not in (0, self.train_size) or not 0 <= saved.cursor:
             raise ValueError("the saved minibatch order is for another shard")
+        if not (math.isfinite(saved.weight) and saved.weight > 0) or not 0 <= saved.age <= MAX_AGE:
+            raise ValueError(f"saved weight {saved.weight} or age {saved.age} out of range")
+        # every piece is checked on a scratch object first: nothing changes unless all of it fits
         state: dict[int, dict[str, object]] = {}
-        for key, value in [*saved.optimizer.items(), *saved.optimizer_scalars.items()]:
-            index, _, name = key.partition(".")
-            value = torch.from_numpy(np.array(value)) if isinstance(value, np.ndarray) else value
-            state.setdefault(int(index), {})[name] = value
-        optimizer = self.optimizer.state_dict()
+        try:
+            for key, value in [*saved.optimizer.items(), *saved.optimizer_scalars.items()]:
+                index, _, name = key.partition(".")
+                value = torch.from_numpy(np.array(value)) if isinstance(value, np.ndarray) else value
+                state.setdefault(int(index), {})[name] = value
+            optimizer = type(self.optimizer)(self.model.parameters(), **self.optimizer.defaults)
+            optimizer.load_state_dict({"state": state, "param_groups": self.optimizer.state_dict()["param_groups"]})
+            torch.Generator().set_state(torch.from_numpy(np.array(saved.rng, dtype=np.uint8)))
+        except (KeyError, ValueError, TypeError, RuntimeError) as e:
+            raise ValueError(f"the saved optimizer or minibatch state does not fit: {type(e).__name__}: {e}") from None
         with self._lock:
             self.model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in saved.model.items()})
-            self.optimizer.load_state_dict({"state": state, "param_groups": optimizer["param_groups"]})
+            self.optimizer = optimizer
             self.age, self.steps, self.merges = int(saved.age), int(saved.steps), int(saved.merges)
             self.weight = float(saved.weight)
             self._gen.set_state(torch.from_numpy(np.array(saved.rng, dtype=np.uint8)))
@@ -274,8 +282,8 @@ class Learner:
         ``Diverged``; an exception from the task's step propagates (the steps before it are kept)."""
         total = 0.0
         for _ in range(steps):
-            idx = self._next_batch()
-            with self._lock:
+            with self._lock:  # (the minibatch order too: a checkpoint taken between steps continues exactly)
+                idx = self._next_batch()
                 self.model.train()
                 for group in self.optimizer.param_groups:
                     group["lr"] = self.lr_at(self.steps)

@@ -75,6 +75,22 @@ class GossipCore:
     def closed(self) -> bool:
         return self._closed
 
+    async def pause_merges(self, patience: float = 1.0) -> bool:
+        """Hold the merge flag, so that no merge is decided or applied until ``resume_merges`` (exchanges that
+        would merge meanwhile abort, as with any other merge in progress): for copying the model and the
+        ledger at one moment (a checkpoint), or replacing the model (joining). False, holding nothing, if
+        merges kept the flag for ``patience`` seconds."""
+        deadline = self.clock() + patience
+        while self._merging:
+            if self.clock() >= deadline:
+                return False
+            await asyncio.sleep(0.01)
+        self._merging = True  # no await between the check and this
+        return True
+
+    def resume_merges(self) -> None:
+        self._merging = False
+
     def frozen(self) -> bool:
         """An exchange went in doubt less than FREEZE_S ago: merge nothing else yet."""
         return self.doubts.fresh(self.clock(), self.freeze_s)

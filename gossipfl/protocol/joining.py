@@ -27,6 +27,7 @@ from gossipfl.security.http import call, get_json
 from gossipfl.security.signing import Unauthorized
 
 CANDIDATES = 3  # peers asked for their age at each attempt
+HOLDING = "joining: this node is fetching a trained model before it trains"  # why it answers 409 meanwhile
 STATUS_LIMIT = 256 * 1024
 _FAILURES = (aiohttp.ClientError, TimeoutError, TooLarge, BodyError, ValueError, Unauthorized)
 
@@ -90,7 +91,12 @@ async def join(
             continue
         params = {k: np.array(v) for k, v in msg.params.items()}  # writable copies (decoded ones view the body)
         age = msg.age
-        await asyncio.to_thread(core.learner.update, lambda now, p=params, a=age: (p, max(now.age, a), now.weight))
+        if not await core.pause_merges():  # no merge may land on top of the adopted model, or under it
+            return None
+        try:
+            await asyncio.to_thread(core.learner.update, lambda now, p=params, a=age: (p, max(now.age, a), now.weight))
+        finally:
+            core.resume_merges()
         return Joined(peer.id, msg.age)
     return None
 
@@ -112,7 +118,7 @@ async def join_when_ready(
     ``UNTRAINED``, or ``ALONE`` when the wait ran out (or the node is stopping)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
-    core.holding = "joining: this node is fetching a trained model before it trains"
+    core.holding = HOLDING
     try:
         while loop.time() < deadline and not stopping.is_set():
             found = peers()
