@@ -43,8 +43,8 @@ async def test_status_has_the_documented_fields(node, http):
     assert set(s) == {
         "id", "protocol", "task", "cluster", "url", "age", "steps", "merges", "partition", "partition_from",
         "partition_scheme", "split", "eval_split", "init_model", "samples", "class_histogram", "training",
-        "failure", "device", "served", "merge", "checkpoint", "join", "uptime_s", "model", "peers", "ignored_peers", "security", "metrics",
-        "exchanges", "loops",
+        "failure", "device", "served", "merge", "checkpoint", "join", "uptime_s", "model", "peers", "ignored_peers",
+        "security", "metrics", "exchanges", "loops",
     }  # fmt: skip
     assert s["id"] == node.id and s["task"] == "digits" and s["age"] == 0 and s["steps"] == 0
     assert s["protocol"] == 2 and s["merges"] == 0 and s["cluster"] == node.config.cluster

@@ -17,11 +17,15 @@ class BodyError(Exception):
     """A body did not arrive whole: the other side hung up, broke the framing, or was too slow."""
 
 
+class BodyTimeout(BodyError):
+    """A body did not arrive whole within its deadline (HTTP 408)."""
+
+
 async def read_limited(
     content: aiohttp.StreamReader, declared: int | None, limit: int, deadline: float | None = None
 ) -> bytes:
     """Read ``content`` whole, refusing (TooLarge) a declared or actual size over ``limit`` bytes, and
-    (BodyError) a body cut short, badly framed, or not whole within ``deadline`` seconds."""
+    (BodyError) a body cut short, badly framed, or (BodyTimeout) not whole within ``deadline`` seconds."""
     if declared is not None and declared > limit:
         raise TooLarge(f"body of {declared} bytes exceeds {limit}")
     buf = bytearray()
@@ -35,7 +39,7 @@ async def read_limited(
     except TimeoutError:
         if not timer.expired():  # a caller's own timeout (the client's total): not ours to explain
             raise
-        raise BodyError(f"body not received within {deadline:g} s ({len(buf)} bytes came)") from None
+        raise BodyTimeout(f"body not received within {deadline:g} s ({len(buf)} bytes came)") from None
     except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, web.RequestPayloadError, ConnectionError) as e:
         raise BodyError(f"body cut short after {len(buf)} bytes: {type(e).__name__}") from None
     if declared is not None and len(buf) != declared:

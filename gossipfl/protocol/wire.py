@@ -34,7 +34,7 @@ MAX_SENDER_LEN = 255
 MAX_WEIGHT = 1e15  # push-sum weights start at a sample count and are only ever averaged
 MAX_AGE = 2**53  # ages and sample counts stay exact as float64 merge weights
 MAX_SAMPLES = 2**53
-XID_RE = re.compile(r"^[0-9a-f]{32}$")
+XID_RE = re.compile(r"\A[0-9a-f]{32}\Z")  # (not "$": it matches before a final newline too)
 _PER_TENSOR_OVERHEAD = 512  # name, keys, dtype string and shape list, generously
 _MESSAGE_OVERHEAD = 4096
 
@@ -158,8 +158,11 @@ def _decode_tensor(name: str, obj: object, expected: TensorSpec) -> np.ndarray:
     data = _field(obj, "data", bytes, where)
     if dtype != expected.dtype:
         raise WireError(f"{where}: dtype {dtype!r}, expected {expected.dtype!r}")
-    if not all(type(d) is int for d in shape) or tuple(shape) != expected.shape:
-        raise WireError(f"{where}: shape {shape}, expected {list(expected.shape)}")
+    if not all(type(d) is int for d in shape):  # (not shown: a list nested 1,000 deep has no repr)
+        raise WireError(f"{where}: shape must be a list of integers, expected {list(expected.shape)}")
+    if tuple(shape) != expected.shape:
+        shown = shape if len(shape) <= 8 else f"of {len(shape)} dimensions"
+        raise WireError(f"{where}: shape {shown}, expected {list(expected.shape)}")
     if len(data) != expected.nbytes:
         raise WireError(f"{where}: {len(data)} data bytes, expected {expected.nbytes}")
     arr = np.frombuffer(data, dtype=np.dtype(dtype)).reshape(expected.shape)

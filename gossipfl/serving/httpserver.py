@@ -3,7 +3,8 @@
 - Errors raised before a request reaches the app (aiohttp's parser: a bad request line, headers too
   large or too many, broken chunked encoding) answer in the one error shape, JSON ``{"error": ...}``,
   like every route, and are logged at debug level: they are the client's fault, and a flood of them
-  must not flood the log.
+  must not flood the log. So is a broken body met again after the answer, when aiohttp drains what the
+  app did not read (a Content-Encoding that does not decode).
 - At most ``max_connections`` connections at once: more are answered 503 and closed at once, so that
   slow or stuck clients cannot take every file descriptor and starve ``/v1/status``.
 - A connection that sends nothing for ``idle_timeout`` seconds is closed, and shutting down waits at
@@ -20,7 +21,7 @@ from http import HTTPStatus
 from typing import Any
 
 from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 from aiohttp.web_request import BaseRequest
 
 log = logging.getLogger("gossipfl.http")
@@ -51,6 +52,16 @@ class _Handler(RequestHandler):
             ).encode()
             transport.write(head + body)  # type: ignore[attr-defined]
             self.force_close()
+
+    def log_exception(self, *args: Any, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info")
+        if isinstance(exc, RequestPayloadError):
+            # a body the client broke (framing, or a Content-Encoding that does not decode) and the app left
+            # unread or answered already: aiohttp meets the error again when it drains the body after the
+            # answer. The client's fault, answered already: one debug line, not a traceback per request.
+            log.debug("unusable request body from %s: %s", self.peername, str(exc).replace("\n", " "))
+            return
+        super().log_exception(*args, **kwargs)
 
     def handle_error(
         self,

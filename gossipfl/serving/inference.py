@@ -15,10 +15,10 @@ from typing import Any, TypeVar
 import numpy as np
 from aiohttp import web
 
-from gossipfl.common.httpio import TooLarge, read_limited
+from gossipfl.common.httpio import BodyTimeout, TooLarge, read_limited
 from gossipfl.protocol.transport import timeout_for
 from gossipfl.serving import oip
-from gossipfl.serving.errors import error
+from gossipfl.serving.errors import closing, error
 from gossipfl.serving.ports import NODE_KEY, NodeView
 from gossipfl.version import __version__
 
@@ -100,6 +100,8 @@ async def _infer(request: web.Request, node: NodeView) -> web.Response:
             body = await read_limited(request.content, request.content_length, limit, timeout_for(limit))
     except TooLarge as e:
         return error(413, str(e))
+    except BodyTimeout as e:  # (a body cut short is the client gone: json_errors answers 400 for that)
+        return closing(error(408, str(e)))
     sig = node.signature
     header = request.headers.get(oip.HEADER)
     async with node.inference_slots:  # a burst of queries must not take every worker thread from training

@@ -226,12 +226,15 @@ def _flatten(data: Any) -> Iterator[Any]:
         yield data
 
 
-def _nesting(data: Any, name: str) -> list[int]:
+def _nesting(data: Any, name: str, limit: int) -> list[int]:
     """The shape of a nested JSON list; InferError when it is ragged (siblings of different lengths, or
-    lists mixed with numbers)."""
+    lists mixed with numbers), or nests deeper than ``limit`` lists (without a limit, a list nested a few
+    hundred deep, which JSON parses, would exhaust the stack here)."""
     if not isinstance(data, list):
         return []
-    inner = [_nesting(v, name) for v in data]
+    if limit <= 0:
+        raise InferError(f"input {name!r}: 'data' nests deeper than its shape")
+    inner = [_nesting(v, name, limit - 1) for v in data]
     if any(i != inner[0] for i in inner[1:]) or (
         inner and any(isinstance(v, list) for v in data) and not all(isinstance(v, list) for v in data)
     ):
@@ -240,8 +243,8 @@ def _nesting(data: Any, name: str) -> list[int]:
 
 
 def _from_json(data: Any, shape: tuple[int, ...], dtype: np.dtype, name: str) -> np.ndarray:
-    nesting = _nesting(data, name)
     allowed = [[*shape[:k], math.prod(shape[k:])] for k in range(len(shape))] or [[1]]
+    nesting = _nesting(data, name, max(map(len, allowed)))
     if len(nesting) > 1 and nesting not in allowed:
         raise InferError(f"input {name!r}: 'data' nested as {nesting}, expected flat or nested as {list(shape)}")
     values = list(_flatten(data))

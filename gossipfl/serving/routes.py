@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gossipfl.common.httpio import BodyError, TooLarge, read_limited
+from gossipfl.common.httpio import BodyError, BodyTimeout, TooLarge, read_limited
 from gossipfl.protocol import wire
 from gossipfl.protocol.ledger import ABORTED
 from gossipfl.protocol.responder import Busy, Conflict, Impersonation, Unavailable
@@ -71,7 +71,7 @@ async def post_gossip(request: web.Request) -> web.Response:
         except TooLarge as e:
             return closing(error(413, str(e)))
         except BodyError as e:
-            return closing(error(408 if "within" in str(e) else 400, str(e)))
+            return closing(error(408 if isinstance(e, BodyTimeout) else 400, str(e)))
         try:
             member = auth.authenticate(request, body)
         except Unauthorized as e:
