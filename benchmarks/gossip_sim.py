@@ -17,13 +17,17 @@ Protocol simulated (time is measured in gossip intervals):
   node starts at most ``MAX_OUTBOUND`` = 2 exchanges at once and never two with one peer. With d
   small against the interval, both models agree with d = 0; with d a noticeable share of the interval,
   aborted exchanges slow the averaging down (the busy/aborted path that short intervals exercise).
+* ``loss`` p: an exchange fails with probability p, independently of every other, and changes neither
+  node (a lost connection; the nodes' ``failed`` exchanges). With d > 0 it still takes its d intervals
+  (and its outbound slot) before it fails. p = 0 draws nothing extra: the run is as without it.
 * Statistic: V(t) = mean over coordinates of the across-node (population) variance, sampled at
   t = 0, 1, 2, ... intervals. The per-interval reduction factor is exp(slope) of a least-squares line
   fitted to log V(t) against t; see :func:`reduction_factor`.
 
-Theory for large N (Jelasity, Montresor & Babaoglu 2005, push-pull averaging): 1 / (2 sqrt(e)) ~ 0.303.
+Theory for large N (Jelasity, Montresor & Babaoglu 2005, push-pull averaging): 1 / (2 sqrt(e)) ~ 0.303;
+with exchanges lost with probability p, (1 + p) / 2 * exp(-(1 - p) / 2) (``theory_with_loss``).
 
-    .venv/bin/python benchmarks/gossip_sim.py [--nodes 8 16 32 64] [--runs 20] [--intervals 60]
+    .venv/bin/python benchmarks/gossip_sim.py [--nodes 8 16 32 64] [--runs 20] [--intervals 60] [--loss P]
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ def simulate_pushpull(
     overlap: str = "drop",
     counts: dict[str, int] | None = None,
     pace: float = 1.0,
+    loss: float = 0.0,
 ) -> np.ndarray:
     """Simulate the asynchronous push-pull protocol described in the module docstring.
 
@@ -65,10 +70,11 @@ def simulate_pushpull(
         overlap: with d > 0, "drop" (a busy node skips or refuses exchanges) or "abort" (exchanges
             overlap and the later-ending one aborts if either node merged meanwhile; the nodes' protocol).
         counts: if given, incremented per exchange started: "started", "committed", "aborted" (overlap
-            abort) and "refused" (overlap drop: the initiator or its peer was busy); exchanges still in
-            flight at the end are started but neither committed nor aborted.
+            abort), "refused" (overlap drop: the initiator or its peer was busy) and "failed" (``loss``);
+            exchanges still in flight at the end are started but neither committed nor aborted.
         pace: every timer delay is multiplied by this (>= 1): the nodes' pacing, which lengthens the
             interval when exchanges take over a quarter of it (gossipfl/protocol/initiator.py).
+        loss: probability that an exchange fails (changes neither node; counted in "failed").
 
     Returns:
         Array of length ``intervals + 1``: V(t) for t = 0, 1, ..., intervals, where V is the mean over
@@ -83,8 +89,10 @@ def simulate_pushpull(
         raise ValueError("duration must be >= 0")
     if overlap not in ("drop", "abort"):
         raise ValueError("overlap must be drop or abort")
+    if not 0.0 <= loss <= 1.0:
+        raise ValueError("loss must be in [0, 1]")
     tally = counts if counts is not None else {}
-    for key in ("started", "committed", "aborted", "refused"):
+    for key in ("started", "committed", "aborted", "refused", "failed"):
         tally.setdefault(key, 0)
     merges = np.zeros(n, dtype=np.int64)  # merges applied per node (overlap abort)
     outbound: list[set[int]] = [set() for _ in range(n)]  # peers node i has an exchange with (it started)
@@ -105,6 +113,10 @@ def simulate_pushpull(
             if kind == _DONE:
                 if overlap == "abort":
                     outbound[i].discard(j)
+                if loss > 0.0 and rng.random() < loss:
+                    tally["failed"] += 1
+                    continue
+                if overlap == "abort":
                     if merges[i] != mi or merges[j] != mj:  # either side merged since the snapshot
                         tally["aborted"] += 1
                         continue
@@ -118,6 +130,9 @@ def simulate_pushpull(
             j += j >= i  # uniform over the other n - 1 nodes
             if duration == 0.0:
                 tally["started"] += 1
+                if loss > 0.0 and rng.random() < loss:
+                    tally["failed"] += 1
+                    continue
                 tally["committed"] += 1
                 x[i] = x[j] = 0.5 * (x[i] + x[j])
             elif overlap == "abort":
@@ -162,6 +177,14 @@ def theory_large_n() -> float:
     return 1.0 / (2.0 * math.sqrt(math.e))
 
 
+def theory_with_loss(p: float) -> float:
+    """Large-N factor when each exchange fails with probability ``p`` and changes nothing. As for p = 0
+    (each committed exchange halves a node's share of the variance): per interval a node's own exchange
+    commits with probability 1 - p (on average a factor (1 + p) / 2) and it answers a Poisson(1 - p)
+    number of committed exchanges from others (exp(-(1 - p) / 2)): (1 + p) / 2 * exp(-(1 - p) / 2)."""
+    return (1.0 + p) / 2.0 * math.exp(-(1.0 - p) / 2.0)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nodes", type=int, nargs="+", default=[8, 16, 32, 64])
@@ -171,33 +194,36 @@ def main() -> None:
     ap.add_argument("--jitter", type=float, default=0.2)
     ap.add_argument("--duration", type=float, default=0.0, help="exchange duration in intervals")
     ap.add_argument("--overlap", choices=("drop", "abort"), default="drop", help="see the module docstring")
+    ap.add_argument("--loss", type=float, default=0.0, help="probability that an exchange fails")
     ap.add_argument("--burn-in", type=int, default=2)
     ap.add_argument("--floor", type=float, default=1e-20)
     args = ap.parse_args()
     start = time.perf_counter()
-    theory = theory_large_n()
+    theory = theory_with_loss(args.loss) if args.loss else theory_large_n()
     print(
         f"push-pull averaging, jitter +-{args.jitter:.0%}, exchange duration {args.duration:g} intervals "
-        f"(overlap: {args.overlap}), "
+        f"(overlap: {args.overlap}), exchanges lost: {args.loss:g}, "
         f"dim {args.dim}, fit t >= {args.burn_in} while V > {args.floor:g} V(0)\n"
     )
     print(
-        "| N | simulated factor per interval (mean ± std) | runs | exchanges committed / aborted / refused "
+        "| N | simulated factor per interval (mean ± std) | runs | exchanges committed / aborted / refused / failed "
         "| theory, large N |\n|---|---|---|---|---|"
     )
     for n in args.nodes:
         counts: dict[str, int] = {}
         factors = [
             reduction_factor(
-                simulate_pushpull(n, args.intervals, seed, args.dim, args.jitter, args.duration, args.overlap, counts),
+                simulate_pushpull(
+                    n, args.intervals, seed, args.dim, args.jitter, args.duration, args.overlap, counts, loss=args.loss
+                ),
                 args.burn_in,
                 args.floor,
             )
             for seed in range(args.runs)
         ]
         std = float(np.std(factors, ddof=1)) if len(factors) > 1 else 0.0
-        ended = sum(counts[k] for k in ("committed", "aborted", "refused"))
-        shares = " / ".join(f"{counts[k] / ended:.0%}" for k in ("committed", "aborted", "refused"))
+        ended = sum(counts[k] for k in ("committed", "aborted", "refused", "failed"))
+        shares = " / ".join(f"{counts[k] / ended:.0%}" for k in ("committed", "aborted", "refused", "failed"))
         print(f"| {n} | {np.mean(factors):.3f} ± {std:.3f} | {args.runs} | {shares} | {theory:.3f} |")
     print(f"\n({time.perf_counter() - start:.1f} s)")
 
