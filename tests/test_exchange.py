@@ -149,8 +149,8 @@ def test_the_oldest_outcome_is_the_one_forgotten_when_memory_is_full():
 
 def test_documented_defaults():
     """Outcomes are remembered 10 minutes (65,536 at most); a doubt is asked about again with a backoff
-    from 1 s up to 30 s, given up after 2 minutes, and at most 4 are kept (docs/liveness.md)."""
+    from 0.1 s up to 30 s, given up after 2 minutes, and at most 4 are kept (docs/liveness.md)."""
     led = ledger()
     assert (led.remember_s, led.max_remembered) == (600.0, 65536)
     book = DoubtBook()
-    assert (book.give_up_s, book.retry_base, book.retry_max, book.max_entries) == (120.0, 1.0, 30.0, 4)
+    assert (book.give_up_s, book.retry_base, book.retry_max, book.max_entries) == (120.0, 0.1, 30.0, 4)

@@ -158,7 +158,7 @@ class DoubtBook(Generic[S, M]):
     an answer comes or ``give_up_s`` passes (well within the ``remember_s`` a responder keeps outcomes)."""
 
     def __init__(
-        self, *, give_up_s: float = 120.0, retry_base: float = 1.0, retry_max: float = 30.0, max_entries: int = 4
+        self, *, give_up_s: float = 120.0, retry_base: float = 0.1, retry_max: float = 30.0, max_entries: int = 4
     ) -> None:
         self.give_up_s = give_up_s
         self.retry_base = retry_base
