@@ -4,6 +4,7 @@ bridge and its heal, lossy links, a node killed with SIGKILL and restarted. Pure
 what the nodes hold is then fully predictable (each side of a partition keeps its own mean). Needs root,
 ``ip`` and ``tc``; skipped otherwise."""
 
+import shutil
 import time
 from pathlib import Path
 
@@ -149,6 +150,8 @@ def test_a_lossy_link_fails_exchanges_but_no_node_errs_stalls_or_loses_the_mean(
     an error, and once the loss ends every node commits exchanges again, nothing stays in doubt, and the
     network mean is what it was at the start (no exchange applied on one side only)."""
     net = network(4)
+    if not net.netem and shutil.which("nft") is None:
+        pytest.skip("lossy links need tc netem or nftables (nft)")
     before = net.statuses()
     net.impair(3, loss=0.33)
     time.sleep(10.0)
