@@ -3,32 +3,22 @@ multicast between them, and faults injected from outside the nodes (lossy or slo
 SIGKILL and restart). Needs root and iproute2 (``ip``, ``tc``), and nftables (``nft``) for lossy links
 on a kernel without tc netem; nothing is installed.
 
-Layout (every name starts with the network's prefix, e.g. ``gfl-3f9a-``; no interface, address or route
-is ever added to the namespace the controller runs in, so nothing can reach this machine's real
-interfaces):
+Layout (every name starts with the network's prefix, e.g. ``gfl-3f9a-``; nothing is ever added to the
+controller's own namespace, and names resolve from /etc/hosts only inside the hosts): a bridge namespace
+``PREFIXbr`` holding the bridges (``br0``; ``br1``... during a partition) and one veth end ``hI`` per host;
+host namespaces ``PREFIXhI`` with ``lo`` and ``eth0`` (the other end of ``hI``), address SUBNET.(10+I)/24,
+IPv6 off; the node binds that address and runs mDNS on it.
 
-- a bridge namespace ``PREFIXbr`` holding the bridges (``br0``; ``br1``... during a partition) and one
-  veth end ``hI`` per host;
-- host namespaces ``PREFIXhI``: ``lo`` and ``eth0`` (the other end of ``hI``) with address SUBNET.(10+I)/24,
-  IPv6 off; the node binds that address and runs mDNS on it.
+Faults: ``impair`` acts on the link between host I and the bridge, each way: ``tc netem`` delay and loss;
+on kernels without netem (CONFIG_NET_SCH_NETEM, as where this was written) loss from an nftables rule on
+the bridge (``numgen random``: a silent per-packet drop, as on a wire), or, with ``reset``, TCP segments
+answered with a reset in the host; delay needs netem. ``partition`` moves the bridge ends of each group's
+hosts onto a bridge of their own (nothing crosses, multicast included); ``heal`` moves them back.
+``kill`` sends SIGKILL; ``restart`` starts the node again with the same command line.
 
-Faults:
-
-- a link impairment (``impair``) acts on the link between host I and the bridge, each way: ``tc netem``
-  delay and loss on both ends' egress. Kernels built without netem (CONFIG_NET_SCH_NETEM, as on the
-  machine this was written on) get loss from an nftables rule in the host namespace instead (``numgen
-  random``: the same per-packet drop, or a TCP reset in place of the drop); delay needs netem.
-- ``partition`` moves the bridge ends of each group's hosts onto a bridge of their own, so nothing
-  crosses between groups, multicast included; ``heal`` moves them back onto ``br0``.
-- ``kill`` sends SIGKILL to a node; ``restart`` starts it again with the same command line (same id,
-  address, port and state directory).
-
-Monitoring path: the controller reads node I's HTTP API from inside host I's own namespace: a thread
-of a private pool enters it with setns(2) before it opens the socket, and connects to the node's
-address, which is local there. Chosen over a monitor veth into the bridge because it adds nothing to
-the controller's namespace (no address in the private range, no route, no interface multicast could
-reach), and because the reads never cross the bridge: a partition or a lossy link under test never
-delays, loses or cuts the controller's reads, and they do not load the links being measured.
+Monitoring: the controller reads node I's HTTP API from inside host I's namespace (a pool thread enters
+it with setns(2), then connects to the node's local address): nothing is added to the controller's
+namespace, and a partition or a lossy link under test never touches the reads, nor do they load it.
 """
 
 from __future__ import annotations
@@ -42,6 +32,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -97,7 +88,28 @@ def remove(prefix: str, only: Sequence[str] | None = None) -> list[str]:
             except (ProcessLookupError, ValueError):
                 pass
         run(f"ip netns del {name}", check=False)
+        shutil.rmtree(ETC_NETNS / name, ignore_errors=True)
     return gone
+
+
+ETC_NETNS = Path("/etc/netns")  # files here are bind-mounted over /etc by ``ip netns exec NAME``
+
+
+def _isolate_names(ns: str) -> None:
+    """Host names resolve from /etc/hosts only inside ``ns``: no NSS module may hand a lookup to a daemon
+    of the machine's own namespace (systemd-resolved, avahi, nscd) that would ask its real network."""
+    d = ETC_NETNS / ns
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "nsswitch.conf").write_text("hosts: files\nnetworks: files\n")
+    (d / "resolv.conf").write_text("# chaos testbed: no name server\n")
+
+
+def _die_with_parent() -> None:
+    """In a node's process before exec: SIGKILL it if the controller dies (prctl PR_SET_PDEATHSIG)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _setns(fd: int) -> None:
@@ -146,6 +158,11 @@ class Network:
 
     # -- building and removing -------------------------------------------------------------------
     def __enter__(self) -> Network:
+        # SIGTERM (a cancelled CI job, kill) unwinds like Ctrl-C, through destroy(); nodes also get SIGKILL
+        # if this process dies without unwinding (see _die_with_parent)
+        self._old_term = None
+        if threading.current_thread() is threading.main_thread():
+            self._old_term = signal.signal(signal.SIGTERM, signal.default_int_handler)
         try:
             self.create()
         except BaseException:
@@ -154,15 +171,20 @@ class Network:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.destroy()
+        try:
+            self.destroy()
+        finally:
+            if self._old_term is not None:
+                signal.signal(signal.SIGTERM, self._old_term)
 
     def create(self) -> None:
         self.logs.mkdir(parents=True, exist_ok=True)
         if taken := namespaces(self.prefix):
             raise NetnsError(f"namespaces named {self.prefix}* exist already: {taken}")
         for ns in [self.bridge_ns, *(h.ns for h in self.hosts)]:
-            self._made.append(ns)
             run(f"ip netns add {ns}")
+            self._made.append(ns)  # (after the add: a name that was taken is never this network's to delete)
+            _isolate_names(ns)
             v6 = "net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1"
             run(f"ip netns exec {ns} sysctl -qw {v6}")  # no IPv6: no link-local chatter, mDNS on IPv4 only
             run(f"ip -n {ns} link set lo up")
@@ -219,6 +241,7 @@ class Network:
                 stdin=subprocess.DEVNULL,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
                 start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
         h.starts += 1
         h.killed = False
@@ -279,17 +302,21 @@ class Network:
             spec = f"netem delay {delay_ms:g}ms {jitter_ms:g}ms loss {100 * loss:g}%"
             run(f"tc -n {h.ns} qdisc replace dev eth0 root {spec}")  # leaving the host
             run(f"tc -n {br} qdisc replace dev h{i} root {spec}")  # coming to it
-        elif loss > 0.0:  # no netem: the same random per-packet verdict from nftables, in the host
+        elif loss > 0.0:  # no netem: the same random per-packet verdict from nftables
             if shutil.which("nft") is None:
                 raise NetnsError("link loss needs tc netem or nft (nftables); this machine has neither")
-            drop = f"numgen random mod 1000000 < {round(loss * 1_000_000)} " + (
-                "reject with tcp reset" if reset else "drop"
-            )
-            rules = f"""table ip gfl_chaos {{
-  chain out {{ type filter hook output priority 0; policy accept; oifname "eth0" {drop}; }}
-  chain in {{ type filter hook input priority 0; policy accept; iifname "eth0" {drop}; }}
-}}"""
-            run(f"ip netns exec {h.ns} nft -f -", stdin=rules)
+            draw = f"numgen random mod 1000000 < {round(loss * 1_000_000)}"
+            if reset:  # in the host: its TCP segments answered with a reset, each way
+                rules = f"""table ip gfl_chaos {{
+  chain out {{ type filter hook output priority 0; policy accept; oifname "eth0" meta l4proto tcp {draw} reject with tcp reset; }}
+  chain in {{ type filter hook input priority 0; policy accept; iifname "eth0" meta l4proto tcp {draw} reject with tcp reset; }}
+}}"""  # noqa: E501
+                run(f"ip netns exec {h.ns} nft -f -", stdin=rules)
+            else:  # on the bridge, as on a wire: no sender hears of it (a drop in the host's output would be EPERM)
+                rules = f"""table bridge gfl_chaos_h{i} {{
+  chain lossy {{ type filter hook forward priority 0; policy accept; iifname "h{i}" {draw} drop; oifname "h{i}" {draw} drop; }}
+}}"""  # noqa: E501
+                run(f"ip netns exec {br} nft -f -", stdin=rules)
 
     def clear(self, i: int) -> None:
         """Remove any impairment of host ``i``'s link."""
@@ -298,6 +325,7 @@ class Network:
         run(f"tc -n {self.bridge_ns} qdisc del dev h{i} root", check=False)
         if shutil.which("nft"):
             run(f"ip netns exec {ns} nft delete table ip gfl_chaos", check=False)
+            run(f"ip netns exec {self.bridge_ns} nft delete table bridge gfl_chaos_h{i}", check=False)
 
     def partition(self, groups: Sequence[Sequence[int]]) -> None:
         """Split the network: the hosts of ``groups[k]`` go onto bridge k (the rest onto ``br0``);
