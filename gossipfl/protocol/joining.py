@@ -5,9 +5,10 @@ the start; the network would absorb it, but only after dragging its accuracy dow
 
 The node asks up to ``CANDIDATES`` peers for their status (a member's signed read where there is a key
 or TLS), takes the one whose model embodies the most training steps (``age``), reads its model
-(``GET /v1/model``, the gossip message format) and adopts it whole: parameters, the peer's age, input
-statistics. If every peer it reached is untrained too (a cluster starting together), it trains from its
-own initial model at once. See SECURITY.md: the joiner trusts the member it pulls from."""
+(``GET /v1/model``, the gossip message format) and adopts it: its parameters and age, but not its input
+statistics (each node's own enter the network's average once, see ``_adopt``). If every peer it reached
+is untrained too (a cluster starting together), it trains from its own initial model at once. See
+SECURITY.md: the joiner trusts the member it pulls from."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import numpy as np
 from gossipfl.common.httpio import PEER_READ_TIMEOUT, BodyError, TooLarge
 from gossipfl.protocol import wire
 from gossipfl.protocol.core import GossipCore
-from gossipfl.protocol.ports import PeerRef
+from gossipfl.protocol.ports import PeerRef, Snapshot
 from gossipfl.security.http import call, get_json
 from gossipfl.security.signing import Unauthorized
 
@@ -71,6 +72,12 @@ async def _model(core: GossipCore, session: aiohttp.ClientSession, peer: PeerRef
     return msg
 
 
+def _adopt(theirs: dict[str, np.ndarray], now: Snapshot, statistics: frozenset[str]) -> dict[str, np.ndarray]:
+    """The peer's model, but this node's own input statistics (Standardize buffers, see learning/normalize.py):
+    they describe its own data, and the gossip averages them exactly only if every node's enter it once."""
+    return {k: (np.array(now.params[k]) if k in statistics else v) for k, v in theirs.items()}
+
+
 async def join(
     core: GossipCore, session: aiohttp.ClientSession, peers: Sequence[PeerRef], rng: random.Random
 ) -> Joined | str | None:
@@ -90,11 +97,12 @@ async def join(
         if msg is None:
             continue
         params = {k: np.array(v) for k, v in msg.params.items()}  # writable copies (decoded ones view the body)
-        age = msg.age
+        age, own = msg.age, core.learner.statistics
         if not await core.pause_merges():  # no merge may land on top of the adopted model, or under it
             return None
         try:
-            await asyncio.to_thread(core.learner.update, lambda now, p=params, a=age: (p, max(now.age, a), now.weight))
+            adopt = lambda now, p=params, a=age, o=own: (_adopt(p, now, o), max(now.age, a), now.weight)  # noqa: E731
+            await asyncio.to_thread(core.learner.update, adopt)
         finally:
             core.resume_merges()
         return Joined(peer.id, msg.age)
