@@ -300,15 +300,11 @@ def test_sigkill_then_start_again_resumes_from_the_last_periodic_checkpoint(tmp_
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage-json", "missing-tensors"])
-def test_a_node_moves_a_broken_checkpoint_aside_and_starts_fresh(tmp_path, damage):
-    n = NodeProcess(node_args(tmp_path), str(tmp_path / "1.log"))
-    try:
-        n.wait_up()
-        assert wait_for_sync(lambda: n.status()["age"] > 10, 30)
-        assert n.terminate()[0] == 0
-    finally:
-        n.close()
-    d = tmp_path / "state" / "ckpt"
+async def test_a_node_moves_a_broken_checkpoint_aside_and_starts_fresh(make_config, tmp_path, caplog, damage):
+    cfg = make_config(id="broken", state_dir=str(tmp_path), train_interval=0.02)
+    async with running(cfg) as (n,):
+        assert await wait_for(lambda: n.learner.age > 10, 30)
+    d = tmp_path / "broken"
     tensors = next(d.glob("tensors-*.safetensors"))
     if damage == "truncate":
         tensors.write_bytes(tensors.read_bytes()[:1000])
@@ -316,15 +312,15 @@ def test_a_node_moves_a_broken_checkpoint_aside_and_starts_fresh(tmp_path, damag
         (d / "state.json").write_bytes(b"\x00\xff{")
     else:
         tensors.unlink()
-    m = NodeProcess(node_args(tmp_path), str(tmp_path / "2.log"), port=n.port)
-    try:
-        s = m.wait_up()
-        assert s["checkpoint"]["resumed"] is False and s["checkpoint"]["set_aside"] is not None
-        assert s["age"] < 10  # fresh (a few steps may have been made already)
-    finally:
-        m.close()
-    log = open(tmp_path / "2.log").read()
-    assert log.count("not used") == 1 and "starting fresh" in log and "Traceback" not in log
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        async with running(cfg) as (m,):
+            s = m.status()
+            assert s["checkpoint"]["resumed"] is False and s["checkpoint"]["set_aside"] is not None
+            assert s["age"] < 10  # fresh (a few steps may have been made already)
+    lines = [r.getMessage() for r in caplog.records]
+    assert sum("not used" in line for line in lines) == 1 and any("starting fresh" in line for line in lines)
+    assert not any(r.exc_info for r in caplog.records)
     assert len(list(d.glob("aside-*"))) == 1
 
 
