@@ -336,7 +336,9 @@ async def test_one_slow_peer_waits_and_the_fast_one_keeps_the_interval(make_conf
             with_slow, with_fast = prepares() - s0, fast.gossiper.stats.served - f0
         assert with_fast >= 15, (with_fast, a.gossiper.pace())  # about 4 s / 0.1 s (less what the slow one takes)
         assert with_slow <= 2, with_slow  # each takes ~1 s, then 3 s of cooldown
-        assert a.gossiper.pace() == pytest.approx(0.1)
+        # set by the fast link (the slow one alone would make it ~4 s); one fast exchange that a loaded machine
+        # held up for a quarter of a second lifts it to ~1 s until the next one (seen once in CI)
+        assert a.gossiper.pace() < 2.0, a.gossiper.pace()
 
 
 async def test_a_paced_node_serves_the_model_of_its_last_merge_for_as_long_as_its_pace(make_config):

@@ -202,9 +202,10 @@ async def test_peers_with_another_merge_rule_are_refused(make_config, http):
 async def test_clusters_do_not_mix(make_config, zc, http):
     from gossipfl.protocol import wire
 
-    a = make_config(discovery=("mdns",), cluster="blue", gossip_interval=1000)
-    b = make_config(discovery=("mdns",), cluster="green", gossip_interval=1000)
-    c = make_config(discovery=("mdns",), cluster="green", gossip_interval=1000)
+    quiet = dict(discovery=("mdns",), gossip_interval=1000, join_wait=0)  # (a joining node would answer 409)
+    a = make_config(cluster="blue", **quiet)
+    b = make_config(cluster="green", **quiet)
+    c = make_config(cluster="green", **quiet)
     async with running(a, b, c, zeroconf=zc) as (blue, green1, green2):
         assert await wait_for(lambda: green2.id in green1.peers and green1.id in green2.peers, timeout=15)
         # each has resolved the other cluster's node (so it had every chance to list it) and did not list it
