@@ -455,7 +455,7 @@ done
     echo "# Container testbed"
     echo
     echo "Run $(date -u '+%Y-%m-%d %H:%M UTC') on $(hostname) ($(nproc) cores), $("${P[@]}" --version), command:"
-    echo "\`scripts/container_testbed.sh --nodes $nodes --duration $duration --discovery $discovery\`"
+    echo "\`scripts/container_testbed.sh --nodes $nodes --duration $duration --discovery $discovery$([ "$secure" = 1 ] && echo " --secure")\`"
     echo
     echo "Image \`$image\` ($image_id, built from docker/Dockerfile on \`${base:-(not rebuilt)}\`, package at commit"
     echo "$(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet HEAD -- gossipfl pyproject.toml 2>/dev/null || echo ' + local changes')). One container"
