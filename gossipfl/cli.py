@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gossipfl.args import add_node_options, config_from_namespace
+from gossipfl.common.logs import fatal
 from gossipfl.config import GOSSIP_INTERVAL_S, ConfigError, NodeConfig
 from gossipfl.version import __version__
 
@@ -98,6 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _log_format(args: argparse.Namespace) -> str:
+    """The log format a command asked for, as far as it can be known when its configuration failed to load
+    (the flag, else the environment; a config file's is not read)."""
+    fmt = getattr(args, "log_format", None) or os.environ.get("GOSSIPFL_LOG_FORMAT", "text")
+    return "json" if fmt == "json" else "text"
+
+
 def _token(args: argparse.Namespace) -> str | None:
     return args.token or os.environ.get("GOSSIPFL_TOKEN") or None
 
@@ -122,7 +130,7 @@ async def _run_node(config: NodeConfig, task: Task) -> int:
     try:
         starting.result()
     except StartError as e:
-        print(f"gossipfl: error: {e}", file=sys.stderr)
+        fatal(str(e), config.log_format)
         return 2
     waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(node.failed.wait())]
     await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
@@ -132,7 +140,7 @@ async def _run_node(config: NodeConfig, task: Task) -> int:
         node.log.info("signal received, stopping")
     await node.stop()
     if node.exit_code:
-        print(f"gossipfl: error: {node.failure}", file=sys.stderr)
+        fatal(str(node.failure), config.log_format)
     return node.exit_code
 
 
@@ -297,10 +305,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return commands[args.command](args)
     except (ConfigError, SecretError) as e:
-        print(f"gossipfl: error: {e}", file=sys.stderr)
+        fatal(str(e), _log_format(args))
         return 2
     except ClientError as e:
-        print(f"gossipfl: error: {e}", file=sys.stderr)
+        fatal(str(e))
         return 1
     except KeyboardInterrupt:
         return 130

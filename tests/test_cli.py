@@ -73,6 +73,58 @@ def test_port_in_use_is_a_clear_error(unused_tcp_port):
     assert r.returncode == 2 and "cannot listen on 127.0.0.1" in r.stderr
 
 
+@pytest.mark.parametrize("how", [["--log-format", "json"], []])
+def test_json_logs_cover_fatal_errors_too(unused_tcp_port, how):
+    """With JSON logs every line a node writes is a JSON object, its last word before exiting included (a
+    start-up error; a configuration error, the format then from the flag or GOSSIPFL_LOG_FORMAT)."""
+    import socket
+
+    env = {} if how else {"GOSSIPFL_LOG_FORMAT": "json"}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", unused_tcp_port))
+        s.listen()
+        taken = gossipfl("node", *LOOP, "--port", str(unused_tcp_port), *how, env=env)
+    bad = gossipfl("node", *LOOP, "--lr", "-1", *how, env=env)
+    for r, fragment in ((taken, "cannot listen on 127.0.0.1"), (bad, "lr must be > 0")):
+        assert r.returncode == 2
+        records = [json.loads(line) for line in r.stderr.strip().splitlines()]
+        assert records[-1]["level"] == "critical" and fragment in records[-1]["msg"], records
+
+
+def test_json_logs_cover_other_libraries_and_warnings():
+    """aiohttp's, zeroconf's and asyncio's records and Python warnings come out as JSON too, from warning up;
+    the package's own at the level asked for; a test runner's handlers on the root logger stay."""
+    import io
+    import logging
+    import warnings
+
+    from gossipfl.common.logs import setup_logging
+
+    top = logging.getLogger()
+    before = list(top.handlers)
+    out = io.StringIO()
+    try:
+        setup_logging("json", "info", stream=out)
+        logging.getLogger("aiohttp.server").warning("a client went away")
+        logging.getLogger("zeroconf").info("chatter below warning")  # not shown
+        logging.getLogger("asyncio").error("Task exception was never retrieved")
+        logging.getLogger("gossipfl.node").info("node up")
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.warn("a deprecated thing", DeprecationWarning, stacklevel=1)
+        records = [json.loads(line) for line in out.getvalue().splitlines()]
+        assert [(r["logger"], r["level"]) for r in records] == [
+            ("aiohttp.server", "warning"), ("asyncio", "error"), ("gossipfl.node", "info"), ("py.warnings", "warning")
+        ], records  # fmt: skip
+        assert all(h in top.handlers for h in before)
+    finally:
+        logging.captureWarnings(False)
+        top.handlers[:] = before
+        logging.getLogger("gossipfl").handlers[:] = []
+        logging.getLogger("gossipfl").propagate = True
+        logging.getLogger("gossipfl").setLevel(logging.NOTSET)
+
+
 async def test_sigterm_says_goodbye_and_exits_0(make_config, zc, tmp_path, unused_tcp_port, cluster):
     log_path = tmp_path / "node.log"
     proc = await spawn_node(
@@ -101,7 +153,7 @@ async def test_sigterm_says_goodbye_and_exits_0(make_config, zc, tmp_path, unuse
         if proc.returncode is None:
             proc.kill()
     records = [json.loads(line) for line in log_path.read_text().splitlines()]
-    assert all(r["node"] == "sub-term" for r in records)
+    assert all(r["node"] == "sub-term" for r in records if r["logger"].startswith("gossipfl"))
     assert any("node up" in r["msg"] for r in records) and records[-1]["msg"] == "node stopped"
 
 

@@ -188,6 +188,7 @@ class InprocLauncher:
     def _redirect_logging(self, fmt: str, level: str) -> None:
         root = logging.getLogger(LOG_ROOT)
         self._saved_logging = (root.handlers[:], root.level, root.propagate)
+        self._saved_top = logging.getLogger().handlers[:]  # setup_logging adds one for the other libraries
         self._log = open(self.out / "nodes.log", "w", encoding="utf-8")  # noqa: SIM115 - closed in stop()
         setup_logging(fmt, level, stream=self._log)
 
@@ -196,6 +197,7 @@ class InprocLauncher:
             root = logging.getLogger(LOG_ROOT)
             root.handlers[:], level, root.propagate = self._saved_logging
             root.setLevel(level)
+            logging.getLogger().handlers[:] = self._saved_top
             self._saved_logging = None
         if self._log is not None:
             self._log.close()
