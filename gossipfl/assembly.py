@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import aiohttp
 
+from gossipfl.common.retry import patiently
 from gossipfl.config import NodeConfig
 from gossipfl.discovery import replica
 from gossipfl.discovery.service import DiscoverySettings
@@ -107,23 +108,23 @@ async def resolve_shard(
     k, n = shard
     if k is not None:
         return k, n, None
-    loop = asyncio.get_running_loop()
-    deadline, wait = loop.time() + patience, 0.5
-    while True:
+
+    async def attempt() -> tuple[tuple[int, str] | None, str]:
         names = await asyncio.to_thread(names_of)
-        found = replica.shard_index(names, n)
-        if found is not None:
-            return found[0], n, found[1]
-        if loop.time() >= deadline:
-            raise ValueError(
-                f"partition auto/{n}: no replica ordinal in this host's names ({', '.join(names)}) after "
-                f"{patience:.0f} s; give --partition K/N"
-            )
-        if log is not None and wait == 0.5:
-            log.warning("partition auto/%d: no replica ordinal in %s yet: looking again for up to %.0f s", n,
-                        ", ".join(names), patience)  # fmt: skip
-        await asyncio.sleep(min(wait, max(deadline - loop.time(), 0.0)))
-        wait = min(wait * 2, 5.0)
+        return replica.shard_index(names, n), ", ".join(names)
+
+    def first_miss(names: str) -> None:
+        if log is not None:
+            log.warning("partition auto/%d: no replica ordinal in %s yet: looking again for up to %.0f s", n, names,
+                        patience)  # fmt: skip
+
+    found, names, _ = await patiently(attempt, patience, first_miss)
+    if found is None:
+        raise ValueError(
+            f"partition auto/{n}: no replica ordinal in this host's names ({names}) after {patience:.0f} s; "
+            "give --partition K/N"
+        )
+    return found[0], n, found[1]
 
 
 def discovery_settings(cfg: NodeConfig) -> DiscoverySettings:

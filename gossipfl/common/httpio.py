@@ -48,3 +48,4 @@ async def read_limited(
 
 
 PEER_READ_TIMEOUT = aiohttp.ClientTimeout(total=5.0, sock_connect=2.0)
+MAX_STATUS_BYTES = 256 * 1024  # a peer's /v1/status read by another node (a probe, a joining node)

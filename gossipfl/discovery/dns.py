@@ -9,13 +9,13 @@ import logging
 import socket
 from collections.abc import Awaitable, Callable
 
+from gossipfl.common.retry import patiently
 from gossipfl.discovery.peers import PeerTable
 from gossipfl.discovery.probing import Prober
 
 Resolver = Callable[[str], Awaitable[list[str]]]
 SOURCE = "dns"
 START_PATIENCE_S = 60.0  # at start, a name that does not resolve yet is asked again for this long
-RETRY_S = (0.5, 1.0, 2.0, 5.0)  # waits between those attempts (the last one repeats)
 
 
 class DnsError(Exception):
@@ -54,25 +54,24 @@ class DnsDiscovery:
         """Resolve at start, asking again for up to ``patience`` seconds: a new pod's own record in a
         headless Service, or a new container's in compose, can take a while to appear. A name that still
         does not resolve then is a configuration error (DnsError)."""
-        loop = asyncio.get_running_loop()
-        deadline, attempt = loop.time() + patience, 0
-        while True:
+
+        async def attempt() -> tuple[list[str] | None, str]:
             try:
                 addrs = await self.resolve(self.name)
-                reason = "" if addrs else "no IPv4 address"
             except OSError as e:
-                addrs, reason = [], str(e.strerror or e)
-            if addrs:
-                if attempt:
-                    self.log.info("dns-name %s resolves now", self.name)
-                return addrs
-            if loop.time() >= deadline:
-                raise DnsError(f"dns-name {self.name!r} does not resolve ({reason}) after {patience:.0f} s")
-            if attempt == 0:
-                self.log.warning("dns-name %s does not resolve yet (%s): retrying for up to %.0f s", self.name, reason,
-                                 patience)  # fmt: skip
-            await asyncio.sleep(min(RETRY_S[min(attempt, len(RETRY_S) - 1)], max(deadline - loop.time(), 0.0)))
-            attempt += 1
+                return None, str(e.strerror or e)
+            return addrs or None, "no IPv4 address"
+
+        def first_miss(reason: str) -> None:
+            self.log.warning("dns-name %s does not resolve yet (%s): retrying for up to %.0f s", self.name, reason,
+                             patience)  # fmt: skip
+
+        addrs, reason, misses = await patiently(attempt, patience, first_miss)
+        if addrs is None:
+            raise DnsError(f"dns-name {self.name!r} does not resolve ({reason}) after {patience:.0f} s")
+        if misses:
+            self.log.info("dns-name %s resolves now", self.name)
+        return addrs
 
     async def round(self) -> None:
         """One lookup: add the addresses not known yet, drop DNS-learned peers whose address is gone."""

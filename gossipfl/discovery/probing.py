@@ -9,15 +9,13 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from gossipfl.common.httpio import PEER_READ_TIMEOUT, TooLarge
+from gossipfl.common.httpio import MAX_STATUS_BYTES, PEER_READ_TIMEOUT, TooLarge
 from gossipfl.discovery.identity import Identity
 from gossipfl.discovery.peers import PeerTable
 from gossipfl.security.http import get_json
 from gossipfl.security.membership import SHUN_S, Membership
 from gossipfl.security.signing import Unauthorized
 from gossipfl.security.tls import canonical
-
-MAX_STATUS_BYTES = 256 * 1024
 
 
 class Prober:

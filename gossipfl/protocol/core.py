@@ -84,7 +84,7 @@ class GossipCore:
         while self._merging:
             if self.clock() >= deadline:
                 return False
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.005)
         self._merging = True  # no await between the check and this
         return True
 

@@ -5,6 +5,7 @@ exchange in doubt: the initiator asks again later and applies the merge if the p
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
 from collections.abc import Callable, Iterable
@@ -254,14 +255,12 @@ class Initiator(GossipCore):
         if self.doubts.resolve(entry.xid) is None:
             return
         if outcome == COMMITTED:
-            while self._merging:  # another merge is being made: apply this one right after it
-                await asyncio.sleep(0.005)
-            self._merging = True
+            await self.pause_merges(patience=math.inf)  # another merge is being made: apply this one right after it
             try:
                 late = self.learner.merges != entry.sent.merges
                 await self._apply(entry.sent, entry.merged)
             finally:
-                self._merging = False
+                self.resume_merges()
             self.stats.late += 1
             how = "on top of other merges made since" if late else "exactly"
             self.log.info("exchange %s with %s: committed (learned late), applied %s", entry.xid, entry.peer_id, how)

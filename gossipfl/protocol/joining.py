@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import aiohttp
 import numpy as np
 
-from gossipfl.common.httpio import PEER_READ_TIMEOUT, BodyError, TooLarge
+from gossipfl.common.httpio import MAX_STATUS_BYTES, PEER_READ_TIMEOUT, BodyError, TooLarge
 from gossipfl.protocol import wire
 from gossipfl.protocol.core import GossipCore
 from gossipfl.protocol.ports import PeerRef, Snapshot
@@ -29,7 +29,6 @@ from gossipfl.security.signing import Unauthorized
 
 CANDIDATES = 3  # peers asked for their age at each attempt
 HOLDING = "joining: this node is fetching a trained model before it trains"  # why it answers 409 meanwhile
-STATUS_LIMIT = 256 * 1024
 _FAILURES = (aiohttp.ClientError, TimeoutError, TooLarge, BodyError, ValueError, Unauthorized)
 
 
@@ -46,7 +45,7 @@ async def _age(core: GossipCore, session: aiohttp.ClientSession, peer: PeerRef) 
     """The age the peer's status reports, or None when it cannot be read (or is not a count)."""
     try:
         status, _ = await get_json(
-            session, core.membership, peer.url + "/v1/status", STATUS_LIMIT, PEER_READ_TIMEOUT, expect=peer.id
+            session, core.membership, peer.url + "/v1/status", MAX_STATUS_BYTES, PEER_READ_TIMEOUT, expect=peer.id
         )
     except _FAILURES:
         return None
