@@ -165,6 +165,11 @@ class Pairs(list):
     """A msgpack map as (key, value) pairs: keys may repeat."""
 
 
+def _head(n: int, fix: int, b16: bytes, b32: bytes) -> bytes:
+    """A msgpack map or array header for ``n`` entries: fix form under 16, else 16- or 32-bit."""
+    return bytes([fix | n]) if n < 16 else b16 + struct.pack(">H", n) if n < 65536 else b32 + struct.pack(">I", n)
+
+
 def pack(obj: Any) -> bytes:
     """msgpack of ``obj``, which may hold Raw bytes and Pairs (msgpack itself refuses neither, nor packs
     them)."""
@@ -172,25 +177,9 @@ def pack(obj: Any) -> bytes:
         return bytes(obj)
     if isinstance(obj, dict | Pairs):
         items = list(obj.items()) if isinstance(obj, dict) else list(obj)
-        n = len(items)
-        head = (
-            bytes([0x80 | n])
-            if n < 16
-            else b"\xde" + struct.pack(">H", n)
-            if n < 65536
-            else b"\xdf" + struct.pack(">I", n)
-        )
-        return head + b"".join(pack(k) + pack(v) for k, v in items)
+        return _head(len(items), 0x80, b"\xde", b"\xdf") + b"".join(pack(k) + pack(v) for k, v in items)
     if isinstance(obj, list | tuple):
-        n = len(obj)
-        head = (
-            bytes([0x90 | n])
-            if n < 16
-            else b"\xdc" + struct.pack(">H", n)
-            if n < 65536
-            else b"\xdd" + struct.pack(">I", n)
-        )
-        return head + b"".join(pack(v) for v in obj)
+        return _head(len(obj), 0x90, b"\xdc", b"\xdd") + b"".join(pack(v) for v in obj)
     return msgpack.packb(obj, use_bin_type=True)
 
 
