@@ -39,6 +39,8 @@ def test_config_file_from_env_and_node_table(tmp_path):
         ({}, {"GOSSIPFL_GOSSIP_INTERVAL": "fast"}, "GOSSIPFL_GOSSIP_INTERVAL"),
         ({}, {"GOSSIPFL_NO_TRAIN": "maybe"}, "as bool"),
         ({"gossip_interval": "0"}, {}, "gossip-interval must be > 0"),
+        ({"checkpoint_interval": "0"}, {}, "checkpoint-interval must be > 0"),
+        ({"join_wait": "-1"}, {}, "join-wait must be >= 0"),
         ({"seeds": "hostonly"}, {}, "expected host:port"),
         ({"seeds": "h:0"}, {}, "expected host:port"),
         ({"mdns_interface": "eth0"}, {}, "expected an IPv4 address"),
