@@ -75,8 +75,11 @@ def publish_after_steps(cfg: NodeConfig, interval: float | None = None) -> int:
     return round(PUBLISH_AFTER_INTERVALS * gap * cfg.steps_per_round / cfg.train_interval)
 
 
-def default_node_id(port: int) -> str:
-    host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname().split(".")[0]) or "node"
+def default_node_id(port: int, replica: str | None = None) -> str:
+    """``<name>-<port>``: name = the replica name ``auto/N`` found (a compose replica's
+    ``<project>-<service>-<index>``, stable when the container is recreated), else the hostname."""
+    name = (replica or socket.gethostname()).split(".")[0]
+    host = re.sub(r"[^A-Za-z0-9._-]", "-", name) or "node"
     return f"{host[:50]}-{port}"
 
 
@@ -147,14 +150,15 @@ def initial_model_digest(learner: Learner) -> str:
     return wire.state_digest({k: v for k, v in learner.snapshot().params.items() if k not in local})
 
 
-def node_id(cfg: NodeConfig, port: int) -> str:
-    """``--id``; with mutual TLS, the id the node's certificate names (``--id``, if given, must match it)."""
+def node_id(cfg: NodeConfig, port: int, replica: str | None = None) -> str:
+    """``--id``; with mutual TLS, the id the node's certificate names (``--id``, if given, must match it);
+    else the default id (``replica``: the name ``auto/N`` took the ordinal from)."""
     if cfg.tls_cert:
         certified = own_node_id(cfg.tls_cert)
         if cfg.id is not None and cfg.id != certified:
             raise ValueError(f"id {cfg.id!r}: the certificate {cfg.tls_cert} is for {certified!r}")
         return certified
-    return cfg.id or default_node_id(port)
+    return cfg.id or default_node_id(port, replica)
 
 
 def membership(cfg: NodeConfig, node_id: str) -> tuple[Membership, list[tuple[int, str]]]:

@@ -40,7 +40,10 @@ def _opt(help_text: str, **extra: Any) -> dict[str, Any]:
 class NodeConfig:
     port: int = field(default=8470, metadata=_opt("HTTP port (0 picks a free one)"))
     host: str = field(default="0.0.0.0", metadata=_opt("address the HTTP server binds"))
-    id: str | None = field(default=None, metadata=_opt("node id, also the mDNS instance name (default HOST-PORT)"))
+    id: str | None = field(
+        default=None,
+        metadata=_opt("node id, also the mDNS instance name (default HOST-PORT; REPLICA-PORT with auto/N)"),
+    )
     cluster: str = field(
         default="default", metadata=_opt("namespace: nodes only discover and gossip within their cluster")
     )

@@ -110,7 +110,7 @@ class Node(Reporting):
             raise StartError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}") from None
         self.port = sock.getsockname()[1]
         try:
-            self.id = assembly.node_id(cfg, self.port)
+            self.id = assembly.node_id(cfg, self.port, self.partition_source)
             self.membership, notes = assembly.membership(cfg, self.id)
             server_ssl = assembly.server_tls(self.membership)
         except ValueError as e:  # SecretError: a key, token or certificate file that cannot be used

@@ -1,13 +1,17 @@
 """``--partition auto/N``: a replica's shard from its ordinal, so a scaled deployment needs no per-node
 configuration. Kubernetes StatefulSet pods are named ``<set>-<ordinal>`` (their hostname); compose
-names replicas ``<project>-<service>-<index>``, which a podman container finds among the names of its
-own address (its hostname is the container id). Under Docker, /etc/hosts maps the address to the
-container id only, so there ``auto/N`` needs ``hostname:`` set or an explicit ``K/N``."""
+names replicas ``<project>-<service>-<index>``, which a podman container finds among the names /etc/hosts
+gives its own address (its hostname is the container id). Under the Docker engine /etc/hosts maps the
+address to the container id only; there the name comes from a PTR query to the DNS server of
+/etc/resolv.conf (Docker's embedded DNS answers ``<name>.<network>``), see discovery/reverse.py."""
 
 from __future__ import annotations
 
 import re
 import socket
+from collections.abc import Callable
+
+from .reverse import ptr_names
 
 _ORDINAL = re.compile(r"[-_](\d+)$")
 
@@ -28,8 +32,10 @@ def shard_index(names: list[str], num_nodes: int) -> tuple[int, str] | None:
     return None
 
 
-def own_names() -> list[str]:
-    """This host's name, then the names reverse DNS gives for its addresses (blocking: call in a thread)."""
+def own_names(ptr: Callable[[str], list[str]] = ptr_names) -> list[str]:
+    """This host's name, then the names the system resolver gives its addresses (/etc/hosts first), then,
+    only when none of those carries an ordinal, the names a PTR query to the DNS server gives them
+    (blocking: call in a thread)."""
     host = socket.gethostname()
     names = [host]
     try:
@@ -44,4 +50,8 @@ def own_names() -> list[str]:
         except OSError:
             continue
         names += [name, *aliases]  # podman lists the container's name as an alias of its address
+    if not any(ordinal_of(name) is not None for name in names):
+        for addr in sorted(addrs):
+            if not addr.startswith("127."):
+                names += ptr(addr)  # Docker: <project>-<service>-<index>.<network> from its embedded DNS
     return names
