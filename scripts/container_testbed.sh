@@ -4,8 +4,8 @@
 # agree and that they stop cleanly on SIGTERM.
 #
 #   scripts/container_testbed.sh [--nodes N] [--duration S] [--discovery mdns|dns|both] [--keep]
-#                                [--no-build] [--image NAME] [--base IMAGE] [--tolerance T]
-#                                [--out FILE] [--secure] [-- NODE OPTIONS as GOSSIPFL_*=VALUE ...]
+#                                [--no-build | --build-only] [--image NAME] [--base IMAGE] [--tolerance T]
+#                                [--out FILE] [--secure | --compose] [-- NODE OPTIONS as GOSSIPFL_*=VALUE ...]
 #
 # Per discovery mode (mdns, then dns with --discovery both, the default):
 #   - a podman network gossipfl-tb-<mode> (--internal: no route out of this host), N containers
@@ -23,6 +23,12 @@
 #   container (GOSSIPFL_SECRET_FILE, GOSSIPFL_READ_TOKEN_FILE; this host reads status with the token),
 #   and one more container, <mode>-intruder, with another key: every node must list it under ignored
 #   peers, and it must merge nothing.
+# --compose: the replicas are those of docker/compose.yaml itself (with docker/compose.dns.yaml in dns
+#   mode), started with `podman-compose up -d` (project gossipfl-tb-<mode>, NODES=N, the image built
+#   here); its healthcheck, restart policy, log settings and state volume are the file's. Instead of one
+#   restart, every replica is recreated (`down`, then `up -d`: new containers, the same volume) and
+#   must resume from its own checkpoint. Needs podman-compose (PATH, else .venv/bin; `pip install
+#   podman-compose`). Results go to benchmarks/results/compose_testbed.md unless --out is given.
 # The tables go to benchmarks/results/container_testbed.md (--out). Exit 0 only if every check passed.
 #
 # Base image: --base, else python:3.11-slim when it is already present locally, else
@@ -36,7 +42,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-nodes=4 duration=60 discovery=both keep=0 build=1 image=localhost/gossipfl:testbed base="" tolerance=0.02 secure=0
+nodes=4 duration=60 discovery=both keep=0 build=1 build_only=0 image=localhost/gossipfl:testbed base="" tolerance=0.02 secure=0 compose=0
 out=benchmarks/results/container_testbed.md
 extra_env=()
 die() { echo "container_testbed: $*" >&2; exit 2; }
@@ -47,16 +53,25 @@ while [ $# -gt 0 ]; do
         --discovery) discovery="$2"; shift 2 ;;
         --keep) keep=1; shift ;;
         --no-build) build=0; shift ;;
+        --build-only) build_only=1; shift ;;
         --image) image="$2"; shift 2 ;;
         --base) base="$2"; shift 2 ;;
         --tolerance) tolerance="$2"; shift 2 ;;
         --out) out="$2"; shift 2 ;;
         --secure) secure=1; shift ;;
+        --compose) compose=1; shift ;;
         -h|--help) sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         --) shift; extra_env=("$@"); break ;;
         *) die "unknown option $1 (see --help)" ;;
     esac
 done
+if [ "$compose" = 1 ]; then
+    [ "$secure" = 0 ] || die "--compose and --secure: not together (docker/compose.secure.yaml is tried by hand)"
+    [ "$out" = benchmarks/results/container_testbed.md ] && out=benchmarks/results/compose_testbed.md
+    PC=(podman-compose)
+    command -v podman-compose >/dev/null || PC=(.venv/bin/podman-compose)
+    [ -x "${PC[0]}" ] || command -v "${PC[0]}" >/dev/null || die "podman-compose is not installed (.venv/bin/pip install podman-compose)"
+fi
 case "$discovery" in mdns) modes=(mdns) ;; dns) modes=(dns) ;; both) modes=(mdns dns) ;;
     *) die "--discovery: mdns, dns or both" ;; esac
 [[ "$nodes" =~ ^[1-9][0-9]*$ ]] || die "--nodes: a positive integer"
@@ -65,6 +80,7 @@ command -v podman >/dev/null || die "podman is not installed (apt-get install po
 
 work="$(mktemp -d /tmp/gossipfl-testbed.XXXXXX)"
 results_dir="benchmarks/results/container_testbed"
+[ "$compose" = 1 ] && results_dir="benchmarks/results/compose_testbed"
 mkdir -p "$results_dir"
 if [ "$secure" = 1 ]; then  # secrets of this run only, readable by the containers' user (uid 10001)
     mkdir -p "$work/secrets"
@@ -101,7 +117,10 @@ containers=()
 cleanup() {
     if [ "$keep" = 0 ]; then
         [ ${#containers[@]} -gt 0 ] && "${P[@]}" rm -f -v -t 0 "${containers[@]}" >/dev/null 2>&1 || true
-        for m in "${modes[@]}"; do "${P[@]}" network rm -f "gossipfl-tb-$m" >/dev/null 2>&1 || true; done
+        for m in "${modes[@]}"; do
+            [ "$compose" = 1 ] && compose_cmd "$m" down -v -t 0 >/dev/null 2>&1
+            "${P[@]}" network rm -f "gossipfl-tb-$m" >/dev/null 2>&1 || true
+        done
     fi
     rm -rf "$work"
 }
@@ -125,7 +144,8 @@ if [ "$build" = 1 ]; then
             base=python:3.11-slim
         fi
     fi
-    build_args=(--build-arg "BASE_IMAGE=$base")
+    build_args=(--build-arg "BASE_IMAGE=$base" --build-arg "REVISION=$(git rev-parse HEAD 2>/dev/null || echo unknown)"
+                --build-arg "VERSION=$(sed -n 's/^__version__ = "\(.*\)"/\1/p' gossipfl/version.py)")
     # Machine-specific build inputs reach pip through a stand-in for root's home (pip reads
     # ~/.config/pip/pip.conf): files mounted onto /root leave nothing behind in the image.
     home="$work/build-home" pip_conf=""
@@ -148,8 +168,9 @@ if [ "$build" = 1 ]; then
     t0=$SECONDS
     "${P[@]}" build "${build_flags[@]}" --format docker -f docker/Dockerfile -t "$image" "${build_args[@]}" . \
         >"$work/build.log" 2>&1 || { tail -n 30 "$work/build.log" >&2; die "image build failed"; }
-    echo "   built in $((SECONDS - t0)) s"
+    echo "   built in $((SECONDS - t0)) s, $("${P[@]}" image inspect -f '{{.Size}}' "$image" | awk '{printf "%.2f GB", $1 / 1e9}')"
 fi
+[ "$build_only" = 1 ] && exit 0
 have_image "$image" || die "no image $image (drop --no-build)"
 image_id="$("${P[@]}" image inspect -f '{{.Id}}' "$image" | cut -c1-12)"
 
@@ -308,65 +329,92 @@ sys.exit(0 if not problems else 1)
 EOF
 
 # ---- one discovery mode -------------------------------------------------------------------------
+# The URL this host reaches a container's node at: its address on the network, or (rootless, where the
+# host cannot reach bridge addresses) the port published on 127.0.0.1.
+url_of() {  # NAME NETWORK
+    if [ "$rootless" = 1 ]; then echo "http://$("${P[@]}" port "$1" 8470 | head -n1)"
+    else echo "http://$("${P[@]}" inspect -f "{{(index .NetworkSettings.Networks \"$2\").IPAddress}}" "$1"):8470"; fi
+}
+
+# podman-compose on docker/compose.yaml (+ compose.dns.yaml in dns mode), project gossipfl-tb-<mode>,
+# with this host's podman flags.
+compose_cmd() {  # MODE ARGS...
+    local mode="$1" files=(-f docker/compose.yaml)
+    shift
+    [ "$mode" = dns ] && files+=(-f docker/compose.dns.yaml)
+    NODES="$nodes" GOSSIPFL_IMAGE="$image" GOSSIPFL_CLUSTER="testbed-$mode" GOSSIPFL_CHECKPOINT_INTERVAL=5 \
+        "${PC[@]}" --podman-path "${P[0]}" ${P[1]:+--podman-args="${P[*]:1}"} \
+        ${run_flags[0]:+--podman-run-args="${run_flags[*]}"} -p "gossipfl-tb-$mode" "${files[@]}" "$@"
+}
+
+# Launch the N containers of one mode with compose; sets names and net.
+launch_compose() {  # MODE
+    local mode="$1" i
+    compose_cmd "$mode" down -v -t 0 >/dev/null 2>&1 || true
+    compose_cmd "$mode" up -d >"$work/compose-up.log" 2>&1 || { tail -n 20 "$work/compose-up.log" >&2; return 1; }
+    net="gossipfl-tb-${mode}_gossip"
+    names=()
+    for i in $(seq 1 "$nodes"); do names+=("gossipfl-tb-${mode}_node_$i"); done
+    for name in "${names[@]}"; do
+        "${P[@]}" container exists "$name" || { echo "!! compose made no container $name" >&2; return 1; }
+        containers+=("$name")
+    done
+}
+
 run_mode() {
     local mode="$1" net="gossipfl-tb-$1" alias_name=gossipfl-nodes i name
     local -A urls=()
     local names=()
     echo
-    echo "== $mode: $nodes nodes on podman network $net, ${duration} s"
-    for i in $(seq 1 "$nodes"); do names+=("gossipfl-tb-$mode-$i"); done
-    "${P[@]}" rm -f -v -t 0 "${names[@]}" >/dev/null 2>&1 || true
-    "${P[@]}" network rm -f "$net" >/dev/null 2>&1 || true
-    local net_flags=()
-    # --internal: no route out of this host. (Rootless, the host reaches containers by published ports
-    # instead.) DNS stays on in both modes: an internal network without DNS gets no host-side gateway
-    # address (netavark 1.4), so this host could not reach the nodes; in mdns mode no node asks it.
-    [ "$rootless" = 0 ] && net_flags+=(--internal)
-    "${P[@]}" network create "${net_flags[@]}" "$net" >/dev/null
+    if [ "$compose" = 1 ]; then
+        echo "== $mode: docker/compose.yaml$([ "$mode" = dns ] && echo " + compose.dns.yaml") with podman-compose, NODES=$nodes, ${duration} s"
+        launch_compose "$mode" || return 1
+    else
+        echo "== $mode: $nodes nodes on podman network $net, ${duration} s"
+        for i in $(seq 1 "$nodes"); do names+=("gossipfl-tb-$mode-$i"); done
+        "${P[@]}" rm -f -v -t 0 "${names[@]}" >/dev/null 2>&1 || true
+        "${P[@]}" network rm -f "$net" >/dev/null 2>&1 || true
+        local net_flags=()
+        # --internal: no route out of this host. (Rootless, the host reaches containers by published ports
+        # instead.) DNS stays on in both modes: an internal network without DNS gets no host-side gateway
+        # address (netavark 1.4), so this host could not reach the nodes; in mdns mode no node asks it.
+        [ "$rootless" = 0 ] && net_flags+=(--internal)
+        "${P[@]}" network create "${net_flags[@]}" "$net" >/dev/null
 
-    local env=(-e GOSSIPFL_DISCOVERY="$mode" -e GOSSIPFL_CLUSTER="testbed-$mode" -e GOSSIPFL_LOG_LEVEL=info
-               -e GOSSIPFL_STATE_DIR=/var/lib/gossipfl -e GOSSIPFL_CHECKPOINT_INTERVAL=5)
-    [ "$mode" = dns ] && env+=(-e "GOSSIPFL_DNS_NAME=$alias_name" -e GOSSIPFL_DNS_INTERVAL=2)
-    for e in "${extra_env[@]}"; do env+=(-e "$e"); done
-    local secrets=() intruder_url=""
-    if [ "$secure" = 1 ]; then
-        secrets=(-v "$work/secrets:/run/secrets/gossipfl:ro" -e GOSSIPFL_SECRET_FILE=/run/secrets/gossipfl/cluster.key
-                 -e GOSSIPFL_READ_TOKEN_FILE=/run/secrets/gossipfl/read-token)
-        env+=("${secrets[@]}")
-    fi
-    for i in $(seq 1 "$nodes"); do
-        name="gossipfl-tb-$mode-$i"
-        local part="auto/$nodes"
-        [ "$auto_ok" = 1 ] || part="$((i % nodes))/$nodes"   # FALLBACK: explicit shard per container
-        local flags=(--name "$name" --hostname "$name" --network "$net" "${run_flags[@]}")
-        [ "$mode" = dns ] && flags+=(--network-alias "$alias_name")
-        [ "$rootless" = 1 ] && flags+=(-p 127.0.0.1::8470)
-        # (stderr kept aside: podman without systemd complains that it cannot time the healthcheck)
-        "${P[@]}" run -d "${flags[@]}" "${env[@]}" -e GOSSIPFL_PARTITION="$part" "$image" >/dev/null 2>"$work/run.err" \
-            || { cat "$work/run.err" >&2; return 1; }
-        containers+=("$name")
-    done
-    if [ "$secure" = 1 ]; then  # same network, same token, another cluster key
-        name="gossipfl-tb-$mode-intruder"
-        local flags=(--name "$name" --hostname "$name" --network "$net" "${run_flags[@]}")
-        [ "$mode" = dns ] && flags+=(--network-alias "$alias_name")
-        [ "$rootless" = 1 ] && flags+=(-p 127.0.0.1::8470)
-        "${P[@]}" run -d "${flags[@]}" "${env[@]}" -e GOSSIPFL_SECRET_FILE=/run/secrets/gossipfl/intruder.key \
-            -e GOSSIPFL_PARTITION="0/$nodes" "$image" >/dev/null 2>"$work/run.err" || { cat "$work/run.err" >&2; return 1; }
-        containers+=("$name")
-        if [ "$rootless" = 1 ]; then
-            intruder_url="http://$("${P[@]}" port "$name" 8470 | head -n1)"
-        else
-            intruder_url="http://$("${P[@]}" inspect -f "{{(index .NetworkSettings.Networks \"$net\").IPAddress}}" "$name"):8470"
+        local env=(-e GOSSIPFL_DISCOVERY="$mode" -e GOSSIPFL_CLUSTER="testbed-$mode" -e GOSSIPFL_LOG_LEVEL=info
+                   -e GOSSIPFL_STATE_DIR=/var/lib/gossipfl -e GOSSIPFL_CHECKPOINT_INTERVAL=5)
+        [ "$mode" = dns ] && env+=(-e "GOSSIPFL_DNS_NAME=$alias_name" -e GOSSIPFL_DNS_INTERVAL=2)
+        for e in "${extra_env[@]}"; do env+=(-e "$e"); done
+        local secrets=() intruder_url=""
+        if [ "$secure" = 1 ]; then
+            secrets=(-v "$work/secrets:/run/secrets/gossipfl:ro" -e GOSSIPFL_SECRET_FILE=/run/secrets/gossipfl/cluster.key
+                     -e GOSSIPFL_READ_TOKEN_FILE=/run/secrets/gossipfl/read-token)
+            env+=("${secrets[@]}")
+        fi
+        for i in $(seq 1 "$nodes"); do
+            name="gossipfl-tb-$mode-$i"
+            local part="auto/$nodes"
+            [ "$auto_ok" = 1 ] || part="$((i % nodes))/$nodes"   # FALLBACK: explicit shard per container
+            local flags=(--name "$name" --hostname "$name" --network "$net" "${run_flags[@]}")
+            [ "$mode" = dns ] && flags+=(--network-alias "$alias_name")
+            [ "$rootless" = 1 ] && flags+=(-p 127.0.0.1::8470)
+            # (stderr kept aside: podman without systemd complains that it cannot time the healthcheck)
+            "${P[@]}" run -d "${flags[@]}" "${env[@]}" -e GOSSIPFL_PARTITION="$part" "$image" >/dev/null 2>"$work/run.err" \
+                || { cat "$work/run.err" >&2; return 1; }
+            containers+=("$name")
+        done
+        if [ "$secure" = 1 ]; then  # same network, same token, another cluster key
+            name="gossipfl-tb-$mode-intruder"
+            local flags=(--name "$name" --hostname "$name" --network "$net" "${run_flags[@]}")
+            [ "$mode" = dns ] && flags+=(--network-alias "$alias_name")
+            [ "$rootless" = 1 ] && flags+=(-p 127.0.0.1::8470)
+            "${P[@]}" run -d "${flags[@]}" "${env[@]}" -e GOSSIPFL_SECRET_FILE=/run/secrets/gossipfl/intruder.key \
+                -e GOSSIPFL_PARTITION="0/$nodes" "$image" >/dev/null 2>"$work/run.err" || { cat "$work/run.err" >&2; return 1; }
+            containers+=("$name")
+            intruder_url="$(url_of "$name" "$net")"
         fi
     fi
-    for name in "${names[@]}"; do
-        if [ "$rootless" = 1 ]; then
-            urls[$name]="http://$("${P[@]}" port "$name" 8470 | head -n1)"
-        else
-            urls[$name]="http://$("${P[@]}" inspect -f "{{(index .NetworkSettings.Networks \"$net\").IPAddress}}" "$name"):8470"
-        fi
-    done
+    for name in "${names[@]}"; do urls[$name]="$(url_of "$name" "$net")"; done
     local nodes_json="{" sep=""
     for name in "${names[@]}"; do nodes_json+="$sep\"$name\": \"${urls[$name]}\""; sep=", "; done
     nodes_json+="}"
@@ -390,14 +438,23 @@ run_mode() {
         "${P[@]}" rm -f -v -t 0 "gossipfl-tb-$mode-intruder" >/dev/null 2>&1 || true
     fi
 
-    # a restart (podman stop: SIGTERM, then start): the node resumes from its checkpoint on its volume
     local restart_ok=0 first="${names[0]}" age_before
-    age_before="$(python3 "$work/tb.py" age "${urls[$first]}")"
-    "${P[@]}" stop -t 30 "$first" >/dev/null 2>&1 && "${P[@]}" start "$first" >/dev/null 2>&1 || restart_ok=1
-    if [ "$rootless" = 1 ]; then
-        urls[$first]="http://$("${P[@]}" port "$first" 8470 | head -n1)"
+    local -A ages=()
+    for name in "${names[@]}"; do ages[$name]="$(python3 "$work/tb.py" age "${urls[$name]}")"; done
+    age_before="${ages[$first]}"
+    if [ "$compose" = 1 ]; then
+        # every replica recreated (down: SIGTERM and remove; up: new containers, same state volume); the
+        # first one's row goes to the table, every one must have resumed from its own checkpoint
+        compose_cmd "$mode" down -t 30 >/dev/null 2>&1 && compose_cmd "$mode" up -d >/dev/null 2>&1 || restart_ok=1
+        for name in "${names[@]}"; do urls[$name]="$(url_of "$name" "$net")"; done
+        for name in "${names[@]:1}"; do
+            python3 "$work/tb.py" restarted "${urls[$name]}" "${ages[$name]}" 60 "$work/$mode-restart-$name.json" \
+                || restart_ok=1
+        done
     else
-        urls[$first]="http://$("${P[@]}" inspect -f "{{(index .NetworkSettings.Networks \"$net\").IPAddress}}" "$first"):8470"
+        # a restart (podman stop: SIGTERM, then start): the node resumes from its checkpoint on its volume
+        "${P[@]}" stop -t 30 "$first" >/dev/null 2>&1 && "${P[@]}" start "$first" >/dev/null 2>&1 || restart_ok=1
+        urls[$first]="$(url_of "$first" "$net")"
     fi
     python3 "$work/tb.py" restarted "${urls[$first]}" "$age_before" 60 "$work/$mode-restart.json" || restart_ok=1
 
@@ -423,19 +480,26 @@ run_mode() {
     done
     stops+="}"
     echo "$stops" >"$work/$mode-stops.json"
-    if [ "$keep" = 0 ]; then
-        "${P[@]}" rm -f -v "${names[@]}" >/dev/null 2>&1  # -v: and their anonymous /var/lib/gossipfl volumes
+    if [ "$keep" = 0 ] && [ "$compose" = 1 ]; then
+        compose_cmd "$mode" down -v -t 0 >/dev/null 2>&1
+    elif [ "$keep" = 0 ]; then
+        "${P[@]}" rm -f -v "${names[@]}" >/dev/null 2>&1
         "${P[@]}" network rm -f "$net" >/dev/null 2>&1
     fi
     python3 "$work/report.py" "$work/$mode-rows.json" "$work/$mode-stops.json" "$mode" "$tolerance" \
         "$work/$mode-table.md" "$work/$mode-health.json" || return 1
-    python3 - "$work/$mode-restart.json" "$first" >>"$work/$mode-table.md" <<'PY' || return 1
+    python3 - "$work/$mode-restart.json" "$first" "$compose" "$work/$mode-restart-"*.json >>"$work/$mode-table.md" <<'PY' || return 1
 import json, sys
 r = json.load(open(sys.argv[1]))
-print(f"\nRestart of {sys.argv[2]} after the run (`podman stop`, then `podman start`, GOSSIPFL_STATE_DIR on the"
-      f" image's volume): resumed **{r['resumed']}** from the checkpoint of {(r['resumed_from'] or {}).get('saved_at')}"
-      f" at age {(r['resumed_from'] or {}).get('age')}; age {r['age_before']} before the stop, {r['age_after']} when it"
-      f" answered again {r['seconds']} s after the start.")
+how = ("`podman-compose down`, then `up -d`: every replica a new container, the same `state` volume" if sys.argv[3] == "1"
+       else "`podman stop`, then `podman start`: the same container, GOSSIPFL_STATE_DIR in its /var/lib/gossipfl")
+print(f"\nRestart of {sys.argv[2]} after the run ({how}): resumed **{r['resumed']}** from the checkpoint of"
+      f" {(r['resumed_from'] or {}).get('saved_at')} at age {(r['resumed_from'] or {}).get('age')}; age {r['age_before']}"
+      f" before the stop, {r['age_after']} when it answered again {r['seconds']} s after the start.")
+others = [json.load(open(f)) for f in sys.argv[4:] if not f.endswith("*.json")]
+if others:
+    print(f"The {len(others)} other recreated replicas resumed: {[o['resumed'] for o in others]} (from ages"
+          f" {[(o['resumed_from'] or {}).get('age') for o in others]}).")
 PY
     [ "$restart_ok" = 0 ] || { echo "!! $mode: the restarted node did not resume from its checkpoint" >&2; return 1; }
     return "$intruder_ok"
@@ -455,21 +519,30 @@ done
     echo "# Container testbed"
     echo
     echo "Run $(date -u '+%Y-%m-%d %H:%M UTC') on $(hostname) ($(nproc) cores), $("${P[@]}" --version), command:"
-    echo "\`scripts/container_testbed.sh --nodes $nodes --duration $duration --discovery $discovery$([ "$secure" = 1 ] && echo " --secure")\`"
+    echo "\`scripts/container_testbed.sh --nodes $nodes --duration $duration --discovery $discovery$([ "$secure" = 1 ] && echo " --secure")$([ "$compose" = 1 ] && echo " --compose")\`"
     echo
     echo "Image \`$image\` ($image_id, built from docker/Dockerfile on \`${base:-(not rebuilt)}\`, package at commit"
-    echo "$(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet HEAD -- gossipfl pyproject.toml 2>/dev/null || echo ' + local changes')). One container"
-    echo "per node on a podman bridge network (\`--internal\`), options from \`GOSSIPFL_*\` env only:"
+    echo "$(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet HEAD -- gossipfl pyproject.toml docker 2>/dev/null || echo ' + local changes'))."
+    if [ "$compose" = 1 ]; then
+        echo "The replicas of \`docker/compose.yaml\` itself (dns: with \`docker/compose.dns.yaml\`), started by"
+        echo "\`$("${PC[@]}" --version 2>/dev/null | tail -n1)\` as project gossipfl-tb-<mode> with NODES=$nodes: partition"
+        echo "\`auto/$nodes\` from the replica name gossipfl-tb-<mode>_node_<i> (shard i mod N), the file's healthcheck,"
+        echo "restart policy, logging and \`state\` volume; task digits, iid shards. After the run every replica is"
+        echo "recreated (\`down\`, \`up -d\`) and must resume from its own checkpoint."
+    else
+    echo "One container per node on a podman bridge network (\`--internal\`), options from \`GOSSIPFL_*\` env only:"
     echo "partition \`$([ "$auto_ok" = 1 ] && echo "auto/$nodes" || echo "K/$nodes per container (FALLBACK: no auto/N in this image)")\`"
     echo "(container i = 1..N has hostname gossipfl-tb-<mode>-i, shard i mod N), task digits, iid shards."
+    fi
     echo "Accuracy is on the shared 360-image test split, read from each node's /v1/status over HTTP"
     echo "after ${duration} s of training (counted from the moment all nodes knew each other). Exit codes"
-    echo "are those of \`podman stop\` (SIGTERM). Node logs: benchmarks/results/container_testbed/<mode>/."
+    echo "are those of \`podman stop\` (SIGTERM). Node logs: $results_dir/<mode>/."
     for mode in "${ran[@]}"; do
         echo
         case "$mode" in
             mdns) echo "## mDNS discovery (GOSSIPFL_DISCOVERY=mdns)" ;;
-            dns) echo "## DNS discovery (GOSSIPFL_DISCOVERY=dns, GOSSIPFL_DNS_NAME=gossipfl-nodes, a network alias of every container; aardvark-dns)" ;;
+            dns) if [ "$compose" = 1 ]; then echo "## DNS discovery (docker/compose.dns.yaml: GOSSIPFL_DNS_NAME=node, the service name; aardvark-dns)"
+                 else echo "## DNS discovery (GOSSIPFL_DISCOVERY=dns, GOSSIPFL_DNS_NAME=gossipfl-nodes, a network alias of every container; aardvark-dns)"; fi ;;
         esac
         echo
         if [ -f "$work/$mode-table.md" ]; then cat "$work/$mode-table.md"; else echo "**$mode: FAIL** (no result; see the script's output)"; fi
