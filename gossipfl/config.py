@@ -327,6 +327,11 @@ def from_env(env: Mapping[str, str]) -> dict[str, Any]:
     for f in option_fields():
         key = ENV_PREFIX + f.name.upper()
         if key in env:
+            if re.fullmatch(r"(tcp|udp)://[^/]+:\d+", env[key]):  # e.g. GOSSIPFL_PORT=tcp://10.96.0.7:8470
+                raise ConfigError(
+                    f"environment {key}={env[key]!r} is a Kubernetes service link (a Service named gossipfl in "
+                    "this namespace), not an option: set enableServiceLinks: false in the pod spec"
+                )
             out[f.name] = _coerce(f, env[key], f"environment {key}:")
     return out
 

@@ -19,6 +19,16 @@ fi
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 PY="$VENV/bin/python"
 
+# checkov, the policy checker of tests/test_k8s.py, in a venv of its own: its pins would downgrade ours
+# (packaging, networkx, python-dateutil).
+CHECKOV_SPEC="checkov==3.3.30"
+if [ "$(cat "$VENV/tools/checkov/.spec" 2>/dev/null)" != "$CHECKOV_SPEC" ]; then
+    echo "setup: installing $CHECKOV_SPEC into $VENV/tools/checkov"
+    "$PYTHON" -m venv --clear "$VENV/tools/checkov"
+    "$VENV/tools/checkov/bin/python" -m pip install -q --disable-pip-version-check "$CHECKOV_SPEC"
+    echo "$CHECKOV_SPEC" >"$VENV/tools/checkov/.spec"
+fi
+
 stamp="$VENV/.gossipfl-setup"
 want="$(sha256sum pyproject.toml | cut -d' ' -f1) $TORCH_SPEC ${GOSSIPFL_TORCH_INDEX:-}"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then

@@ -38,6 +38,7 @@ def test_config_file_from_env_and_node_table(tmp_path):
         ({"port": "eighty"}, {}, "cannot read 'eighty' as int"),
         ({}, {"GOSSIPFL_GOSSIP_INTERVAL": "fast"}, "GOSSIPFL_GOSSIP_INTERVAL"),
         ({}, {"GOSSIPFL_NO_TRAIN": "maybe"}, "as bool"),
+        ({}, {"GOSSIPFL_PORT": "tcp://10.96.0.7:8470"}, "Kubernetes service link"),  # a Service named gossipfl
         ({"gossip_interval": "0"}, {}, "gossip-interval must be > 0"),
         ({"checkpoint_interval": "0"}, {}, "checkpoint-interval must be > 0"),
         ({"join_wait": "-1"}, {}, "join-wait must be >= 0"),

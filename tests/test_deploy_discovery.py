@@ -373,35 +373,6 @@ async def test_a_node_that_cannot_start_leaves_nothing_running(make_config, monk
     assert set(asyncio.all_tasks()) - before == set()  # the seeds loop did not start (it used to, then ran on)
 
 
-def test_the_secure_kubernetes_overlay_mounts_a_secret_and_points_the_node_at_it(tmp_path):
-    """docker/k8s-secure renders (kubectl kustomize, offline) into the StatefulSet with the Secret mounted."""
-    import yaml
-
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("kubectl is not installed")
-    root = Path(__file__).parent.parent / "docker"
-    shutil.copytree(root / "k8s", tmp_path / "k8s")
-    shutil.copytree(root / "k8s-secure", tmp_path / "k8s-secure")
-    (tmp_path / "k8s-secure" / "cluster.key").write_bytes(bytes(range(40, 72)))
-    (tmp_path / "k8s-secure" / "read-token").write_text("tok")
-    out = subprocess.run([kubectl, "kustomize", str(tmp_path / "k8s-secure")], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    docs = {d["kind"]: d for d in yaml.safe_load_all(out.stdout)}
-    secret, sts = docs["Secret"], docs["StatefulSet"]
-    assert set(secret["data"]) == {"cluster.key", "read-token"}
-    pod = sts["spec"]["template"]["spec"]
-    (node,) = pod["containers"]
-    env = {e["name"]: e.get("value") for e in node["env"]}
-    assert env["GOSSIPFL_SECRET_FILE"] == "/run/secrets/gossipfl/cluster.key"
-    assert env["GOSSIPFL_READ_TOKEN_FILE"] == "/run/secrets/gossipfl/read-token"
-    mount = {m["name"]: m for m in node["volumeMounts"]}["secrets"]
-    assert mount["readOnly"] and mount["mountPath"] == "/run/secrets/gossipfl"
-    volume = {v["name"]: v for v in pod["volumes"]}["secrets"]
-    assert volume["secret"]["secretName"] == secret["metadata"]["name"]
-    assert node["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"  # open without the token
-
-
 def test_the_secure_compose_override_names_the_secret_files():
     import yaml
 
