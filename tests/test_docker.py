@@ -68,6 +68,7 @@ def test_the_compose_file_restarts_on_failure_only_checks_health_rotates_logs_an
     assert node["logging"]["options"]["max-size"] and node["logging"]["options"]["max-file"]
     assert node["environment"]["GOSSIPFL_STATE_DIR"] == "/var/lib/gossipfl"
     assert node["volumes"] == ["state:/var/lib/gossipfl"]
+    assert node["read_only"] is True and node["tmpfs"] == ["/tmp"] and node["cap_drop"] == ["ALL"]
     assert node["environment"]["GOSSIPFL_PARTITION"] == "auto/${NODES:-4}" == "auto/" + node["deploy"]["replicas"]
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["gossipfl-healthcheck"] == "gossipfl.common.healthcheck:main"
