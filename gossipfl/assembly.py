@@ -5,6 +5,7 @@ way as a node."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import re
 import socket
@@ -80,7 +81,9 @@ def default_node_id(port: int, replica: str | None = None) -> str:
     ``<project>-<service>-<index>``, stable when the container is recreated), else the hostname."""
     name = (replica or socket.gethostname()).split(".")[0]
     host = re.sub(r"[^A-Za-z0-9._-]", "-", name) or "node"
-    return f"{host[:50]}-{port}"
+    if len(host) > 50:  # keep the end, where a replica's ordinal is: long project names must not merge ids
+        host = f"{host[:25]}-{hashlib.sha256(host.encode()).hexdigest()[:8]}-{host[-16:]}"
+    return f"{host}-{port}"
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

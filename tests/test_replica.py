@@ -81,6 +81,9 @@ def test_a_ptr_query_goes_to_the_resolv_conf_server_and_returns_the_container_na
     names = ["3f2a9b0c1d2e", "3f2a9b0c1d2e", "gossipfl-node-3.gossipfl_gossip"]
     assert shard_index(names, 4) == (3, "gossipfl-node-3.gossipfl_gossip")
     assert default_node_id(8470, "gossipfl-node-3.gossipfl_gossip") == "gossipfl-node-3-8470"
+    # a long project name is cut in the middle, never at the end where the ordinal is
+    long = [default_node_id(8470, f"team-alice-federated-learning-experiment-2026-11-30-node-{i}") for i in (1, 2)]
+    assert long[0] != long[1] and long[0].endswith("-node-1-8470") and all(len(i) <= 63 for i in long)
 
 
 def test_no_server_no_answer_or_no_resolv_conf_gives_no_names_in_time(tmp_path):
@@ -109,6 +112,10 @@ def test_own_names_asks_dns_only_when_no_local_name_carries_an_ordinal(monkeypat
     monkeypatch.setattr(socket, "gethostbyaddr", lambda addr: ("3f2a9b0c1d2e", ["gossipfl-node-2"], [addr]))
     assert own_names(ptr) == ["3f2a9b0c1d2e", "3f2a9b0c1d2e", "gossipfl-node-2"]  # podman: /etc/hosts has it
     assert asked == []
+    # a reverse name that spells the address (a Kubernetes pod's, a cloud's) carries no ordinal
+    monkeypatch.setattr(socket, "gethostbyaddr", lambda addr: ("3f2a9b0c1d2e", [], [addr]))
+    spelled = ["172-18-0-7.default.pod.cluster.local", "ip-172-18-0-7.internal", "host-7-0-18-172.example"]
+    assert own_names(lambda addr: spelled) == ["3f2a9b0c1d2e", "3f2a9b0c1d2e"]
 
 
 DRIVER = STUB + textwrap.dedent(

@@ -52,6 +52,13 @@ def own_names(ptr: Callable[[str], list[str]] = ptr_names) -> list[str]:
         names += [name, *aliases]  # podman lists the container's name as an alias of its address
     if not any(ordinal_of(name) is not None for name in names):
         for addr in sorted(addrs):
-            if not addr.startswith("127."):
-                names += ptr(addr)  # Docker: <project>-<service>-<index>.<network> from its embedded DNS
+            if not addr.startswith("127."):  # Docker: <project>-<service>-<index>.<network> from its embedded DNS
+                names += [name for name in ptr(addr) if not embeds_address(name, addr)]
     return names
+
+
+def embeds_address(name: str, addr: str) -> bool:
+    """Whether a name's first label spells the address (``10-244-1-5.ns.pod.cluster.local``,
+    ``ip-10-0-0-23.internal``): its trailing number is an octet, not a replica's ordinal."""
+    label, octets = name.split(".", 1)[0], addr.split(".")
+    return any(sep.join(order) in label for sep in "-_." for order in (octets, octets[::-1]))
