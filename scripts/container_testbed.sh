@@ -516,7 +516,7 @@ for mode in "${modes[@]}"; do
 done
 
 {
-    echo "# Container testbed"
+    if [ "$compose" = 1 ]; then echo "# Compose testbed"; else echo "# Container testbed"; fi
     echo
     echo "Run $(date -u '+%Y-%m-%d %H:%M UTC') on $(hostname) ($(nproc) cores), $("${P[@]}" --version), command:"
     echo "\`scripts/container_testbed.sh --nodes $nodes --duration $duration --discovery $discovery$([ "$secure" = 1 ] && echo " --secure")$([ "$compose" = 1 ] && echo " --compose")\`"
@@ -525,7 +525,7 @@ done
     echo "$(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet HEAD -- gossipfl pyproject.toml docker 2>/dev/null || echo ' + local changes'))."
     if [ "$compose" = 1 ]; then
         echo "The replicas of \`docker/compose.yaml\` itself (dns: with \`docker/compose.dns.yaml\`), started by"
-        echo "\`$("${PC[@]}" --version 2>/dev/null | tail -n1)\` as project gossipfl-tb-<mode> with NODES=$nodes: partition"
+        echo "\`$("${PC[@]}" --version 2>/dev/null | grep -m1 podman-compose)\` as project gossipfl-tb-<mode> with NODES=$nodes: partition"
         echo "\`auto/$nodes\` from the replica name gossipfl-tb-<mode>_node_<i> (shard i mod N), the file's healthcheck,"
         echo "restart policy, logging and \`state\` volume; task digits, iid shards. After the run every replica is"
         echo "recreated (\`down\`, \`up -d\`) and must resume from its own checkpoint."
