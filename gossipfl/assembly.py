@@ -7,10 +7,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import random
 import re
 import socket
 import ssl
 from collections.abc import Callable
+from pathlib import Path
 
 import aiohttp
 
@@ -18,11 +20,14 @@ from gossipfl.common.retry import patiently
 from gossipfl.config import NodeConfig
 from gossipfl.discovery import replica
 from gossipfl.discovery.service import DiscoverySettings
+from gossipfl.learning import privacy
 from gossipfl.learning.learner import Learner, build_seeded, resolve_device
 from gossipfl.learning.normalize import fit_standardizers, standardizer_buffers
 from gossipfl.learning.registry import build_checked
 from gossipfl.learning.task import Dataset, Task
 from gossipfl.protocol import wire
+from gossipfl.protocol.gossiper import Gossiper
+from gossipfl.protocol.group import GROUP_ONLY, SecureGroup
 from gossipfl.protocol.robust import RobustMerge, parse_radius
 from gossipfl.security.membership import Membership
 from gossipfl.security.secrets import loosely_protected, read_key_file, read_token
@@ -35,9 +40,18 @@ PUBLISH_AFTER_INTERVALS = 3
 def build_learner(task: Task, train: Dataset, test: Dataset, cfg: NodeConfig, *, weight: float = 1.0) -> Learner:
     """The Learner a node with this configuration trains: model initialised from ``init_seed(cfg)``, its
     Standardize layers (if any) fitted to ``train``, minibatch order from ``cfg.seed``, optimizer and
-    schedule from ``cfg`` (benchmarks use it too, for reference models trained the same way)."""
+    schedule from ``cfg`` (benchmarks use it too, for reference models trained the same way). With DP
+    (``--dp-*``, ValueError for a target no noise reaches or a model Opacus cannot train): DP-SGD, and the
+    Standardize layers are left as they are: statistics of the shard would be released without noise."""
+    dp = privacy.settings(cfg, len(train), cfg.batch_size)
     model = build_seeded(lambda: build_checked(task), init_seed(cfg))
-    fit_standardizers(model, train.x)  # input statistics from the local shard; the gossip averages them
+    if dp is None:
+        fit_standardizers(model, train.x)  # input statistics from the local shard; the gossip averages them
+    engine = None
+    if dp is not None:
+        from gossipfl.learning.dpsgd import PrivateTraining  # (imports Opacus: only with DP)
+
+        engine = PrivateTraining(dp)
     return Learner(
         task,
         model,
@@ -52,6 +66,7 @@ def build_learner(task: Task, train: Dataset, test: Dataset, cfg: NodeConfig, *,
         weight=weight,
         device=resolve_device(cfg.device),
         publish_after_steps=publish_after_steps(cfg),
+        privacy=engine,
     )
 
 
@@ -213,3 +228,35 @@ def robust_merge(cfg: NodeConfig) -> RobustMerge | None:
     """Self-centred clipping of received models (``--clip-radius``), or None."""
     radius = parse_radius(cfg.clip_radius)
     return None if radius is None else RobustMerge(radius, cfg.refuse_factor, cfg.clip_quantile)
+
+
+def open_privacy_ledger(learner: Learner, directory: Path, task: str, data: Dataset, partition: str) -> str | None:
+    """With DP: the node's write-ahead privacy ledger (``DIR/<id>/privacy.json``, learning/dpledger.py) for
+    this shard; its steps count as spent (LedgerError when it exists but cannot be read). Without DP: a
+    warning to say at start when the directory has one (training without DP releases that data unbounded)."""
+    if learner.privacy is None:
+        if (directory / "privacy.json").exists():
+            return (
+                "this node's data was trained with differential privacy before (privacy.json): without DP now, "
+                "its local training has no privacy guarantee"
+            )
+        return None
+    from gossipfl.learning.dpledger import PrivacyLedger, shard_digest  # (imports Opacus: only with DP)
+
+    about = {"task": task, "partition": partition, "records": len(data)}
+    learner.privacy.open_ledger(PrivacyLedger(directory, shard_digest(task, data.x, data.y), about))
+    return None
+
+
+def secure_group(cfg: NodeConfig, gossiper: Gossiper, seed: str, notes: list[tuple[int, str]]) -> SecureGroup | None:
+    """The node's secure group rounds (``--secure-group K``), or None: pairwise exchanges. A node in groups
+    refuses pairwise exchanges (409), which would show its model to one partner in the clear. Adds to
+    ``notes`` what is worth saying once at start."""
+    if not cfg.secure_group:
+        return None
+    gossiper.holding = GROUP_ONLY
+    if gossiper.membership.tls is None:  # (a read token is required: config.validate)
+        why = "round keys are not bound to members: a member acting as initiator can unmask another's model"
+        notes.append((logging.WARNING, f"secure-group with a cluster key alone: {why}; use mutual TLS (SECURITY.md)"))
+    rng = random.Random(seed)
+    return SecureGroup(core=gossiper, size=cfg.secure_group, interval=cfg.gossip_interval, rng=rng)

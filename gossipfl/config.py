@@ -18,6 +18,8 @@ from typing import Any
 
 from gossipfl.discovery.seeds import parse_hostport
 from gossipfl.learning.partition import parse_scheme
+from gossipfl.learning.privacy import check_options as check_privacy
+from gossipfl.protocol.group import check_options as check_secure_group
 from gossipfl.protocol.merge import RULES
 from gossipfl.protocol.robust import parse_radius
 
@@ -114,6 +116,7 @@ class NodeConfig:
         ),
     )
     no_train: bool = field(default=False, metadata=_opt("do not train: pure averaging"))
+    secure_group: int = field(default=0, metadata=_opt("average in secure groups of K >= 3 (docs/privacy.md); 0: off"))
     seed: int = field(default=0, metadata=_opt("this node's seed: minibatch order, peer choice"))
     init_seed: int | None = field(
         default=None,
@@ -138,6 +141,14 @@ class NodeConfig:
             "training split, held out on every node before partitioning; for choosing settings)"
         ),
     )
+    dp_noise_multiplier: float | None = field(default=None, metadata=_opt("DP-SGD noise SIGMA (docs/privacy.md)"))
+    dp_max_grad_norm: float | None = field(default=None, metadata=_opt("DP-SGD per-sample clip norm (default 1)"))
+    dp_delta: float | None = field(default=None, metadata=_opt("DP delta (default 1/(10n) rounded down)"))
+    dp_epsilon_budget: float | None = field(default=None, metadata=_opt("stop training at this epsilon"))
+    dp_target_epsilon: float | None = field(default=None, metadata=_opt("derive SIGMA: this epsilon at --dp-steps"))
+    dp_steps: int | None = field(default=None, metadata=_opt("the planned steps of --dp-target-epsilon"))
+    dp_accountant: str = field(default="rdp", metadata=_opt("DP accountant: rdp or prv (docs/privacy.md)"))
+    dp_secure_rng: bool = field(default=False, metadata=_opt("DP sampling and noise from the OS CSPRNG"))
     secret_file: str | None = field(
         default=None,
         metadata=_opt("cluster key file (>= 32 bytes): only nodes holding it can gossip with this one (SECURITY.md)"),
@@ -264,6 +275,11 @@ def validate(c: NodeConfig) -> None:
             "read-token needs --secret-file or mutual TLS: members read each other's status and peer lists, and "
             "prove they are members with them"
         )
+    try:
+        check_secure_group(c)
+        check_privacy(c)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if c.allow_ids and not (c.secret_file or c.tls_cert):
         raise ConfigError("allow-ids needs --secret-file or mutual TLS: without them a node id proves nothing")
     for i in c.allow_ids:
@@ -281,7 +297,7 @@ def _field_kind(f: dataclasses.Field) -> str:
         return "bool"
     if t in ("int", "int | None"):
         return "int"
-    if t == "float":
+    if t in ("float", "float | None"):
         return "float"
     if t.startswith("tuple"):
         return "list"

@@ -26,10 +26,13 @@ from gossipfl.discovery.peers import PeerTable
 from gossipfl.discovery.service import Discovery, DiscoveryError
 from gossipfl.learning.checkpoint import CheckpointError
 from gossipfl.learning.partition import class_histogram, partition
+from gossipfl.learning.privacy import BudgetSpent, LedgerError, PrivacyViolation
+from gossipfl.learning.privacy import check_node as check_privacy
 from gossipfl.learning.registry import get_task, load_checked
 from gossipfl.learning.task import Evaluation, Task, with_validation
 from gossipfl.protocol import joining
 from gossipfl.protocol.gossiper import Gossiper
+from gossipfl.protocol.group import SecureGroup
 from gossipfl.report import Reporting
 from gossipfl.serving import modelfile
 from gossipfl.serving import predict as serving
@@ -58,6 +61,7 @@ class Node(Reporting):
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
         self.discovery: Discovery | None = None
+        self.group: SecureGroup | None = None  # secure group rounds (--secure-group), or pairwise exchanges
         self._started = False
         self.last_eval: Evaluation | None = None
         self.inference_slots = asyncio.Semaphore(INFERENCE_CONCURRENCY)
@@ -88,6 +92,7 @@ class Node(Reporting):
     async def _start(self) -> None:
         cfg = self.config
         try:
+            privacy_note = check_privacy(cfg)  # a DP budget needs --state-dir (its ledger)
             data = await asyncio.to_thread(load_checked, self.task, cfg.data_seed)
             if cfg.eval_split == "validation":  # the test split stays unseen; train less the hold-out
                 data = with_validation(data, cfg.data_seed)
@@ -116,6 +121,11 @@ class Node(Reporting):
         except ValueError as e:  # SecretError: a key, token or certificate file that cannot be used
             raise StartError(str(e)) from None
         self.log = node_logger(self.id)
+        if self.learner.privacy is not None:  # DP-SGD: one line at start, one when the budget is spent
+            notes.append((logging.INFO, self.learner.privacy.settings.summary()))
+            self.learner.privacy.notify = self.log.warning
+        if privacy_note:  # DP without --state-dir: counted from zero at every start
+            notes.append((logging.WARNING, privacy_note))
         host = "127.0.0.1" if cfg.host in ("0.0.0.0", "") else cfg.host
         self.url = f"{self.membership.scheme}://{host}:{self.port}"
         self.peers = PeerTable(self.id)
@@ -135,12 +145,14 @@ class Node(Reporting):
             robust=assembly.robust_merge(cfg),
         )
         self.gossiper.on_error = lambda e: self.supervisor.error("gossip", e, in_a_round=False)
+        self.group = assembly.secure_group(cfg, self.gossiper, f"{cfg.seed}/group/{self.id}", notes)
         split = f"{cfg.data_seed}/{n}/{cfg.partition_scheme}" + (
             "/validation" if cfg.eval_split == "validation" else ""
         )
         self.identity = Identity(
-            self.task.name, self.gossiper.model_digest, cfg.cluster, cfg.merge, split, initial, self.membership.scheme
-        )
+            self.task.name, self.gossiper.model_digest, cfg.cluster, cfg.merge, split, initial, self.membership.scheme,
+            "group" if self.group else "pairwise",
+        )  # fmt: skip
         self.metrics = NodeMetrics(self._readings, node_id=self.id, task=self.task.name)
         self.gossiper.on_exchange = self.metrics.exchange
         if cfg.state_dir:
@@ -151,8 +163,23 @@ class Node(Reporting):
                 self.checkpoints.open()
             except CheckpointError as e:
                 raise StartError(str(e)) from None
-            g = self.gossiper
-            self.resumed = await asyncio.to_thread(self.checkpoints.resume, self.learner, g.robust, g.ledger, g.clock())
+            g, resume, where = self.gossiper, self.checkpoints.resume, self.checkpoints.dir
+            try:  # DP: the write-ahead ledger counts first (a checkpoint's record can only add to it)
+                ledger = assembly.open_privacy_ledger(self.learner, where, self.task.name, local, self.partition)
+                notes += [(logging.WARNING, ledger)] if ledger else []
+                self.resumed = await asyncio.to_thread(resume, self.learner, g.robust, g.ledger, g.clock())
+            except (BudgetSpent, LedgerError) as e:  # unreadable ledger, or epsilon already at the budget
+                raise StartError(str(e)) from None
+        if self.learner.privacy is not None:  # a budget that allows no step (PRV: one it cannot count)
+            try:
+                await asyncio.to_thread(self.learner.privacy.check_start)
+            except (BudgetSpent, ValueError) as e:
+                raise StartError(str(e)) from None
+        if self.group is not None:  # the model must fit the fixed point; under TLS the certificate signs keys
+            try:
+                await asyncio.to_thread(self.group.check_start)
+            except ValueError as e:
+                raise StartError(str(e)) from None
         self.join = None if self._joins() else "skipped"
         if self.join is None:  # from the first request on: no trained peer averages with this untrained model
             self.gossiper.holding = joining.HOLDING
@@ -189,7 +216,8 @@ class Node(Reporting):
 
         self.started_at = time.monotonic()
         session = self._session
-        self._loop("gossip", self.gossiper.next_delay, lambda: self._gossip_round(session), first_wait=True)
+        exchanges = self.group or self.gossiper  # secure group rounds replace pairwise exchanges
+        self._loop("gossip", exchanges.next_delay, lambda: self._gossip_round(session), first_wait=True)
         self._loop("eval", cfg.eval_interval, self._evaluate)
         if self.checkpoints is not None:
             self._loop("checkpoint", cfg.checkpoint_interval, self._checkpoint, first_wait=True)
@@ -224,15 +252,21 @@ class Node(Reporting):
             return
         self._stopping.set()
         self.gossiper.close()
+        if self.group is not None:  # rounds not yet masked end now; masked ones may be decided in the grace
+            self.group.close()
         self.discovery.close()
-        tasks = self._tasks + self.gossiper.tasks + self.discovery.tasks
+        tasks = self._tasks + self.gossiper.tasks + self.discovery.tasks + (self.group.tasks if self.group else [])
         _, pending = await asyncio.wait(tasks, timeout=STOP_GRACE_S) if tasks else (set(), set())
         for t in pending:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self.group is not None:  # what is still undecided is aborted, its hold on merges released
+            self.group.abandon()
         if self.checkpoints is not None:  # after every exchange ended: the model no longer changes
             try:
-                await self._checkpoint()
+                await self._checkpoint(final=True)
+                if self.learner.privacy is not None:  # the ledger: the steps taken, not those reserved
+                    await asyncio.to_thread(self.learner.privacy.close)
             except Exception as e:  # (a bug: the node still says goodbye and closes)
                 self.log.warning("last checkpoint not written: %s: %s", type(e).__name__, e)
         await self._close()
@@ -264,7 +298,8 @@ class Node(Reporting):
         peers, and a merge rule under which adopting a model is sound (push-sum weights are mass: no)."""
         cfg = self.config
         finds = "mdns" in cfg.discovery or bool(cfg.seeds) or bool(cfg.dns_name)
-        return self.resumed is None and cfg.join_wait > 0 and cfg.merge != "pushsum" and finds and not cfg.no_train
+        adopts = cfg.merge != "pushsum" and not cfg.secure_group  # a secure group never reads a member's model
+        return self.resumed is None and cfg.join_wait > 0 and adopts and finds and not cfg.no_train
 
     async def _train_round(self) -> None:
         if self.join is None:  # before the first local step (protocol/joining.py)
@@ -281,14 +316,18 @@ class Node(Reporting):
                 self.log.info("joined: started from %s's model (age %d)", self.join.peer, self.join.age)
             if self._stopping.is_set():
                 return
-        self.train_loss = await asyncio.to_thread(self.learner.train_steps, self.config.steps_per_round)
+        try:
+            self.train_loss = await asyncio.to_thread(self.learner.train_steps, self.config.steps_per_round)
+        except PrivacyViolation as e:  # the task bypassed DP-SGD (its step undone): the node fails, exit 1
+            self.supervisor.error("train", e)
+            self._on_fatal(str(e))
 
     def _gossip_round(self, session: aiohttp.ClientSession) -> None:
-        self.gossiper.round(session)
+        (self.group or self.gossiper).round(session)
         # the served model follows the gap between exchanges in force (pacing may lengthen it)
         self.learner.publish_after_steps = assembly.publish_after_steps(self.config, self.gossiper.pace())
 
-    async def _checkpoint(self) -> None:
+    async def _checkpoint(self, final: bool = False) -> None:
         """Write a checkpoint if the model changed: not of a node still waiting to join (resuming an untrained
         model would skip the join), and with merges paused while the model and the exchanges committed here
         are copied, so that the two agree."""
@@ -297,6 +336,8 @@ class Node(Reporting):
         if self.join is None or version == 0 or self.checkpoints.written(version):
             return
         if not await g.pause_merges():
+            if final:
+                self.log.warning("last checkpoint not written: a merge still held the model after 1 s")
             return  # merges kept going for a second: the next round
         try:
             extras = state.extras(self.peers, g.robust, g.ledger, g.clock())  # on the loop, which owns them

@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from gossipfl import state
+from gossipfl.learning.privacy import describe_off
 from gossipfl.protocol import joining, wire
 from gossipfl.serving.auth import REFUSED_KEY
 from gossipfl.serving.metrics import Readings
@@ -30,8 +31,8 @@ class Reporting:
             loop_errors={(n, t): c for n, h in self.supervisor.loops.items() for t, c in h.types.items()},
             loop_rounds={n: h.rounds for n, h in self.supervisor.loops.items()},
             failed=self.failure is not None,
-            bytes_sent=st.bytes_sent,
-            bytes_received=st.bytes_received,
+            bytes_sent=st.bytes_sent + (self.group.stats.bytes_sent if self.group else 0),
+            bytes_received=st.bytes_received + (self.group.stats.bytes_received if self.group else 0),
             known_peers=len(self.peers),
             ignored_peers=len(self.peers.ignored()),
             model_age=self.learner.age,
@@ -44,11 +45,15 @@ class Reporting:
             models_too_far=robust.refused if robust else 0,
             checkpoints_written=self.checkpoints.saves if self.checkpoints is not None else 0,
             checkpoint_time=self.checkpoints.last_saved_at if self.checkpoints is not None else None,
+            group=self.group.stats if self.group else None,
+            privacy_epsilon=self.learner.privacy.epsilon if self.learner.privacy else None,
+            privacy_exhausted=self.learner.privacy.exhausted if self.learner.privacy else None,
         )
 
     def status(self) -> dict[str, Any]:
         ev = self.last_eval
         gossip = self.gossiper
+        dp = self.learner.privacy  # DP-SGD (learning/dpsgd.py), or None
         return {
             "id": self.id,
             "protocol": wire.PROTOCOL_VERSION,
@@ -65,12 +70,13 @@ class Reporting:
             "eval_split": self.config.eval_split,  # what metrics.accuracy is measured on
             "init_model": self.identity.init,  # digest of the initial model (training nodes)
             "samples": self.learner.train_size,
-            "class_histogram": self.class_histogram,
+            "class_histogram": None if dp else self.class_histogram,  # with DP: counts of local data, not released
             # whether local training is going on now (not merely configured)
             "training": self.join is not None  # not while waiting to join (protocol/joining.py)
             and "train" in self.supervisor.loops
             and self.supervisor.loops["train"].running
-            and not self.failure,
+            and not self.failure
+            and not (dp and dp.exhausted),  # with DP: stopped for good once the budget is spent
             "failure": self.failure,  # why the node is stopping after a loop could not go on, else null
             "device": str(self.learner.device),
             # the served model (scored in metrics, answered from) is the working copy as of the last merge
@@ -80,6 +86,7 @@ class Reporting:
                 "weight": self.learner.weight,
                 "robust": gossip.robust.describe() if gossip.robust else None,  # --clip-radius
             },
+            "privacy": dp.describe() if dp else describe_off(),  # DP-SGD: the epsilon spent, the budget
             "checkpoint": self.checkpoints.describe() if self.checkpoints is not None else state.disabled(),
             "join": joining.describe(self.join),
             "uptime_s": round(time.monotonic() - self.started_at, 3) if self.started_at else 0.0,
@@ -91,7 +98,7 @@ class Reporting:
             "metrics": {
                 "accuracy": ev.accuracy if ev else None,
                 "loss": ev.loss if ev else None,
-                "train_loss": self.train_loss,
+                "train_loss": None if dp else self.train_loss,  # with DP: a loss on private batches, not released
             },
             "exchanges": {
                 **gossip.stats.as_dict(),
@@ -101,4 +108,5 @@ class Reporting:
                 "doubtful": len(gossip.doubts),
             },
             "loops": self.supervisor.describe(),
+            "group": self.group.describe() if self.group else None,  # secure group rounds (--secure-group)
         }

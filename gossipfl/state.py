@@ -12,6 +12,7 @@ starts fresh. A lock file keeps two running nodes from sharing one directory."""
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import logging
 import os
@@ -27,6 +28,7 @@ from gossipfl.common.atomic import fsync_dir, write_atomic
 from gossipfl.discovery.peers import PeerTable
 from gossipfl.learning.checkpoint import CheckpointError, decode, dumps, encode, loads
 from gossipfl.learning.learner import Learner, Saved
+from gossipfl.learning.privacy import BudgetSpent
 from gossipfl.protocol.ledger import Ledger
 from gossipfl.protocol.robust import RobustMerge
 
@@ -109,7 +111,8 @@ class Checkpointer:
     def resume(self, learner: Learner, robust: RobustMerge | None, ledger: Ledger, now: float) -> Resumed | None:
         """Load the checkpoint into ``learner``, ``robust`` and ``ledger`` (the exchanges committed here, their
         ages counted to ``now`` on the ledger's clock); None when there is none, or when it cannot be used:
-        then it is moved aside, one line says why, and all three are left as they were (empty)."""
+        then it is moved aside, one line says why, and all three are left as they were (empty). With DP, a
+        checkpoint whose epsilon is already at the budget raises ``BudgetSpent`` (the node must not start)."""
         if not (self.dir / META).exists():
             return None
         try:
@@ -122,6 +125,7 @@ class Checkpointer:
             if m is None:
                 raise CheckpointError(f"tensors file {name!r} is not a checkpoint's")
             saved = decode((self.dir / name).read_bytes(), doc)
+            saved = dataclasses.replace(saved, privacy=doc.get("privacy"))  # DP: the accountant's record
             saved_at = _when(doc["saved_at"])
             if robust is not None:
                 robust.restore(doc.get("robust") or {})
@@ -129,6 +133,8 @@ class Checkpointer:
             ledger.restore_committed([(x, a + elapsed) for x, a in doc.get("committed") or []], now)
             learner.load(saved)  # ValueError, changing nothing, when the shapes or the shard differ
             peers = tuple(str(p["url"]) for p in doc.get("peers", []) if isinstance(p, dict) and "url" in p)
+        except BudgetSpent:  # not a checkpoint to set aside: the node must not train on this data again
+            raise
         except Exception as e:  # whatever is wrong with it, the node starts fresh rather than not at all
             if robust is not None:
                 robust.restore({})
@@ -185,7 +191,8 @@ class Checkpointer:
             if version == self._saved_version:
                 return False
             now = self.clock()
-            blob, doc = encode(saved, {**self.expect, "saved_at": now, **extras})
+            privacy = {} if saved.privacy is None else {"privacy": saved.privacy}  # taken with the model
+            blob, doc = encode(saved, {**self.expect, "saved_at": now, **extras, **privacy})
             generation = self._generation + 1
             doc["tensors_file"] = tensors = f"tensors-{generation}.safetensors"
             text = dumps(doc)

@@ -44,7 +44,7 @@ async def test_status_has_the_documented_fields(node, http):
         "id", "protocol", "task", "cluster", "url", "age", "steps", "merges", "partition", "partition_from",
         "partition_scheme", "split", "eval_split", "init_model", "samples", "class_histogram", "training",
         "failure", "device", "served", "merge", "checkpoint", "join", "uptime_s", "model", "peers", "ignored_peers",
-        "security", "metrics", "exchanges", "loops",
+        "security", "metrics", "exchanges", "loops", "group", "privacy",
     }  # fmt: skip
     assert s["id"] == node.id and s["task"] == "digits" and s["age"] == 0 and s["steps"] == 0
     assert s["protocol"] == 2 and s["merges"] == 0 and s["cluster"] == node.config.cluster
@@ -65,6 +65,12 @@ async def test_status_has_the_documented_fields(node, http):
     assert len(s["class_histogram"]) == 10 and sum(s["class_histogram"]) == 1437
     assert s["merge"] == {"rule": "average", "weight": 1437.0, "robust": None}
     assert s["served"] == {"age": 0, "local_steps_behind": 0} and s["model"] == node.gossiper.model_digest
+    assert s["privacy"] == {  # no --dp-*: DP off, every field there (tests/test_privacy.py: with DP)
+        "enabled": False, "epsilon": None, "delta": None, "noise_multiplier": None, "max_grad_norm": None,
+        "sample_rate": None, "steps": None, "budget": None, "budget_steps": None, "exhausted": False,
+        "accountant": None, "secure_rng": False,
+    }  # fmt: skip
+    assert s["group"] is None  # pairwise exchanges (a node with --secure-group: tests/test_secure_group.py)
 
 
 async def test_model_endpoint_serves_the_wire_payload(node, http):

@@ -102,7 +102,7 @@ async def test_openapi_describes_every_served_route(make_config, http):
         for op in ops.values():
             if path.startswith("/v2/health/"):
                 assert op["security"] == [] and "401" not in op["responses"], path
-            elif path.startswith("/v1/gossip"):
+            elif path.startswith(("/v1/gossip", "/v1/group")):  # and secure group rounds
                 assert {next(iter(s)) for s in op["security"]} == {"gossipfl_signature", "mutual_tls"}, path
             else:
                 assert {"bearer": []} in op["security"] and "401" in op["responses"], path

@@ -21,10 +21,13 @@ class Identity:
     split: str | None = None  # "DATA_SEED/N/SCHEME": how the training data is cut into shards
     init: str | None = None  # digest of the initial model (training nodes only)
     scheme: str = "http"  # https with mutual TLS: nodes of the other scheme cannot reach each other
+    exchange: str = "pairwise"  # or "group" (--secure-group): such nodes neither send nor take pairwise exchanges
 
     def txt(self) -> dict[str, str]:
         out = {"proto": PROTO, "task": self.task, "model": self.model, "cluster": self.cluster, "scheme": self.scheme}
         out.update({k: v for k, v in (("merge", self.merge), ("split", self.split), ("init", self.init)) if v})
+        if self.exchange != "pairwise":  # (older nodes do not say: they exchange pairwise)
+            out["exchange"] = self.exchange
         return out
 
     def mismatch(
@@ -36,6 +39,7 @@ class Identity:
         merge: str | None = None,
         split: str | None = None,
         scheme: str | None = None,
+        exchange: str | None = None,
     ) -> str:
         """Why a node with these values cannot be gossiped with ("" if it can). A value the peer does not
         state is not held against it: the message check still rejects a model of another shape or rule."""
@@ -53,6 +57,8 @@ class Identity:
             return f"data split {split} (data-seed/shards/scheme), ours {self.split}"
         if (scheme or "http") != self.scheme:  # nodes that do not say serve http
             return f"scheme {scheme or 'http'}, ours {self.scheme} (mutual TLS on one side only)"
+        if (exchange or "pairwise") != self.exchange:
+            return f"exchanges {exchange or 'pairwise'}, ours {self.exchange} (--secure-group on one side only)"
         return ""
 
     def caveat(self, init: str | None) -> str:
@@ -67,5 +73,5 @@ class Identity:
 
     def mismatch_of(self, found: dict[str, str | None]) -> str:
         """``mismatch`` for a peer described by ``describe_service`` or its ``/v1/status``."""
-        keys = ("proto", "task", "model", "cluster", "merge", "split", "scheme")
+        keys = ("proto", "task", "model", "cluster", "merge", "split", "scheme", "exchange")
         return self.mismatch(*(found.get(k) for k in keys))

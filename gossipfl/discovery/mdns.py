@@ -68,6 +68,7 @@ def describe_service(info: AsyncServiceInfo) -> dict[str, str | None]:
         "merge": _txt(props, "merge"),
         "split": _txt(props, "split"),
         "init": _txt(props, "init"),
+        "exchange": _txt(props, "exchange"),
         "scheme": _scheme(props),
     }
 

@@ -63,6 +63,7 @@ class Prober:
                 merge=_text((status.get("merge") or {}).get("rule")),
                 init=_text(status.get("init_model")),
                 scheme=urlsplit(url).scheme,  # it answered on this scheme
+                exchange="group" if isinstance(status.get("group"), dict) else "pairwise",  # --secure-group
             )
         except Unauthorized as e:  # listed under its address: the id it claims is unproven (maybe a member's)
             said = f" (announced as {claimed!r})" if claimed else ""

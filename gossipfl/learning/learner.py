@@ -16,14 +16,18 @@ import math
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
 from torch import nn
 
 from gossipfl.learning.normalize import standardizer_buffers
+from gossipfl.learning.privacy import PrivacyViolation
 from gossipfl.learning.task import Dataset, Evaluation, Task
+
+if TYPE_CHECKING:  # (dpsgd imports Opacus: only a node with DP loads it)
+    from gossipfl.learning.dpsgd import PrivateTraining
 
 Params = dict[str, np.ndarray]
 T = TypeVar("T")
@@ -46,6 +50,7 @@ class Saved:
     rng: np.ndarray  # the minibatch generator's state (uint8)
     order: np.ndarray  # the current epoch's permutation of the training samples (int64)
     cursor: int  # how far into ``order`` the next batch starts
+    privacy: dict[str, Any] | None = None  # with DP: the accountant's record (dpsgd.PrivateTraining.export)
 
 
 @dataclass(frozen=True)
@@ -129,6 +134,7 @@ class Learner:
         weight: float = 1.0,
         device: str = "cpu",
         publish_after_steps: int = 0,
+        privacy: PrivateTraining | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device)
@@ -167,6 +173,11 @@ class Learner:
         self.version = 0
         self.merges = 0
         self.weight = float(weight)
+        # DP-SGD (learning/dpsgd.py): Opacus' hooks go on the working model's layers, after the served copy
+        # was taken; batches are then Poisson draws of the engine's, and ``_gen``/``_order`` stay unused
+        self.privacy = privacy
+        if privacy is not None:
+            privacy.attach(self.model)
 
     # -- parameters -------------------------------------------------------------------------------
     def _params_copy(self) -> Params:
@@ -216,6 +227,7 @@ class Learner:
                 rng=self._gen.get_state().numpy().copy(),
                 order=self._order.numpy().copy(),
                 cursor=self._cursor,
+                privacy=self.privacy.export() if self.privacy is not None else None,
             )
 
     def load(self, saved: Saved) -> None:
@@ -244,6 +256,8 @@ class Learner:
             torch.Generator().set_state(torch.from_numpy(np.array(saved.rng, dtype=np.uint8)))
         except (KeyError, ValueError, TypeError, RuntimeError) as e:
             raise ValueError(f"the saved optimizer or minibatch state does not fit: {type(e).__name__}: {e}") from None
+        # with DP, the accountant's record must be there (ValueError), and leave budget (privacy.BudgetSpent)
+        privacy = self.privacy.check(saved.privacy) if self.privacy is not None else None
         with self._lock:
             self.model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in saved.model.items()})
             self.optimizer = optimizer
@@ -252,6 +266,8 @@ class Learner:
             self._gen.set_state(torch.from_numpy(np.array(saved.rng, dtype=np.uint8)))
             self._order = torch.from_numpy(np.array(saved.order, dtype=np.int64))
             self._cursor = int(saved.cursor)
+            if self.privacy is not None and privacy is not None:
+                self.privacy.restore(privacy)
             self.version += 1
             self._publish()
 
@@ -276,27 +292,46 @@ class Learner:
             return self.lr
         return self.lr / (1.0 + steps / self.lr_decay_steps)
 
-    def train_steps(self, steps: int) -> float:
+    def train_steps(self, steps: int) -> float | None:
         """Run ``steps`` minibatch steps; return their mean loss. A step whose loss is not finite restores
         the working copy from the served model (the last merge), clears the optimizer's state and raises
-        ``Diverged``; an exception from the task's step propagates (the steps before it are kept)."""
-        total = 0.0
+        ``Diverged``; an exception from the task's step propagates (the steps before it are kept).
+
+        With DP (``privacy``): DP-SGD steps on Poisson batches, as many of ``steps`` as the budget allows
+        (none once it is spent); the mean loss over the non-empty batches, None when there was none. A
+        step diverged when the parameters are not finite (a check on the DP release, not on the data)."""
+        if self.privacy is not None:
+            steps = self.privacy.allowed(steps)
+        total, losses = 0.0, 0
         for _ in range(steps):
             with self._lock:  # (the minibatch order too: a checkpoint taken between steps continues exactly)
-                idx = self._next_batch()
-                self.model.train()
                 for group in self.optimizer.param_groups:
                     group["lr"] = self.lr_at(self.steps)
-                loss = float(self.task.train_step(self.model, self.optimizer, self._x[idx], self._y[idx]))
-                if not math.isfinite(loss):
+                if self.privacy is None:
+                    idx = self._next_batch()
+                    self.model.train()
+                    loss = float(self.task.train_step(self.model, self.optimizer, self._x[idx], self._y[idx]))
+                    finite = math.isfinite(loss)
+                else:
+                    try:  # (PrivacyViolation: the task bypassed DP-SGD; its non-private step is undone)
+                        loss = self.privacy.step(self.task, self.model, self.optimizer, self._x, self._y)
+                    except PrivacyViolation:
+                        self._restore()
+                        raise
+                    finite = all(bool(torch.isfinite(t).all()) for t in self._named.values())
+                if not finite:
                     self._restore()
-                    raise Diverged(f"loss {loss} at step {self.steps}: restored the model of the last merge")
+                    what = f"loss {loss}" if self.privacy is None else "parameters not finite"
+                    raise Diverged(f"{what} at step {self.steps}: restored the model of the last merge")
                 self.age = min(self.age + 1, MAX_AGE)
                 self.steps += 1
                 self.version += 1
                 self._unpublished_steps += 1
-            total += loss
-        return total / steps
+            if loss is not None:
+                total, losses = total + loss, losses + 1
+        if self.privacy is not None:
+            self.privacy.refresh()
+        return total / losses if losses else None
 
     def _restore(self) -> None:
         """Working copy := served model, optimizer state cleared (caller holds the lock)."""

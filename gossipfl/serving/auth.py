@@ -1,13 +1,14 @@
 """Who may call which route (see SECURITY.md).
 
-- ``/v1/gossip`` and its decisions: members only, when the node has a cluster key or mutual TLS: a signed
-  request (``security.signing``), a client certificate from the cluster CA, or both; and, with
-  ``--allow-ids``, an id on the list. All of it but the body's signature is checked here, before a body is
-  read or room reserved for it (a non-member holds no exchange slot); ``post_gossip`` finishes the check
-  once it has read the body (``authenticate``).
+- ``/v1/gossip`` and its decisions, and ``/v1/group`` (secure group rounds): members only, when the node has
+  a cluster key or mutual TLS: a signed request (``security.signing``), a client certificate from the cluster
+  CA, or both; and, with ``--allow-ids``, an id on the list. All of it but the body's signature is checked
+  here, before a body is read or room reserved for it (a non-member holds no exchange slot); ``post_gossip``
+  and the group routes finish the check once they have read the body (``authenticate``).
 - ``/v2/health/live`` and ``/v2/health/ready``: open, for orchestrators.
 - Everything else (model, status, peers, metrics, OpenAPI, inference): the read token when one is set
-  (``Authorization: Bearer``), or a member's signed request or certificate (node-to-node reads).
+  (``Authorization: Bearer``), or a member's signed request or certificate (node-to-node reads). On a node
+  with ``--secure-group``, a member is refused (403) what shows the model: ``/v1/model`` and inference.
 
 Replies to signed requests are signed. A refusal is 401 with ``WWW-Authenticate`` and the one error shape;
 it never echoes a header, and only the first refusal per address and reason is logged above debug."""
@@ -23,6 +24,7 @@ from gossipfl.security.membership import Membership
 from gossipfl.security.signing import HEADER, Overloaded, Unauthorized
 from gossipfl.security.tls import node_id_of
 from gossipfl.serving.errors import closing, error
+from gossipfl.serving.ports import NODE_KEY
 
 log = logging.getLogger("gossipfl.auth")
 
@@ -31,13 +33,25 @@ REFUSED_KEY: web.AppKey[Counter] = web.AppKey("refused", Counter)  # 401s by kin
 LOGGED_KEY: web.AppKey[set] = web.AppKey("refusals_logged", set)
 OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
 GOSSIP = "/v1/gossip"
+GROUP = "/v1/group"  # secure group rounds: every request has a body (maybe empty), checked by the route
+SECURE_GROUP = "secure group: members never read or query each other's models (an operator uses its read token)"
 # per request: the node id of the client's certificate, and the request as the reply's signature needs it
 _STATE = web.RequestKey("gossipfl.auth", dict) if hasattr(web, "RequestKey") else "gossipfl.auth"
 _LOGGED_LIMIT = 1024
 
 
 def is_member_route(path: str) -> bool:
-    return path == GOSSIP or path.startswith(GOSSIP + "/")
+    return path == GOSSIP or path.startswith(GOSSIP + "/") or _is_group(path)
+
+
+def _is_group(path: str) -> bool:
+    return path == GROUP or path.startswith(GROUP + "/")
+
+
+def shows_model(path: str) -> bool:
+    """Whether a read route gives away the model, or answers queries about it (what secure groups keep from
+    members)."""
+    return path == "/v1/model" or (path.startswith("/v2/models/") and path.endswith("/infer"))
 
 
 def refuse(request: web.Request, kind: str, reason: str) -> web.Response:
@@ -100,9 +114,10 @@ async def members_only(request: web.Request, handler: object) -> web.StreamRespo
     m = request.app[MEMBERSHIP_KEY]
     state = request[_STATE] = {"cert": cert_id(request) if m.tls is not None else None, "admitted": None,
                                "pending": None}  # fmt: skip
+    forbidden = False
     try:
         if is_member_route(request.path):
-            if request.path == GOSSIP:  # admitted on its head; post_gossip checks the body once read
+            if request.path == GOSSIP or _is_group(request.path):  # on its head; the route checks the body
                 _admit(request, request.content_length or 0)
             else:  # a decision: no body
                 _admit(request, 0)
@@ -111,6 +126,7 @@ async def members_only(request: web.Request, handler: object) -> web.StreamRespo
             if (m.key is not None and HEADER in request.headers) or state["cert"] is not None:
                 _admit(request, 0)  # a member's read (status probe, peer exchange)
                 authenticate(request, b"")
+                forbidden = request.app[NODE_KEY].group is not None and shows_model(request.path)
             elif not m.bearer_ok(request.headers.get("Authorization")):
                 return refuse(request, "read", "a read token is required (Authorization: Bearer TOKEN)")
     except Unauthorized as e:
@@ -119,7 +135,7 @@ async def members_only(request: web.Request, handler: object) -> web.StreamRespo
         resp = error(503, str(e))
         resp.headers["Retry-After"] = "1"
         return closing(resp)
-    resp = await handler(request)  # type: ignore[operator]
+    resp = error(403, SECURE_GROUP) if forbidden else await handler(request)  # type: ignore[operator]
     pending = state["pending"]
     if pending is not None and resp.status != 401 and isinstance(resp, web.Response) and isinstance(resp.body, bytes):
         resp.headers.update(m.reply_headers(pending, resp.status, resp.body))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import platform
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info
@@ -48,6 +49,9 @@ class Readings:
     models_too_far: int  # received models refused as implausibly far
     checkpoints_written: int = 0  # checkpoints written since start (--state-dir)
     checkpoint_time: float | None = None  # wall-clock time of the last one written, None before any
+    group: Any = None  # protocol.groupcore.GroupStats of a node with --secure-group, else None
+    privacy_epsilon: float | None = None  # DP-SGD: the epsilon spent; None without DP
+    privacy_exhausted: bool | None = None  # DP-SGD: the budget is spent, local training stopped; None without DP
 
 
 class _StateCollector(Collector):
@@ -146,6 +150,24 @@ class _StateCollector(Collector):
                     r.checkpoint_time,
                 )
             )  # fmt: skip
+        if r.group is not None:
+            out += _group_metrics(r.group)
+        if r.privacy_epsilon is not None:
+            out.append(
+                GaugeMetricFamily(
+                    f"{NAMESPACE}_privacy_epsilon",
+                    "DP-SGD: epsilon spent so far (delta: /v1/status).",
+                    r.privacy_epsilon,
+                )
+            )
+        if r.privacy_exhausted is not None:
+            out.append(
+                GaugeMetricFamily(
+                    f"{NAMESPACE}_privacy_budget_exhausted",
+                    "DP-SGD: 1 when the epsilon budget is spent and local training stopped.",
+                    float(r.privacy_exhausted),
+                )
+            )
         if r.accuracy is not None:
             out.append(
                 GaugeMetricFamily(f"{NAMESPACE}_test_accuracy_ratio", "Last test accuracy (0 to 1).", r.accuracy)
@@ -153,6 +175,37 @@ class _StateCollector(Collector):
         if r.loss is not None:
             out.append(GaugeMetricFamily(f"{NAMESPACE}_test_loss", "Last test loss.", r.loss))
         return out
+
+
+def _group_metrics(g: Any) -> list[Metric]:
+    """Secure group rounds (``--secure-group``): rounds by role and outcome, refusals."""
+    rounds = CounterMetricFamily(
+        f"{NAMESPACE}_group_rounds",
+        "Secure group rounds by role (initiator: this node started it; member) and outcome.",
+        labels=["role", "outcome"],
+    )
+    for role, outcome, n in (
+        ("initiator", "committed", g.committed), ("initiator", "aborted", g.aborted),
+        ("member", "committed", g.joined), ("member", "aborted", g.left),
+    ):  # fmt: skip
+        rounds.add_metric([role, outcome], n)
+    aborts = CounterMetricFamily(
+        f"{NAMESPACE}_group_aborts", "Secure group rounds aborted, either role, by reason.", labels=["reason"]
+    )
+    for reason, n in sorted(g.aborts.items()):
+        aborts.add_metric([reason], n)
+    return [
+        rounds,
+        aborts,
+        CounterMetricFamily(
+            f"{NAMESPACE}_group_messages_rejected", "Secure group messages refused as invalid (4xx).", value=g.rejected
+        ),
+        CounterMetricFamily(
+            f"{NAMESPACE}_group_out_of_range",
+            "Rounds this node sat out: a coordinate of its model outside the fixed-point range.",
+            value=g.out_of_range,
+        ),
+    ]
 
 
 class NodeMetrics:

@@ -123,7 +123,8 @@ def _secured(doc: dict[str, Any]) -> dict[str, Any]:
             if path in OPEN_PATHS:
                 op["security"] = []
                 continue
-            op["security"] = MEMBER_SECURITY if path.startswith("/v1/gossip") else READ_SECURITY
+            member = path.startswith(("/v1/gossip", "/v1/group"))
+            op["security"] = MEMBER_SECURITY if member else READ_SECURITY
             op["responses"]["401"] = ERROR
     doc["components"]["securitySchemes"] = SECURITY_SCHEMES
     return doc
@@ -209,6 +210,7 @@ def _document(model_name: str) -> dict[str, Any]:
                     ],
                 )
             },
+            **_group_paths(),
             "/v1/openapi.json": {"get": _op("This document", {"200": _json("OpenAPI 3.1 document")})},
             "/metrics": {
                 "get": _op(
@@ -250,5 +252,47 @@ def _document(model_name: str) -> dict[str, Any]:
                     "content": {JSON: {"schema": {"$ref": "#/components/schemas/Error"}}},
                 }
             },
+        },
+    }
+
+
+def _group_paths() -> dict[str, Any]:
+    """Secure group rounds (--secure-group; docs/privacy.md). A node without it answers them 409."""
+    refusals = {"400": ERROR, "408": ERROR, "409": ERROR, "413": ERROR}
+    body = {"requestBody": {"required": True, "content": {MSGPACK: {}}}}
+    return {
+        "/v1/group": {
+            "post": _op(
+                "A secure group round's invite (msgpack: round id, member ids): this node holds the round and "
+                "answers with its public key for it (409 when it is in another round)",
+                {"200": {"description": "this node's key for the round", "content": {MSGPACK: {}}}, **refusals},
+                **body,
+            )
+        },
+        "/v1/group/hello": {
+            "post": _op(
+                "A member that knows too few peers for a round says where it listens (msgpack: sender, port)",
+                {"200": _json("{id}"), **refusals},
+                **body,
+            )
+        },
+        "/v1/group/{round}/{phase}": {
+            "post": _op(
+                "mask: every member's key in, this node's masked model out (msgpack); commit: the sum of the "
+                "masked models, applied once; abort (no body). The round's initiator alone may call them",
+                {
+                    "200": {"description": "masked model, or {round, outcome, reason}", "content": {MSGPACK: {}}},
+                    **refusals,
+                },
+                parameters=[
+                    {"name": "round", "in": "path", "required": True, "schema": {"type": "string"}},
+                    {
+                        "name": "phase",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string", "enum": ["mask", "commit", "abort"]},
+                    },
+                ],
+            )  # fmt: skip
         },
     }

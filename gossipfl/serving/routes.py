@@ -11,7 +11,7 @@ from gossipfl.protocol.responder import Busy, Conflict, Impersonation, Unavailab
 from gossipfl.protocol.transport import timeout_for
 from gossipfl.security.membership import Membership
 from gossipfl.security.signing import Unauthorized
-from gossipfl.serving import auth, inference, modelfile, openapi
+from gossipfl.serving import auth, grouproutes, inference, modelfile, openapi
 from gossipfl.serving.errors import closing, error, json_errors
 from gossipfl.serving.ports import NODE_KEY, NodeView
 
@@ -28,7 +28,7 @@ async def get_peers(request: web.Request) -> web.Response:
 
 
 async def get_model(request: web.Request) -> web.Response:
-    node = request.app[NODE_KEY]
+    node = request.app[NODE_KEY]  # (a member's read on a node with --secure-group: 403, serving/auth.py)
     fmt = request.query.get("format", "msgpack")
     if fmt == "msgpack":  # the gossip payload of the working model
         try:
@@ -117,6 +117,7 @@ def build_app(node: NodeView, membership: Membership | None = None) -> web.Appli
     app.router.add_get("/v1/peers", get_peers)
     app.router.add_post("/v1/gossip", post_gossip)
     app.router.add_post("/v1/gossip/{xid}/{decision:commit|abort}", post_decision)
+    grouproutes.add_routes(app)
     app.router.add_get("/v1/openapi.json", get_openapi)
     app.router.add_get("/metrics", get_metrics)
     inference.add_routes(app)
