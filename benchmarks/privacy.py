@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from learning_sim import mean_params, pairwise_round  # noqa: E402
+from learning_sim import pairwise_round, score  # noqa: E402
 
 from gossipfl.assembly import build_learner  # noqa: E402
 from gossipfl.config import NodeConfig  # noqa: E402
@@ -69,18 +69,6 @@ def dp_options(a: argparse.Namespace, eps: float | None) -> dict:
     if eps is None:
         return {}
     return {"dp_target_epsilon": eps, "dp_steps": a.steps, "dp_delta": a.delta, "dp_max_grad_norm": a.clip}
-
-
-def score(learners: list[Learner]) -> tuple[float, float, float]:
-    """Mean and min accuracy of the nodes' models, and the accuracy of their mean (the consensus)."""
-    accs = [node.evaluate_working().accuracy for node in learners]
-    mean = mean_params(learners)
-    scratch = learners[0]
-    before = scratch.snapshot()
-    scratch.update(lambda s: (mean, s.age, s.weight))
-    consensus = scratch.evaluate_working().accuracy
-    scratch.update(lambda s: (before.params, before.age, before.weight))
-    return float(np.mean(accs)), float(min(accs)), float(consensus)
 
 
 def privacy_of(learner: Learner) -> dict:

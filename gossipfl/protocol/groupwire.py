@@ -30,7 +30,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from gossipfl.protocol.wire import MAX_AGE, MAX_SENDER_LEN, ModelSpec, Params, WireError
+from gossipfl.protocol.wire import MAX_AGE, MAX_SENDER_LEN, ModelSpec, Params, WireError, unpack_map
 from gossipfl.security.keybinding import MAX_CERT_BYTES, MAX_SIG_BYTES, Proof
 from gossipfl.security.masking import KEY_BYTES, MAX_COORDINATES, MAX_MEMBERS, MIN_MEMBERS
 
@@ -153,12 +153,7 @@ def encode_vector(m: Vector) -> bytes:
 
 def _open(body: bytes, round_id: str | None, round_field: bool = True) -> dict:
     """The message's map, with a valid version, round id (``round_id`` when given) and sender."""
-    try:
-        obj = msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True)
-    except Exception as e:  # msgpack raises several unrelated exception types on bad input
-        raise WireError(f"malformed msgpack: {type(e).__name__}: {e}") from None
-    if not isinstance(obj, dict):
-        raise WireError("message must be a msgpack map")
+    obj = unpack_map(body)
     if _get(obj, "v", int) != GROUP_VERSION:
         raise WireError(f"unsupported group protocol version {obj['v']}, this node speaks {GROUP_VERSION}")
     if round_field:

@@ -171,14 +171,20 @@ def _decode_tensor(name: str, obj: object, expected: TensorSpec) -> np.ndarray:
     return arr
 
 
-def decode(body: bytes, spec: ModelSpec, task: str | None = None) -> GossipMessage:
-    """Parse and validate a message for a model with ``spec``; raise WireError naming the problem."""
+def unpack_map(body: bytes) -> dict:
+    """A message body's msgpack map (string keys only, no extension types); WireError otherwise."""
     try:
         obj = msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True)
     except Exception as e:  # msgpack raises several unrelated exception types on bad input
         raise WireError(f"malformed msgpack: {type(e).__name__}: {e}") from None
     if not isinstance(obj, dict):
         raise WireError("message must be a msgpack map")
+    return obj
+
+
+def decode(body: bytes, spec: ModelSpec, task: str | None = None) -> GossipMessage:
+    """Parse and validate a message for a model with ``spec``; raise WireError naming the problem."""
+    obj = unpack_map(body)
     version = _field(obj, "v", int)
     if version != PROTOCOL_VERSION:
         raise WireError(f"unsupported protocol version {version}, this node speaks {PROTOCOL_VERSION}")
