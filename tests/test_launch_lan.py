@@ -26,7 +26,7 @@ ROOT = Path(__file__).parent.parent
 SCRIPT = ROOT / "scripts" / "launch_lan.sh"
 # starts fastest: no data file, no training, no mDNS registration (which takes 1.5-2 s)
 NODE = ["--task", "synthetic", "--no-train", "--host", "127.0.0.1", "--discovery", "static"]
-HOST_TIMEOUT = 20  # two nodes start in parallel within it (~4 s on an idle 2-core machine)
+HOST_TIMEOUT = 15  # two nodes start in parallel within it (~4 s on an idle 2-core machine)
 
 pytestmark = [
     pytest.mark.timeout(120),
