@@ -15,38 +15,14 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gossipfl.common.httpio import BodyError, BodyTimeout, TooLarge, read_limited
 from gossipfl.protocol import wire
 from gossipfl.protocol.groupwire import ROUND_RE
 from gossipfl.protocol.ledger import ABORTED
-from gossipfl.protocol.responder import Busy, Conflict, Impersonation
-from gossipfl.protocol.transport import timeout_for
-from gossipfl.security.signing import Unauthorized
-from gossipfl.serving import auth
-from gossipfl.serving.errors import closing, error
+from gossipfl.serving.errors import error
+from gossipfl.serving.exchanges import REFUSALS, Refused, read_member_body, refusal
 from gossipfl.serving.ports import NODE_KEY
 
 PAIRWISE = "this node exchanges pairwise (no --secure-group): it takes part in no group round"
-
-
-class _Refused(Exception):
-    def __init__(self, response: web.Response) -> None:
-        self.response = response
-
-
-async def _read(request: web.Request, limit: int) -> tuple[bytes, str | None]:
-    """The body, read whole, and the member it authenticates (``_Refused`` with the error reply)."""
-    declared = request.content_length
-    try:
-        body = await read_limited(request.content, declared, limit, timeout_for(min(declared or limit, limit)))
-    except TooLarge as e:
-        raise _Refused(closing(error(413, str(e)))) from None
-    except BodyError as e:
-        raise _Refused(closing(error(408 if isinstance(e, BodyTimeout) else 400, str(e)))) from None
-    try:
-        return body, auth.authenticate(request, body)
-    except Unauthorized as e:
-        raise _Refused(auth.refuse(request, "member", str(e))) from None
 
 
 async def _handle(request: web.Request, phase: str) -> web.Response:
@@ -57,7 +33,7 @@ async def _handle(request: web.Request, phase: str) -> web.Response:
     if round_id is not None and not ROUND_RE.match(round_id):
         return error(400, "round id must be 32 lowercase hex digits")
     try:
-        body, member = await _read(request, group.max_body)
+        body, member = await read_member_body(request, group.max_body)
         if phase == "invite":
             reply = await group.invite(body, member, remote=request.remote)
             return web.Response(body=reply, content_type=wire.CONTENT_TYPE)
@@ -71,14 +47,10 @@ async def _handle(request: web.Request, phase: str) -> web.Response:
             outcome, reason = await group.commit(round_id, body, member)
         else:
             outcome, reason = group.abort(round_id, member)
-    except _Refused as e:
+    except Refused as e:
         return e.response
-    except Impersonation as e:
-        return auth.refuse(request, "member", str(e))
-    except (Busy, Conflict) as e:
-        return error(409, str(e))
-    except wire.WireError as e:
-        return error(400, str(e))
+    except REFUSALS as e:
+        return refusal(request, e)
     doc = {"round": round_id, "outcome": outcome}
     if outcome == ABORTED:
         doc["reason"] = reason

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gossipfl.common.httpio import BodyError, BodyTimeout, TooLarge, read_limited
 from gossipfl.protocol import wire
 from gossipfl.protocol.ledger import ABORTED
-from gossipfl.protocol.responder import Busy, Conflict, Impersonation, Unavailable
-from gossipfl.protocol.transport import timeout_for
+from gossipfl.protocol.responder import Impersonation, Unavailable
 from gossipfl.security.membership import Membership
-from gossipfl.security.signing import Unauthorized
 from gossipfl.serving import auth, grouproutes, inference, modelfile, openapi
 from gossipfl.serving.errors import closing, error, json_errors
+from gossipfl.serving.exchanges import REFUSALS, Refused, read_member_body, refusal
 from gossipfl.serving.ports import NODE_KEY, NodeView
 
 
@@ -64,28 +62,14 @@ async def post_gossip(request: web.Request) -> web.Response:
         reason = "stopping" if gossiper.closed else gossiper.holding or "busy: no room for another exchange now"
         return closing(error(409, reason))
     try:
-        declared = request.content_length
-        deadline = timeout_for(min(declared or gossiper.max_body, gossiper.max_body))
-        try:
-            body = await read_limited(request.content, declared, gossiper.max_body, deadline)
-        except TooLarge as e:
-            return closing(error(413, str(e)))
-        except BodyError as e:
-            return closing(error(408 if isinstance(e, BodyTimeout) else 400, str(e)))
-        try:
-            member = auth.authenticate(request, body)
-        except Unauthorized as e:
-            return auth.refuse(request, "member", str(e))
-        try:
-            reply = await gossiper.prepare(body, remote=request.remote, member=member)
-        except Impersonation as e:
-            return auth.refuse(request, "member", str(e))
-        except (Busy, Conflict) as e:
-            return error(409, str(e))
-        except wire.WireError as e:
-            return error(400, str(e))
-        except Unavailable as e:
-            return error(503, str(e))
+        body, member = await read_member_body(request, gossiper.max_body)
+        reply = await gossiper.prepare(body, remote=request.remote, member=member)
+    except Refused as e:
+        return e.response
+    except REFUSALS as e:
+        return refusal(request, e)
+    except Unavailable as e:
+        return error(503, str(e))
     finally:
         gossiper.release()
     return web.Response(body=reply, content_type=wire.CONTENT_TYPE)
