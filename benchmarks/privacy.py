@@ -53,6 +53,7 @@ from gossipfl.learning.learner import Learner  # noqa: E402
 from gossipfl.learning.partition import partition  # noqa: E402
 from gossipfl.learning.task import Dataset  # noqa: E402
 from gossipfl.learning.tasks.digits import DigitsTask  # noqa: E402
+from gossipfl.protocol.consensus import consensus_distance, flatten, network_mean  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 DATA_SEED = 2026
@@ -215,8 +216,7 @@ def group_config(i: int, k: int, key: Path, seeds: tuple[str, ...], **extra: obj
 
 
 def flat(node: object) -> np.ndarray:
-    params = node.learner.snapshot().params  # type: ignore[attr-defined]
-    return np.concatenate([params[name].ravel().astype(np.float64) for name in sorted(params)])
+    return flatten(node.learner.snapshot().params)  # type: ignore[attr-defined]
 
 
 async def group_run(n: int, k: int, key: Path, seconds: float, train: bool) -> dict:
@@ -240,17 +240,15 @@ async def group_run(n: int, k: int, key: Path, seconds: float, train: bool) -> d
                 node.group.on_round = lambda outcome, s: rounds.append((outcome, s))
         before = [(node.group or node.gossiper).stats.as_dict() for node in nodes]
         start, samples = time.monotonic(), []
-        x0 = np.stack([flat(node) for node in nodes])
-        mean0 = x0.mean(axis=0)
+        mean0 = network_mean([flat(node) for node in nodes])
         while time.monotonic() - start < seconds:
-            x = np.stack([flat(node) for node in nodes])
-            samples.append((time.monotonic() - start, float(((x - x.mean(axis=0)) ** 2).sum(axis=1).mean())))
+            samples.append((time.monotonic() - start, consensus_distance([flat(node) for node in nodes]) ** 2))
             if samples[-1][1] < samples[0][1] * 1e-12:
                 break
             await asyncio.sleep(0.25)
         elapsed = time.monotonic() - start
         after = [(node.group or node.gossiper).stats.as_dict() for node in nodes]
-        drift = float(np.abs(np.stack([flat(node) for node in nodes]).mean(axis=0) - mean0).max())
+        drift = float(np.abs(network_mean([flat(node) for node in nodes]) - mean0).max())
         accs = [node.learner.evaluate().accuracy for node in nodes] if train else []
     finally:
         await asyncio.gather(*(node.stop() for node in nodes))
