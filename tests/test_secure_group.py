@@ -286,6 +286,12 @@ async def test_bad_group_messages_are_refused_the_round_aborts_and_the_model_is_
         async with http.post(f"{b.url}/v1/group/{round_id}/abort", headers={HEADER: header}) as r:
             assert r.status == 401 and b.group.round_id == round_id
         assert (await fake.post(f"/v1/group/{round_id}/abort"))[0] == 200
+        # a hello must be well formed and come from the member it names: neither refusal adds a peer
+        peers = sorted(p.id for p in b.peers.all())
+        assert (await fake.post("/v1/group/hello", b"\x93junk"))[0] == 400
+        assert (await fake.post("/v1/group/hello", groupwire.encode_hello("tester", 0)))[0] == 400
+        assert (await fake.post("/v1/group/hello", groupwire.encode_hello("mallory", 9)))[0] == 401
+        assert sorted(p.id for p in b.peers.all()) == peers
         assert unchanged([b], before) and b.group.stats.rejected >= 7 and b.group.stats.joined == 0
         assert b.group.stats.left == 8  # each aborted round counted once
         # and the node still takes a good round whole, keeping a local step made during the round: here every
