@@ -46,6 +46,22 @@ def test_synthetic_takes_size_options_and_is_deterministic():
     assert isinstance(build_checked(task), torch.nn.Linear)
 
 
+@pytest.mark.parametrize("mb", [0.1, 1, 10, 100, 400])
+def test_synthetic_mb_builds_a_model_of_that_size_with_small_data(mb):
+    task = get_task(f"synthetic:mb={mb}")
+    with torch.device("meta"):  # shapes only: 400 MB is not allocated
+        model = task.build_model()
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert abs(size / (mb * 2**20) - 1) < 0.01
+    assert max(p.numel() for p in model.parameters()) * 4 <= 16 * 2**20  # no tensor beyond a 2048-wide layer
+    assert task.load_data(0).train.x.shape == (1600, 20)
+
+
+def test_synthetic_mb_trains():
+    before, after = trained_accuracy(get_task("synthetic:mb=0.2"))
+    assert after > before and after >= 0.7
+
+
 def test_the_example_plugin_works(monkeypatch):
     monkeypatch.syspath_prepend(str(EXAMPLES))
     task = get_task("iris_task:make_task")
@@ -127,6 +143,7 @@ def test_wrong_task_outputs_are_named(tmp_path, monkeypatch):
         ("synthetic:dim", "option 'dim' must be KEY=NUMBER"),
         ("synthetic:colour=1", "unknown option"),
         ("synthetic:classes=1", "classes >= 2"),
+        ("synthetic:mb=-1", "0 <= mb <= 65536"),
         ("tabular", "task tabular needs --data PATH"),
     ],
 )
