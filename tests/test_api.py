@@ -53,8 +53,8 @@ async def test_status_has_the_documented_fields(node, http):
     assert set(s["metrics"]) == {"accuracy", "loss", "train_loss"}
     assert set(s["exchanges"]) == {
         "ok", "failed", "busy", "aborted", "in_doubt", "late", "served", "declined", "rejected", "unauthorized",
-        "bytes_sent",
-        "bytes_received", "mean_duration_s", "pace_s", "in_flight", "prepared", "doubtful",
+        "bytes_sent", "bytes_received", "mean_duration_s", "p50_duration_s", "p99_duration_s",
+        "pace_s", "in_flight", "prepared", "doubtful",
     }  # fmt: skip
     assert set(s["loops"]) == {"gossip", "eval", "pex"}  # no train loop with --no-train
     assert set(s["loops"]["eval"]) == {

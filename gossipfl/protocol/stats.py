@@ -23,7 +23,10 @@ class ExchangeStats:
     durations: deque[float] = field(default_factory=lambda: deque(maxlen=100), repr=False)
 
     def as_dict(self) -> dict:
-        mean = sum(self.durations) / len(self.durations) if self.durations else None
+        d = sorted(self.durations)
         out = {k: v for k, v in self.__dict__.items() if k != "durations"}
-        out["mean_duration_s"] = mean
+        out["mean_duration_s"] = sum(d) / len(d) if d else None
+        # the median and the 99th percentile (nearest rank) of the last 100 committed exchanges' durations
+        out["p50_duration_s"] = d[(len(d) - 1) // 2] if d else None
+        out["p99_duration_s"] = d[max(0, -(-99 * len(d) // 100) - 1)] if d else None
         return out
