@@ -87,21 +87,21 @@ def make_attacker(node: Node, attack: str, shift: float, seed: int) -> None:
         "shift": shift,
         "distances": [],
     }
-    honest_encode = gossiper.encode_state
+    honest_outgoing = gossiper.outgoing
     honest_merge = gossiper._merge
 
-    def encode_state(self, snap, xid=None):  # noqa: ANN001, ANN202
+    def outgoing(self, snap, xid, codec, at=None):  # noqa: ANN001, ANN202
         class Corrupted:
             params = corrupt(attack, dict(snap.params), state)
             age, version, weight, merges = snap.age, snap.version, snap.weight, snap.merges
 
-        return honest_encode(Corrupted(), xid)
+        return honest_outgoing(Corrupted(), xid, codec, at)
 
     def merge_and_measure(self, mine, theirs):  # noqa: ANN001, ANN202
         state["distances"] = (state["distances"] + [distance(mine.params, theirs.params)])[-64:]
         return honest_merge(mine, theirs)
 
-    gossiper.encode_state = types.MethodType(encode_state, gossiper)
+    gossiper.outgoing = types.MethodType(outgoing, gossiper)
     gossiper._merge = types.MethodType(merge_and_measure, gossiper)
 
 

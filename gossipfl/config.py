@@ -16,9 +16,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from gossipfl.common.units import parse_rate
 from gossipfl.discovery.seeds import parse_hostport
 from gossipfl.learning.partition import parse_scheme
 from gossipfl.learning.privacy import check_options as check_privacy
+from gossipfl.protocol.compress import check_options as check_compress
 from gossipfl.protocol.group import check_options as check_secure_group
 from gossipfl.protocol.merge import RULES
 from gossipfl.protocol.robust import parse_radius
@@ -79,6 +81,14 @@ class NodeConfig:
     gossip_interval: float = field(
         default=GOSSIP_INTERVAL_S,
         metadata=_opt("mean seconds between exchanges this node starts (+-20%% jitter; more when they are slow)"),
+    )
+    compress: str = field(
+        default="none",
+        metadata=_opt("what exchanges send: none, fp16, bf16, int8 or topk:FRACTION (docs/performance.md)"),
+    )
+    max_upload_rate: str | None = field(
+        default=None,
+        metadata=_opt("most bytes per second this node sends in exchanges, on average (10MB/s, 1.5MiB/s, 100Mbit/s)"),
     )
     clip_radius: str | None = field(
         default=None,
@@ -241,6 +251,11 @@ def validate(c: NodeConfig) -> None:
             raise ConfigError(f"{name.replace('_', '-')} must be > 0")
     if c.merge not in RULES:
         raise ConfigError(f"merge {c.merge!r}: expected one of {', '.join(RULES)}")
+    try:
+        check_compress(c.compress, c.merge)
+        parse_rate(c.max_upload_rate or "1")
+    except ValueError as e:
+        raise ConfigError(f"{'' if 'compress' in str(e) else 'max-upload-rate '}{e}") from None
     if c.eval_split not in EVAL_SPLITS:
         raise ConfigError(f"eval-split {c.eval_split!r}: expected test or validation")
     if c.optimizer not in ("adam", "sgd"):
@@ -322,14 +337,10 @@ def _coerce(f: dataclasses.Field, value: Any, origin: str) -> Any:
             if s in ("0", "false", "no", "off", ""):
                 return False
             raise ValueError(value)
-        if kind == "int":
+        if kind in ("int", "float"):
             if isinstance(value, bool):
                 raise ValueError(value)
-            return int(value)
-        if kind == "float":
-            if isinstance(value, bool):
-                raise ValueError(value)
-            return float(value)
+            return int(value) if kind == "int" else float(value)
         if kind == "list":
             items = value.split(",") if isinstance(value, str) else list(value)
             return tuple(str(i).strip() for i in items if str(i).strip())

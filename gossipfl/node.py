@@ -18,8 +18,10 @@ from aiohttp import web
 from zeroconf.asyncio import AsyncZeroconf
 
 from gossipfl import assembly, state
+from gossipfl.common.chunks import Chunks
 from gossipfl.common.logs import node_logger
 from gossipfl.common.supervise import Supervisor
+from gossipfl.common.units import parse_rate
 from gossipfl.config import NodeConfig
 from gossipfl.discovery.identity import Identity
 from gossipfl.discovery.peers import PeerTable
@@ -30,7 +32,8 @@ from gossipfl.learning.privacy import BudgetSpent, LedgerError, PrivacyViolation
 from gossipfl.learning.privacy import check_node as check_privacy
 from gossipfl.learning.registry import get_task, load_checked
 from gossipfl.learning.task import Evaluation, Task, with_validation
-from gossipfl.protocol import joining
+from gossipfl.protocol import compress, joining
+from gossipfl.protocol.budget import UploadBudget
 from gossipfl.protocol.gossiper import Gossiper
 from gossipfl.protocol.group import SecureGroup
 from gossipfl.report import Reporting
@@ -143,6 +146,8 @@ class Node(Reporting):
             port=self.port,
             membership=self.membership,
             robust=assembly.robust_merge(cfg),
+            codec=compress.parse(cfg.compress),
+            upload=UploadBudget(parse_rate(cfg.max_upload_rate) if cfg.max_upload_rate else None),
         )
         self.gossiper.on_error = lambda e: self.supervisor.error("gossip", e, in_a_round=False)
         self.group = assembly.secure_group(cfg, self.gossiper, f"{cfg.seed}/group/{self.id}", notes)
@@ -354,10 +359,10 @@ class Node(Reporting):
         )
 
     # -- read side --------------------------------------------------------------------------------
-    async def model_payload(self) -> bytes:
+    async def model_payload(self) -> Chunks:
         return self.gossiper.encode_state(await asyncio.to_thread(self.learner.snapshot))
 
-    async def model_file(self) -> bytes:
+    async def model_file(self) -> Chunks:
         """The served model as a safetensors file (parameters and buffers; metadata: node, age, task)."""
         state, age = await asyncio.to_thread(self.learner.served_state)
         return modelfile.encode(state, node_id=self.id, age=age, task=self.task.name)

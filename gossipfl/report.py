@@ -48,6 +48,8 @@ class Reporting:
             group=self.group.stats if self.group else None,
             privacy_epsilon=self.learner.privacy.epsilon if self.learner.privacy else None,
             privacy_exhausted=self.learner.privacy.exhausted if self.learner.privacy else None,
+            upload_rate=self.gossiper.upload.measured(),
+            upload_budget=self.gossiper.upload.rate,
         )
 
     def status(self) -> dict[str, Any]:
@@ -106,6 +108,12 @@ class Reporting:
                 "in_flight": len(gossip.tasks),
                 "prepared": len(gossip.ledger),
                 "doubtful": len(gossip.doubts),
+            },
+            "upload": {  # what exchanges send (prepares and replies), --compress and --max-upload-rate
+                "compress": gossip.codec.spec,
+                "rate_bytes_per_s": round(gossip.upload.measured(), 1),  # over the last 10 s
+                "max_bytes_per_s": gossip.upload.rate,
+                "wait_s": round(gossip.upload.wait(), 3),  # until the budget allows the next message
             },
             "loops": self.supervisor.describe(),
             "group": self.group.describe() if self.group else None,  # secure group rounds (--secure-group)

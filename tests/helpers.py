@@ -63,7 +63,7 @@ def message(node: Node, params: dict[str, np.ndarray] | None = None, **fields: o
         task=fields.get("task", node.task.name),  # type: ignore[arg-type]
         xid=str(fields.get("xid", wire.new_xid())),
     )
-    return wire.encode(msg)
+    return wire.encode(msg).tobytes()
 
 
 async def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.1) -> bool:

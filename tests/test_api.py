@@ -44,8 +44,9 @@ async def test_status_has_the_documented_fields(node, http):
         "id", "protocol", "task", "cluster", "url", "age", "steps", "merges", "partition", "partition_from",
         "partition_scheme", "split", "eval_split", "init_model", "samples", "class_histogram", "training",
         "failure", "device", "served", "merge", "checkpoint", "join", "uptime_s", "model", "peers", "ignored_peers",
-        "security", "metrics", "exchanges", "loops", "group", "privacy",
+        "security", "metrics", "exchanges", "upload", "loops", "group", "privacy",
     }  # fmt: skip
+    assert s["upload"] == {"compress": "none", "rate_bytes_per_s": 0.0, "max_bytes_per_s": None, "wait_s": 0.0}
     assert s["id"] == node.id and s["task"] == "digits" and s["age"] == 0 and s["steps"] == 0
     assert s["protocol"] == 2 and s["merges"] == 0 and s["cluster"] == node.config.cluster
     assert s["url"] == node.url and s["device"] == "cpu" and s["training"] is False and s["failure"] is None

@@ -54,6 +54,12 @@ async def spawn_node(*args, log_path):
         (["--partition", "63/64", "--partition-scheme", "dirichlet:0.001"], {}, "left a node with fewer than 1"),
         (["--device", "tpu"], {}, "device 'tpu': expected auto, cpu, cuda or cuda:N"),
         (["--device", "cuda:99"], {}, "device cuda:99: not available"),
+        (["--compress", "zstd"], {}, "compress 'zstd': expected none, fp16, bf16, int8 or topk:FRACTION"),
+        (["--compress", "topk:2"], {}, "compress 'topk:2': topk needs a fraction in (0, 0.5]"),
+        (["--compress", "topk:0.1", "--merge", "pushsum"], {}, "compress topk with merge pushsum"),
+        (["--max-upload-rate", "0"], {}, "max-upload-rate '0': the rate must be a finite number"),
+        (["--max-upload-rate=-5MB/s"], {}, "max-upload-rate '-5MB/s': the rate must be"),
+        ([], {"GOSSIPFL_MAX_UPLOAD_RATE": "fast"}, "max-upload-rate 'fast' is not a rate"),
     ],
 )
 def test_bad_configuration_is_one_line_and_exit_2(args, env, fragment):

@@ -86,7 +86,7 @@ async def test_an_unreachable_inbound_caller_is_probed_once_a_minute(make_config
         async def call() -> int:
             state = n.learner.snapshot()
             msg = wire.GossipMessage("behind-nat", 0, state.params, n.task.name, port=dead_port, xid=wire.new_xid())
-            async with http.post(n.url + "/v1/gossip", data=wire.encode(msg)) as r:
+            async with http.post(n.url + "/v1/gossip", data=wire.encode(msg).tobytes()) as r:
                 await r.read()
             async with http.post(f"{n.url}/v1/gossip/{msg.xid}/abort") as done:  # frees its slot
                 assert done.status == 200

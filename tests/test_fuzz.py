@@ -479,6 +479,24 @@ def problem(req: Request, out: Outcome) -> str | None:
     return None
 
 
+def _no_repeated_keys(pairs: list[tuple[Any, Any]]) -> dict:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ValueError("repeated key")
+    return out
+
+
+def _depth(root: Any) -> int:
+    """Levels of containers in ``root`` (0 for a scalar; msgpack allows 1,024, gossipfl's reader 32)."""
+    deepest, stack = 0, [(root, 1)]
+    while stack:
+        v, level = stack.pop()
+        if isinstance(v, (dict, list)):
+            deepest = max(deepest, level)
+            stack.extend((x, level + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return deepest
+
+
 def invalid_because(body: bytes, template: dict[str, Any]) -> str | None:
     """Why a node whose own message is ``template`` must refuse the gossip message ``body``, or None when it
     must take it: the contract of ``protocol/wire.py`` written out again, apart from the code under test,
@@ -489,6 +507,12 @@ def invalid_because(body: bytes, template: dict[str, Any]) -> str | None:
         return "not msgpack"
     if not isinstance(msg, dict):
         return "not a map"
+    if _depth(msg) > 32:
+        return "nested deeper than 32 levels"
+    try:  # msgpack-python keeps the last of a repeated key; gossipfl refuses the message
+        msgpack.unpackb(body, raw=False, strict_map_key=True, object_pairs_hook=_no_repeated_keys)
+    except ValueError:
+        return "a map key repeated"
 
     def integer(v: Any, low: int, high: int) -> bool:
         return type(v) is int and low <= v <= high
@@ -1161,13 +1185,14 @@ def test_inference_data_nested_hundreds_deep_is_a_400(nodes, before, depth):
 def test_a_tensor_shape_nested_a_thousand_deep_is_a_400(nodes, before, depth, target):
     """Found while fuzzing: msgpack decodes lists nested up to 1,024 deep, and a shape that was not a list of
     integers was put in the error message whole; from about 980 levels its repr ran out of stack: a 500 (on
-    the members-only node, for a member's signed message)."""
+    the members-only node, for a member's signed message). The message reader (common/msgview.py) now
+    refuses nesting beyond 32 levels before anything looks at the shape."""
     t = nodes[target]
     params = {name: dict(tensor) for name, tensor in t.template["params"].items()}
     params[next(iter(params))]["shape"] = Raw(b"\x91" * depth + b"\xc0")
     fuzzer = Fuzzer(nodes)
     out = fuzzer.send(Request("deep", target, body=pack(dict(t.template, params=params)), sign=SIGN_GOOD))
-    assert out.status == 400 and b"shape must be a list of integers" in out.body, out
+    assert out.status == 400 and b"malformed msgpack: nested deeper than 32" in out.body, out
     check(fuzzer, nodes, before)
 
 
@@ -1215,4 +1240,11 @@ def test_the_contract_check_knows_valid_from_invalid():
     ]:
         assert invalid_because(pack({**valid, **change}), template) == why, change
     assert invalid_because(b"\xc1", template) == "not msgpack"
+    assert invalid_because(pack({**valid, "extra": [[[[0]]]]}), template) is None
+    deep: Any = 0
+    for _ in range(40):
+        deep = [deep]
+    assert invalid_because(pack({**valid, "extra": deep}), template) == "nested deeper than 32 levels"
+    repeated = pack({**valid, "zzz": 1}).replace(b"\xa3zzz", b"\xa3age", 1)  # "age" twice, the last valid
+    assert msgpack.unpackb(repeated)["age"] == 1 and invalid_because(repeated, template) == "a map key repeated"
     assert invalid_because(pack([1]), template) == "not a map"

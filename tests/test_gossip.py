@@ -195,7 +195,7 @@ async def test_peers_with_another_merge_rule_are_refused(make_config, http):
             (other_rule, "merge rule 'average' does not match this node's 'pushsum'"),
             (no_weight, "merge rule 'pushsum' needs field 'weight'"),
         ]:
-            async with http.post(node.url + "/v1/gossip", data=wire.encode(msg)) as r:
+            async with http.post(node.url + "/v1/gossip", data=wire.encode(msg).tobytes()) as r:
                 assert r.status == 400 and fragment in (await r.json())["error"]
         assert node.learner.snapshot().version == state.version
 
@@ -216,7 +216,7 @@ async def test_clusters_do_not_mix(make_config, zc, http):
         assert len(blue.peers) == 0 and blue.id not in green1.peers and green1.status()["ignored_peers"] == []
         state = blue.learner.snapshot()
         msg = wire.GossipMessage(blue.id, 0, state.params, "digits", "average", 1, 1.0, "blue", xid=wire.new_xid())
-        body = wire.encode(msg)
+        body = wire.encode(msg).tobytes()
         async with http.post(green1.url + "/v1/gossip", data=body) as r:
             assert r.status == 400
             assert (await r.json())["error"] == "cluster 'blue' does not match this node's 'green'"

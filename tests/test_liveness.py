@@ -34,7 +34,7 @@ async def test_a_faulty_peer_does_not_stop_gossip_with_a_healthy_one(make_config
         a,
         b,
     ):
-        valid = wire.encode(wire.GossipMessage("someone-else", 0, params_of(b), "digits", xid=wire.new_xid()))
+        valid = wire.encode(wire.GossipMessage("someone-else", 0, params_of(b), "digits", xid=wire.new_xid())).tobytes()
         async with faulty_peer(fault, valid) as (url, seen):
             total0 = flatten(params_of(a)) + flatten(params_of(b))
             a.peers.upsert("faulty", url, "digits", "static")

@@ -185,7 +185,7 @@ async def test_a_forged_reply_is_not_merged_and_its_sender_is_ignored(make_confi
             wire.GossipMessage(
                 "rogue", state.age + 100, poison, node.task.name, "average", 10, 1.0, node.config.cluster, None, None
             )
-        )
+        ).tobytes()
         runner = await rogue_node(port, reply, status, sign_with=sign_with)
         try:
             node.peers.upsert("rogue", f"http://127.0.0.1:{port[0]}", node.task.name, "mdns")

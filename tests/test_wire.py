@@ -39,7 +39,7 @@ def test_roundtrip_keeps_values_and_fields():
 
 
 def test_encoded_layout_is_the_documented_contract():
-    obj = msgpack.unpackb(wire.encode(wire.GossipMessage("n", 1, good_params())), raw=False)
+    obj = msgpack.unpackb(wire.encode(wire.GossipMessage("n", 1, good_params())).tobytes(), raw=False)
     assert set(obj) == {"v", "sender", "age", "params"}
     assert obj["v"] == 2
     assert obj["params"]["w"]["dtype"] == "<f4"
@@ -293,7 +293,7 @@ def test_cluster_and_xid_are_decoded():
 
 
 def test_map_keys_must_be_strings():
-    with pytest.raises(wire.WireError, match="^malformed msgpack: ValueError: "):
+    with pytest.raises(wire.WireError, match="^malformed msgpack: map key at offset [0-9]+ is not a string$"):
         wire.decode(pack({**raw(), 7: "x"}), SPEC)
 
 

@@ -81,6 +81,11 @@ def _cpu_copies(tensors: Mapping[str, torch.Tensor]) -> Params:
     return {name: t.detach().to("cpu", copy=True).numpy() for name, t in tensors.items()}
 
 
+def _cpu_views(tensors: Mapping[str, torch.Tensor]) -> Params:
+    """The tensors as numpy arrays over their own memory where they are on the CPU, copies elsewhere."""
+    return {name: (t.detach() if t.device.type == "cpu" else t.detach().cpu()).numpy() for name, t in tensors.items()}
+
+
 def build_seeded(factory: Callable[[], nn.Module], seed: int) -> nn.Module:
     """Build a model with a seeded init without disturbing torch's global random state."""
     with torch.random.fork_rng(devices=[]):
@@ -190,19 +195,22 @@ class Learner:
         with self._lock:
             return self._state()
 
-    def update(self, fn: Callable[[State], tuple[Params, int, float]]) -> State:
-        """Atomically set (state, age, weight) to ``fn(state)`` (a merge); return the state from before."""
+    def update(self, fn: Callable[[State], tuple[Params, int, float]]) -> None:
+        """Atomically set (state, age, weight) to ``fn(state)`` (a merge). ``fn`` sees the model's tensors
+        themselves where they live on the CPU (no copy of the model is made; it may change them in place and
+        return them), copies where they do not; it must not keep them."""
         with self._lock:
-            before = self._state()
-            params, age, weight = fn(before)
+            now = State(_cpu_views(self._named), self.age, self.version, self.weight, self.merges)
+            params, age, weight = fn(now)
             with torch.no_grad():
                 for name, p in self._named.items():
-                    p.copy_(torch.from_numpy(np.ascontiguousarray(params[name])))
+                    value = params[name]
+                    if value is not now.params[name] or p.device.type != "cpu":  # (else: changed in place)
+                        p.copy_(torch.from_numpy(np.ascontiguousarray(value)))
             self.age, self.weight = age, float(weight)
             self.version += 1
             self.merges += 1
             self._publish()
-            return before
 
     # -- checkpoints ------------------------------------------------------------------------------
     def save(self) -> Saved:

@@ -8,10 +8,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass
 from typing import Any
 
-from gossipfl.protocol import merge, wire
+import numpy as np
+
+from gossipfl.common.chunks import Chunks
+from gossipfl.protocol import compress, merge, wire
+from gossipfl.protocol.budget import UploadBudget
 from gossipfl.protocol.ledger import DoubtBook
 from gossipfl.protocol.ports import ModelStore, PeerBook, Snapshot
 from gossipfl.protocol.robust import RobustMerge
@@ -20,6 +25,22 @@ from gossipfl.protocol.transport import timeout_for
 from gossipfl.security.membership import Membership
 
 FREEZE_S = 3.0  # after an exchange went in doubt, this node merges nothing else for this long
+
+
+@dataclass(frozen=True)
+class Sent:
+    """One side of an exchange as both partners merge it: the snapshot's counters, and its tensors as the
+    partner decodes them (``exact``: the snapshot's own values; a lossy codec: what it decodes to; top-k:
+    the values at ``index``, per tensor). Has a Snapshot's attributes, so the merge code takes either."""
+
+    params: wire.Params
+    age: int
+    version: int
+    weight: float
+    merges: int
+    body: Chunks
+    exact: bool = True
+    index: Mapping[str, np.ndarray] | None = None
 
 
 class GossipCore:
@@ -37,6 +58,8 @@ class GossipCore:
         clock: Callable[[], float] = time.monotonic,
         membership: Membership | None = None,
         robust: RobustMerge | None = None,
+        codec: compress.Codec = wire.NONE,
+        upload: UploadBudget | None = None,
     ) -> None:
         self.node_id = node_id
         # who may exchange with this node, and how it proves its own membership (open when None)
@@ -52,11 +75,27 @@ class GossipCore:
         self.log = log
         self.clock = clock
         self.port = port
-        self.spec = wire.spec_of(learner.snapshot().params)
+        initial = learner.snapshot().params
+        self.spec = wire.spec_of(initial)
+        # how this node compresses the exchanges it starts (the responder answers in the initiator's codec)
+        self.codec = codec
+        # what this node sends in exchanges, measured, and held to --max-upload-rate when it is set
+        self.upload = upload or UploadBudget(None, clock)
+        # top-k: per tensor, the values each coordinate had when it was last exchanged (error feedback: what
+        # moved since and was not sent yet stays in ``model - reference`` until it is among the largest)
+        self.reference: dict[str, np.ndarray] | None = None
+        if isinstance(codec, compress.TopK):
+            if merge.get_rule(rule) is merge.push_sum:
+                raise ValueError("top-k compression averages a part of the model, push-sum weights the whole")
+            if any(a.size > compress.MAX_TENSOR_VALUES for a in initial.values()):
+                raise ValueError("top-k compression indexes tensors of at most 2**32 - 1 values")
+            self.reference = {name: np.array(a) for name, a in initial.items()}
+            self._select_rng = np.random.default_rng(list(node_id.encode()))
+        del initial
         self.max_body = wire.max_message_size(self.spec)
         self.model_digest = wire.spec_digest(self.spec)
         self.request_timeout = timeout_for(self.max_body)
-        self.doubts: DoubtBook[Snapshot, merge.Merged] = DoubtBook()
+        self.doubts: DoubtBook[Sent, merge.Merged] = DoubtBook()
         self.stats = ExchangeStats()
         # called with an exception that escaped an exchange task (a bug: the supervisor counts it)
         self.on_error: Callable[[BaseException], None] | None = None
@@ -95,24 +134,48 @@ class GossipCore:
         """An exchange went in doubt less than FREEZE_S ago: merge nothing else yet."""
         return self.doubts.fresh(self.clock(), self.freeze_s)
 
-    def encode_state(self, state: Snapshot, xid: str | None = None) -> bytes:
-        msg = wire.GossipMessage(
-            self.node_id,
-            state.age,
-            state.params,
-            self.task,
-            self.rule_name,
-            self.learner.train_size,
-            state.weight,
-            self.cluster,
-            self.port,
-            xid,
-        )
-        return wire.encode(msg)
+    def _message(self, state: Snapshot, params: wire.Params, xid: str | None, index: Any = None) -> wire.GossipMessage:
+        return wire.GossipMessage(
+            self.node_id, state.age, params, self.task, self.rule_name, self.learner.train_size, state.weight,
+            self.cluster, self.port, xid, index=index,
+        )  # fmt: skip
 
-    def _decode(self, body: bytes) -> wire.GossipMessage:
-        """Decode and check that the message can be merged with this node's rule."""
-        msg = wire.decode(body, self.spec, self.task)
+    def encode_state(self, state: Snapshot, xid: str | None = None) -> Chunks:
+        """The state as an uncompressed message (GET /v1/model, joining)."""
+        return wire.encode(self._message(state, state.params, xid))
+
+    def outgoing(
+        self, state: Snapshot, xid: str, codec: compress.Codec, at: Mapping[str, np.ndarray] | None = None
+    ) -> Sent:
+        """The message this node sends in exchange ``xid`` for ``state`` (an initiator's with ``codec``; a
+        responder's in the initiator's codec, or at the initiator's top-k indices ``at``), and the state as
+        the partner decodes it. Raises WireError when the state cannot be sent (not finite)."""
+        counters = (state.age, state.version, state.weight, state.merges)
+        if at is None and isinstance(codec, compress.TopK):
+            assert self.reference is not None, "top-k needs the reference of the last exchanged values"
+            at = {
+                name: codec.select(np.asarray(a).reshape(-1) - self.reference[name].reshape(-1), self._select_rng)
+                for name, a in state.params.items()
+            }
+            reply = False
+        else:
+            reply = at is not None
+        if at is not None:
+            values = {name: np.asarray(a).reshape(-1)[at[name]] for name, a in state.params.items()}
+            body = wire.encode(self._message(state, values, xid, at), send_index=not reply, spec=self.spec)
+            return Sent(values, *counters, body, exact=False, index=at)
+        body = wire.encode(self._message(state, state.params, xid), codec)
+        if codec.lossless:
+            return Sent(state.params, *counters, body)
+        decoded = wire.decode(body.tobytes(), self.spec, reply=True)  # exactly what the partner will decode
+        return Sent(decoded.params, *counters, body, exact=False)
+
+    def _decode(
+        self, body: bytes | bytearray, at: Mapping[str, np.ndarray] | None = None, reply: bool = False
+    ) -> wire.GossipMessage:
+        """Decode and check that the message can be merged with this node's rule (``at``, ``reply``: see
+        wire.decode)."""
+        msg = wire.decode(body, self.spec, self.task, at=at, reply=reply)
         if msg.cluster is not None and msg.cluster != self.cluster:
             raise wire.WireError(f"cluster {msg.cluster!r} does not match this node's {self.cluster!r}")
         if msg.merge is not None and msg.merge != self.rule_name:
@@ -122,33 +185,49 @@ class GossipCore:
             raise wire.WireError(f"merge rule {self.rule_name!r} needs field {needed!r}")
         if msg.xid is None:
             raise wire.WireError("field 'xid' is required in an exchange")
+        if msg.index is not None and self.rule_name == "pushsum":
+            raise wire.WireError("top-k compression cannot be merged with push-sum (it averages part of a model)")
         return msg
 
     def _merge(self, mine: Snapshot, theirs: wire.GossipMessage) -> merge.Merged:
-        """The merge of ``theirs`` into ``mine``, clipped first when the node merges robustly (raises
-        robust.TooFar, a WireError, for a model implausibly far)."""
+        """The merge of ``theirs`` into ``mine`` (both as sent: whole tensors, or the values at the same top-k
+        indices), clipped first when the node merges robustly (raises robust.TooFar, a WireError, for a model
+        implausibly far). The result is written into the arrays of ``theirs`` (decoded from the body this node
+        read: no other copy of the model is made)."""
         params = theirs.params
         if self.robust is not None:
             params = self.robust.apply(mine.params, theirs.params, theirs.sender).params
         local = merge.Side(mine.params, mine.age, self.learner.train_size, mine.weight)
         remote = merge.Side(params, theirs.age, theirs.samples or 0, theirs.weight or 1.0)
-        return self.rule(local, remote)
-
-    def _snapshot_and_merge(self, theirs: wire.GossipMessage) -> tuple[Snapshot, merge.Merged]:
-        state = self.learner.snapshot()
-        return state, self._merge(state, theirs)
+        into = {n: a for n, a in params.items() if isinstance(a, np.ndarray) and a.flags.writeable}
+        return self.rule(local, remote, into=into)
 
     async def _apply(self, sent: Snapshot, merged: merge.Merged) -> None:
         """Set the learner to ``merged``, keeping what changed since ``sent`` (local steps; and other merges,
-        for a merge applied late). The caller holds ``_merging``."""
+        for a merge applied late; and, with a lossy codec, what the codec lost of this node's model). With
+        top-k, only the coordinates exchanged change. The caller holds ``_merging``."""
+        index: Mapping[str, np.ndarray] | None = getattr(sent, "index", None)
+        exact = getattr(sent, "exact", True)
 
         def fn(now: Snapshot) -> tuple[dict, int, float]:
-            params = merge.apply(now.params, sent.params, merged.params, changed=now.version != sent.version)
+            current = now.params if index is None else {n: a.reshape(-1)[index[n]] for n, a in now.params.items()}
+            late = now.merges != sent.merges
+            changed = late or now.version != sent.version or not exact
+            if changed and not late and index is None:  # current + (merged - sent), written into merged's arrays
+                params = merge.rebase_into(current, sent.params, merged.params)
+            else:
+                params = merge.apply(current, sent.params, merged.params, changed=changed)
             weight = merge.apply_weight(now.weight, sent.weight, merged.weight)
-            if now.merges != sent.merges:  # applied late, on top of other merges
-                params = merge.keep_convex(params, now.params, merged.params, self.learner.statistics)
-                params = merge.keep_nonnegative(params, now.params, sent.params, merged.params)
+            if late:  # applied late, on top of other merges
+                params = merge.keep_convex(params, current, merged.params, self.learner.statistics)
+                params = merge.keep_nonnegative(params, current, sent.params, merged.params)
                 weight = merge.keep_positive_weight(weight, now.weight, merged.weight)
+            if index is not None:  # the exchanged coordinates only; they were last exchanged at their merged value
+                for name, a in now.params.items():
+                    a.reshape(-1)[index[name]] = params[name]
+                    if self.reference is not None:  # (a responder that does not use top-k itself keeps none)
+                        self.reference[name].reshape(-1)[index[name]] = merged.params[name]
+                params = dict(now.params)
             return params, max(now.age, merged.age), weight
 
         await asyncio.to_thread(self.learner.update, fn)

@@ -15,9 +15,9 @@ import aiohttp
 
 from gossipfl.common.httpio import BodyError, TooLarge
 from gossipfl.protocol import merge, wire
-from gossipfl.protocol.core import GossipCore
+from gossipfl.protocol.core import GossipCore, Sent
 from gossipfl.protocol.ledger import COMMITTED, InDoubt
-from gossipfl.protocol.ports import PeerRef, Snapshot
+from gossipfl.protocol.ports import PeerRef
 from gossipfl.protocol.transport import (
     BASE_TIMEOUT_S,
     CONNECT_TIMEOUT_S,
@@ -101,6 +101,9 @@ class Initiator(GossipCore):
         now = self.clock()
         if self._next_start is not None and now < self._next_start:
             return  # woke up for a doubt only
+        if owed := self.upload.wait():  # over the upload budget: start when it is paid
+            self._next_start = now + owed
+            return
         self._next_start = now + self.pace() * self.rng.uniform(1 - JITTER, 1 + JITTER)
         if self._closed or self.holding is not None or len(self._outbound) >= MAX_OUTBOUND or self.frozen():
             return
@@ -132,7 +135,7 @@ class Initiator(GossipCore):
             self._resolving = asyncio.get_running_loop().create_task(self._resolve(session, due[0]))
             self._resolving.add_done_callback(self._report)
 
-    def _gave_up(self, entry: InDoubt[Snapshot, merge.Merged], why: str) -> None:
+    def _gave_up(self, entry: InDoubt[Sent, merge.Merged], why: str) -> None:
         self.log.warning("exchange %s with %s: %s; assuming it aborted", entry.xid, entry.peer_id, why)
 
     async def exchange(self, session: aiohttp.ClientSession, peer: PeerRef) -> str:
@@ -169,24 +172,27 @@ class Initiator(GossipCore):
 
     async def _exchange(self, session: aiohttp.ClientSession, peer: PeerRef) -> str:
         xid = wire.new_xid()
-        sent = await asyncio.to_thread(self.learner.snapshot)
+        state = await asyncio.to_thread(self.learner.snapshot)
         try:
-            body = self.encode_state(sent, xid)
+            sent = await asyncio.to_thread(self.outgoing, state, xid, self.codec)
         except wire.WireError as e:  # our own model is not sendable (NaN after a bad step): keep it home
             self.log.warning("not gossiping: this node's model is invalid: %s", e)
             return "failed"
+        del state  # (the body holds what it needs; a lossy codec's message no longer needs the snapshot)
+        self.upload.spend(len(sent.body))
         try:
             raw = await post_prepare(
                 session,
                 self.membership,
                 peer.url,
                 peer.id,
-                body,
+                sent.body,
                 timeout=self.timeout,
                 max_body=self.max_body,
                 stats=self.stats,
             )
-            reply = self._decode(raw)
+            reply = self._decode(raw, at=sent.index, reply=True)
+            del raw
             if reply.xid != xid or reply.sender != peer.id:
                 raise ExchangeError(f"reply for exchange {reply.xid} from {reply.sender!r}, expected {peer.id!r}")
         except PeerBusy as e:
@@ -243,7 +249,7 @@ class Initiator(GossipCore):
         if not self._closed:
             self._background_task(abort())
 
-    async def _resolve(self, session: aiohttp.ClientSession, entry: InDoubt[Snapshot, merge.Merged]) -> None:
+    async def _resolve(self, session: aiohttp.ClientSession, entry: InDoubt[Sent, merge.Merged]) -> None:
         """Ask again about an exchange in doubt; apply its merge if the peer committed it."""
         try:
             outcome = await post_decision(

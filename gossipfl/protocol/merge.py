@@ -50,14 +50,26 @@ class Merged:
     weight: float
 
 
-def weighted_mean(a: Params, b: Params, wa: float, wb: float) -> dict[str, np.ndarray]:
+def weighted_mean(
+    a: Params, b: Params, wa: float, wb: float, into: Mapping[str, np.ndarray] | None = None
+) -> dict[str, np.ndarray]:
     """(wa*a + wb*b) / (wa + wb), keeping each array's dtype. The weights are normalised first, so
     neither huge weights nor huge values overflow, and the result is symmetric bit for bit (IEEE
-    addition and multiplication commute). Equal weights give a/2 + b/2."""
+    addition and multiplication commute). Equal weights give a/2 + b/2. ``into``: arrays (of a's dtype
+    and shape; they may be b's) to write the result in, for the tensors it names, instead of new ones."""
     if wa <= 0 and wb <= 0:
         wa = wb = 1.0
     pa, pb = (0.5, 0.5) if wa == wb else (wa / (wa + wb), wb / (wa + wb))
-    return {name: (a[name] * pa + b[name] * pb).astype(a[name].dtype, copy=False) for name in a}
+    out = {}
+    for name in a:
+        target = (into or {}).get(name)
+        if target is not None and target.dtype == a[name].dtype and target.shape == np.shape(a[name]):
+            np.multiply(b[name], pb, out=target, casting="same_kind")  # the same two roundings as below
+            target += a[name] * pa
+            out[name] = target
+        else:
+            out[name] = (a[name] * pa + b[name] * pb).astype(a[name].dtype, copy=False)
+    return out
 
 
 def capped_ages(a: int, b: int) -> tuple[int, int]:
@@ -66,29 +78,31 @@ def capped_ages(a: int, b: int) -> tuple[int, int]:
     return min(a, ceiling), min(b, ceiling)
 
 
-def _merged(a: Side, b: Side, wa: float, wb: float) -> Merged:
+def _merged(a: Side, b: Side, wa: float, wb: float, into: Mapping[str, np.ndarray] | None) -> Merged:
     age = max(capped_ages(a.age, b.age))
-    return Merged(weighted_mean(a.params, b.params, wa, wb), age, (a.weight + b.weight) * 0.5)
+    return Merged(weighted_mean(a.params, b.params, wa, wb, into), age, (a.weight + b.weight) * 0.5)
 
 
-def average(a: Side, b: Side) -> Merged:
-    return _merged(a, b, 1.0, 1.0)
+# Each rule takes ``into``: arrays to write the merged tensors in (see weighted_mean); the result is the same.
+def average(a: Side, b: Side, *, into: Mapping[str, np.ndarray] | None = None) -> Merged:
+    return _merged(a, b, 1.0, 1.0, into)
 
 
-def age_weighted(a: Side, b: Side) -> Merged:
+def age_weighted(a: Side, b: Side, *, into: Mapping[str, np.ndarray] | None = None) -> Merged:
     age_a, age_b = capped_ages(a.age, b.age)
-    return _merged(a, b, float(age_a), float(age_b))
+    return _merged(a, b, float(age_a), float(age_b), into)
 
 
-def sample_weighted(a: Side, b: Side) -> Merged:
-    return _merged(a, b, float(a.samples), float(b.samples))
+def sample_weighted(a: Side, b: Side, *, into: Mapping[str, np.ndarray] | None = None) -> Merged:
+    return _merged(a, b, float(a.samples), float(b.samples), into)
 
 
-def push_sum(a: Side, b: Side) -> Merged:
-    return _merged(a, b, a.weight, b.weight)
+def push_sum(a: Side, b: Side, *, into: Mapping[str, np.ndarray] | None = None) -> Merged:
+    return _merged(a, b, a.weight, b.weight, into)
 
 
-RULES: dict[str, Callable[[Side, Side], Merged]] = {
+Rule = Callable[..., Merged]  # (a: Side, b: Side, *, into=None) -> Merged
+RULES: dict[str, Rule] = {
     "average": average,
     "age": age_weighted,
     "samples": sample_weighted,
@@ -96,7 +110,7 @@ RULES: dict[str, Callable[[Side, Side], Merged]] = {
 }
 
 
-def get_rule(name: str) -> Callable[[Side, Side], Merged]:
+def get_rule(name: str) -> Rule:
     try:
         return RULES[name]
     except KeyError:
@@ -144,6 +158,21 @@ def keep_positive_weight(weight: float, current: float, merged: float) -> float:
     """For a merge applied late: the push-sum weight must stay positive (a node with a weight of 0 or
     less could send nothing); never less than half the smaller of its current and merged weights."""
     return max(weight, 0.5 * min(current, merged))
+
+
+def rebase_into(current: Params, sent: Params, merged: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``rebase``, written into the arrays of ``merged`` (which it overwrites) instead of new ones: the same
+    two roundings, (merged - sent) then + current."""
+    out = {}
+    for name in current:
+        m = merged[name]
+        if isinstance(m, np.ndarray) and m.flags.writeable and m.dtype == current[name].dtype:
+            np.subtract(m, sent[name], out=m, casting="same_kind")
+            m += current[name]
+            out[name] = m
+        else:
+            out[name] = (current[name] + (m - sent[name])).astype(current[name].dtype, copy=False)
+    return out
 
 
 def rebase(current: Params, sent: Params, merged: Params) -> dict[str, np.ndarray]:

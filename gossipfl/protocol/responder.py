@@ -8,10 +8,10 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-from gossipfl.protocol import merge, wire
-from gossipfl.protocol.core import GossipCore
+from gossipfl.common.chunks import Chunks
+from gossipfl.protocol import compress, merge, wire
+from gossipfl.protocol.core import GossipCore, Sent
 from gossipfl.protocol.ledger import ABORTED, COMMITTED, Ledger
-from gossipfl.protocol.ports import Snapshot
 from gossipfl.protocol.transport import BASE_TIMEOUT_S
 
 PREPARED_MEMORY = 256 << 20  # bytes of prepared exchanges (two states each) a responder may hold
@@ -37,7 +37,7 @@ class Responder(GossipCore):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         max_prepared = max(1, min(4, PREPARED_MEMORY // (2 * self.max_body)))
-        self.ledger: Ledger[Snapshot, merge.Merged] = Ledger(
+        self.ledger: Ledger[Sent, merge.Merged] = Ledger(
             max_prepared=max_prepared, prepare_ttl=self.request_timeout + BASE_TIMEOUT_S
         )
         # called with (sender id, url) when a peer this node does not know prepares an exchange with it
@@ -46,9 +46,10 @@ class Responder(GossipCore):
 
     def reserve(self) -> bool:
         """Claim room for one incoming exchange before its body is read; False (answer 409) if there is
-        none, the node is stopping or holding (joining). Call ``release`` once the body was handled."""
+        none, the node is stopping or holding (joining), or it has sent its upload budget's worth for now.
+        Call ``release`` once the body was handled."""
         self.expire()
-        if self._closed or self.holding is not None or not self.ledger.room(self._receiving):
+        if self._closed or self.holding is not None or not self.ledger.room(self._receiving) or self.upload.wait():
             return False
         self._receiving += 1
         return True
@@ -62,7 +63,12 @@ class Responder(GossipCore):
     def release(self) -> None:
         self._receiving -= 1
 
-    async def prepare(self, body: bytes, remote: str | None = None, member: str | None = None) -> bytes:
+    def _answer(self, msg: wire.GossipMessage, xid: str) -> Sent:
+        """This node's side of an exchange a peer started: its snapshot, in the initiator's codec (or at its
+        top-k indices). Raises WireError when this node's own model cannot be sent."""
+        return self.outgoing(self.learner.snapshot(), xid, compress.for_wire(msg.compress), at=msg.index)
+
+    async def prepare(self, body: bytes | bytearray, remote: str | None = None, member: str | None = None) -> Chunks:
         """Phase 1 of an exchange started by a peer (from address ``remote``; ``member``: the node id the
         request authenticated as, None on an open node): reply with this node's state, keep the merge for the
         decision. Raises wire.WireError (400), Impersonation (401), Conflict or Busy (409), Unavailable (503);
@@ -82,23 +88,25 @@ class Responder(GossipCore):
         if (entry := self.ledger.prepared(xid)) is not None:  # a retried prepare: the same reply again
             if entry.sender != msg.sender:
                 raise Conflict(f"exchange {xid} belongs to another sender")
-            return self.encode_state(entry.sent, xid)
+            return entry.sent.body
         if self._closed:
             raise Busy("node is stopping")
         try:
-            state, merged = await asyncio.to_thread(self._snapshot_and_merge, msg)
+            sent = await asyncio.to_thread(self._answer, msg, xid)
+        except wire.WireError as e:
+            raise Unavailable(f"this node's model cannot be sent: {e}") from None
+        try:
+            merged = await asyncio.to_thread(self._merge, sent, msg)
         except wire.WireError:  # robust.TooFar: implausibly far from this node's model
             self.stats.rejected += 1
             raise
-        try:
-            reply = self.encode_state(state, xid)
-        except wire.WireError as e:
-            raise Unavailable(f"this node's model cannot be sent: {e}") from None
+        reply = sent.body
         if self.ledger.outcome(xid) is not None or self.ledger.prepared(xid) is not None:
             raise Conflict(f"exchange {xid} was decided while it was being prepared")
-        self.ledger.prepare(xid, msg.sender, state, merged, self.clock())
+        self.ledger.prepare(xid, msg.sender, sent, merged, self.clock())
         self.stats.bytes_received += len(body)
         self.stats.bytes_sent += len(reply)
+        self.upload.spend(len(reply))
         if remote and msg.port and self.on_inbound is not None:
             host = f"[{remote}]" if ":" in remote else remote
             url, known = f"{self.membership.scheme}://{host}:{msg.port}", self.peers.get(msg.sender)
@@ -136,7 +144,7 @@ class Responder(GossipCore):
         self._background_task(self._apply_committed(entry.sent, entry.merged, xid, entry.sender))
         return COMMITTED, ""
 
-    async def _apply_committed(self, sent: Snapshot, merged: merge.Merged, xid: str, sender: str) -> None:
+    async def _apply_committed(self, sent: Sent, merged: merge.Merged, xid: str, sender: str) -> None:
         try:
             await self._apply(sent, merged)
         finally:

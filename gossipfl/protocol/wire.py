@@ -9,8 +9,19 @@ A message is a msgpack map::
                "port": int (the sender's HTTP port: the receiver can reach it at its source address)}
 
 ``params`` holds the model's gossiped state: its parameters and its floating-point buffers (BatchNorm
-running statistics). Protocol 2 (this one) added ``xid`` and the buffers, and bounded ``age`` and
-``samples`` to 2**53; a protocol-1 node gets a 400 naming the version, and mDNS keeps the two apart.
+running statistics). Protocol 2 added ``xid`` and the buffers, and bounded ``age`` and ``samples`` to 2**53;
+a protocol-1 node gets a 400 naming the version, and mDNS keeps the two apart.
+
+Version 3 is version 2 with compression (compress.py): the message declares ``"compress": NAME`` and each
+tensor map carries that codec's fields instead of (or besides) ``data``: ``fp16``/``bf16`` ``data`` of 2
+bytes per value, ``int8`` ``data`` and ``scale``, ``topk`` ``idx`` and ``data`` (in a reply to a top-k
+message, ``data`` alone: the values at the indices of the message it answers). A message without
+compression is still sent as version 2, byte for byte what a 0.1 node sends and reads, so nodes of both
+releases exchange; a 0.1 node answers a compressed message with a 400 naming version 3.
+
+Tensors go out as msgpack ``bin`` straight from their memory (``encode`` returns the pieces of the body,
+never joined, see common/chunks.py) and are read back as views into the received body (common/msgview.py):
+an uncompressed tensor is never copied between the socket's buffer and the merge.
 
 ``decode`` validates everything against the receiver's :data:`ModelSpec` and raises :class:`WireError`
 with a message naming the problem; ``encode`` checks the same bounds, so a node never sends a message
@@ -28,7 +39,13 @@ from typing import TypeVar
 import msgpack
 import numpy as np
 
-PROTOCOL_VERSION = 2
+from gossipfl.common import msgview
+from gossipfl.common.chunks import Chunks
+from gossipfl.protocol import compress
+from gossipfl.protocol.compress import Codec
+
+PROTOCOL_VERSION = 2  # what a node announces (mDNS, status): the uncompressed format, which every node reads
+COMPRESSED_VERSION = 3
 CONTENT_TYPE = "application/msgpack"
 MAX_SENDER_LEN = 255
 MAX_WEIGHT = 1e15  # push-sum weights start at a sample count and are only ever averaged
@@ -70,6 +87,12 @@ class GossipMessage:
     cluster: str | None = None
     port: int | None = None
     xid: str | None = None
+    compress: str = "none"  # the codec the tensors were sent with (decoded: ``params`` are the values)
+    # top-k: per tensor, the flat indices that ``params`` (1-d, the values there) are at; None: dense
+    index: Mapping[str, np.ndarray] | None = None
+
+
+NONE = compress.NoCompression()
 
 
 def new_xid() -> str:
@@ -104,28 +127,95 @@ def state_digest(params: Params) -> str:
 
 
 def max_message_size(spec: ModelSpec) -> int:
-    """Largest body a valid message for this model can need."""
-    return _MESSAGE_OVERHEAD + sum(t.nbytes + _PER_TENSOR_OVERHEAD + len(n) for n, t in spec.items())
+    """Largest body a valid message for this model can need: uncompressed, or top-k of half of each tensor
+    (compress.MAX_TOPK_FRACTION), whichever is larger."""
+    total = _MESSAGE_OVERHEAD
+    for name, t in spec.items():
+        n = int(np.prod(t.shape, dtype=np.int64))
+        topk = (n // 2 + 1) * (compress.INDEX_DTYPE.itemsize + np.dtype(t.dtype).itemsize)
+        total += max(t.nbytes, topk) + _PER_TENSOR_OVERHEAD + len(name)
+    return total
 
 
-def encode(msg: GossipMessage) -> bytes:
-    """The message as msgpack; raises WireError for a message that ``decode`` would refuse (an age out of
-    range, a weight that is not finite, parameters with NaN or Inf)."""
-    _check_scalars(msg.sender, msg.age, msg.samples, msg.weight, msg.port, msg.xid)
-    params = {}
-    for name, arr in msg.params.items():
-        a = np.asarray(arr)
-        if a.dtype.kind in "fc" and not np.isfinite(a).all():
-            raise WireError(f"parameter {name!r}: contains NaN or Inf")
-        if not a.flags.c_contiguous:  # (np.ascontiguousarray would turn a 0-d array into 1-d)
-            a = a.copy(order="C")
+class _Body:
+    """A msgpack body built as pieces: small heads packed together, large ``bin`` values left where they are."""
+
+    def __init__(self) -> None:
+        self.packer = msgpack.Packer(use_bin_type=True)
+        self.parts: list[object] = []
+        self.head = bytearray()
+
+    def pack(self, value: object) -> None:
+        self.head += self.packer.pack(value)
+
+    def map_header(self, n: int) -> None:
+        self.head += self.packer.pack_map_header(n)
+
+    def binary(self, a: np.ndarray) -> None:
         data = memoryview(a.reshape(-1).view(np.uint8))
-        params[name] = {"dtype": a.dtype.str, "shape": list(a.shape), "data": data}
-    body: dict[str, object] = {"v": PROTOCOL_VERSION, "sender": msg.sender, "age": int(msg.age), "params": params}
+        n = data.nbytes
+        if n >= 2**32:
+            raise WireError(f"a tensor of {n} bytes is beyond msgpack's bin (4 GiB)")
+        self.head += bytes([0xC4, n]) if n < 256 else (b"\xc5" if n < 65536 else b"\xc6")
+        if n >= 256:
+            self.head += n.to_bytes(2 if n < 65536 else 4, "big")
+        if n <= 4096:  # small: copied into the head, fewer pieces
+            self.head += data
+            return
+        self.parts += [bytes(self.head), data]
+        self.head = bytearray()
+
+    def chunks(self) -> Chunks:
+        return Chunks([*self.parts, bytes(self.head)])
+
+
+def encode(
+    msg: GossipMessage, codec: Codec = NONE, *, send_index: bool = True, spec: ModelSpec | None = None
+) -> Chunks:
+    """The message as msgpack, in pieces (``Chunks``): tensors are not copied unless a codec transforms them.
+    ``msg.params`` are the full tensors (compressed here with ``codec``), or with ``msg.index`` the values at
+    those indices (top-k: ``idx`` goes out when ``send_index``, a reply leaves it out; ``spec`` gives the
+    shapes to declare). Raises WireError for
+    a message that ``decode`` would refuse (an age out of range, a weight that is not finite, parameters
+    with NaN or Inf)."""
+    _check_scalars(msg.sender, msg.age, msg.samples, msg.weight, msg.port, msg.xid)
+    name = "topk" if msg.index is not None else codec.name
+    fields: dict[str, object] = {"v": PROTOCOL_VERSION if name == "none" else COMPRESSED_VERSION}
+    fields.update(sender=msg.sender, age=int(msg.age))
     for key in ("xid", "task", "merge", "samples", "weight", "cluster", "port"):
         if (value := getattr(msg, key)) is not None:
-            body[key] = value
-    return msgpack.packb(body, use_bin_type=True)
+            fields[key] = value
+    if name != "none":
+        fields["compress"] = name
+    body = _Body()
+    body.map_header(len(fields) + 1)
+    for key, value in fields.items():
+        body.pack(key)
+        body.pack(value)
+    body.pack("params")
+    body.map_header(len(msg.params))
+    for tensor, arr in msg.params.items():
+        a = np.asarray(arr)
+        if a.dtype.kind in "fc" and not np.isfinite(a).all():
+            raise WireError(f"parameter {tensor!r}: contains NaN or Inf")
+        if not a.flags.c_contiguous:  # (np.ascontiguousarray would turn a 0-d array into 1-d)
+            a = a.copy(order="C")
+        if msg.index is not None:
+            flat = {"idx": msg.index[tensor], "data": a} if send_index else {"data": a}
+            assert spec is not None, "a top-k message declares the shapes of the whole tensors"
+            shape: tuple[int, ...] = spec[tensor].shape
+        else:
+            flat, shape = codec.encode(a.reshape(-1)), a.shape
+        body.pack(tensor)
+        body.map_header(2 + len(flat))
+        body.pack("dtype")
+        body.pack(a.dtype.str)
+        body.pack("shape")
+        body.pack(list(shape))
+        for key, value in flat.items():
+            body.pack(key)
+            body.binary(np.ascontiguousarray(value))
+    return body.chunks()
 
 
 def _field(obj: Mapping, key: str, kind: type[T], where: str = "message") -> T:
@@ -149,13 +239,16 @@ def _optional(obj: Mapping, key: str, kind: type[T]) -> T | None:
     return _field(obj, key, kind)
 
 
-def _decode_tensor(name: str, obj: object, expected: TensorSpec) -> np.ndarray:
+def _decode_tensor(
+    name: str, obj: object, expected: TensorSpec, codec: Codec, at: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """(values, indices): a dense tensor and None, or a top-k tensor's values and indices (``at``: the
+    indices of the message this one answers, which then carries no ``idx``)."""
     where = f"parameter {name!r}"
     if not isinstance(obj, dict):
         raise WireError(f"{where}: must be a map with dtype, shape, data")
     dtype = _field(obj, "dtype", str, where)
     shape = _field(obj, "shape", list, where)
-    data = _field(obj, "data", bytes, where)
     if dtype != expected.dtype:
         raise WireError(f"{where}: dtype {dtype!r}, expected {expected.dtype!r}")
     if not all(type(d) is int for d in shape):  # (not shown: a list nested 1,000 deep has no repr)
@@ -163,12 +256,22 @@ def _decode_tensor(name: str, obj: object, expected: TensorSpec) -> np.ndarray:
     if tuple(shape) != expected.shape:
         shown = shape if len(shape) <= 8 else f"of {len(shape)} dimensions"
         raise WireError(f"{where}: shape {shown}, expected {list(expected.shape)}")
-    if len(data) != expected.nbytes:
-        raise WireError(f"{where}: {len(data)} data bytes, expected {expected.nbytes}")
-    arr = np.frombuffer(data, dtype=np.dtype(dtype)).reshape(expected.shape)
+    n = int(np.prod(expected.shape, dtype=np.int64))
+    try:
+        if isinstance(codec, compress.TopK):
+            if at is None:
+                index = compress.decode_indices(obj, n)
+            else:  # (an ``idx`` in a reply is ignored, as any field a codec does not read)
+                index = at
+            arr = compress.decode_values(obj, np.dtype(dtype), index.size)
+        else:
+            index = None
+            arr = codec.decode(obj, np.dtype(dtype), n).reshape(expected.shape)
+    except ValueError as e:
+        raise WireError(f"{where}: {e}") from None
     if arr.dtype.kind in "fc" and not np.isfinite(arr).all():
         raise WireError(f"{where}: contains NaN or Inf")
-    return arr
+    return arr, index
 
 
 def unpack_map(body: bytes) -> dict:
@@ -182,12 +285,40 @@ def unpack_map(body: bytes) -> dict:
     return obj
 
 
-def decode(body: bytes, spec: ModelSpec, task: str | None = None) -> GossipMessage:
-    """Parse and validate a message for a model with ``spec``; raise WireError naming the problem."""
-    obj = unpack_map(body)
+def decode(
+    body: bytes | bytearray | memoryview | Chunks,
+    spec: ModelSpec,
+    task: str | None = None,
+    *,
+    at: Mapping[str, np.ndarray] | None = None,
+    reply: bool = False,
+) -> GossipMessage:
+    """Parse and validate a message for a model with ``spec``; raise WireError naming the problem. The
+    tensors of an uncompressed message are views into ``body`` (writable when it is a bytearray); ``at``:
+    the indices of the top-k message this one answers (it must then be top-k, without ``idx``); ``reply``: it
+    answers a message that was not top-k (so it may not be top-k either)."""
+    if isinstance(body, Chunks):  # a message made here (tests, a node reading its own): joined once
+        body = body.tobytes()
+    try:
+        obj = msgview.loads(body)
+    except ValueError as e:
+        raise WireError(f"malformed msgpack: {e}") from None
+    if not isinstance(obj, dict):
+        raise WireError("message must be a msgpack map")
     version = _field(obj, "v", int)
-    if version != PROTOCOL_VERSION:
-        raise WireError(f"unsupported protocol version {version}, this node speaks {PROTOCOL_VERSION}")
+    if version not in (PROTOCOL_VERSION, COMPRESSED_VERSION):
+        raise WireError(f"unsupported protocol version {version}, this node speaks 2 and 3")
+    name = _optional(obj, "compress", str) or "none"
+    if (name != "none") != (version == COMPRESSED_VERSION):
+        raise WireError(f"compression {name[:40]!r} in a message of version {version}")
+    try:
+        codec = compress.for_wire(name)
+    except ValueError as e:
+        raise WireError(str(e)) from None
+    if at is not None and name != "topk":
+        raise WireError(f"a reply to a top-k message must be top-k, not {name[:40]!r}")
+    if reply and at is None and name == "topk":
+        raise WireError("a top-k reply to a message that was not top-k")
     sender = _field(obj, "sender", str)
     age = _field(obj, "age", int)
     msg_task, rule, cluster = _optional(obj, "task", str), _optional(obj, "merge", str), _optional(obj, "cluster", str)
@@ -205,8 +336,13 @@ def decode(body: bytes, spec: ModelSpec, task: str | None = None) -> GossipMessa
         raise WireError(f"missing parameters: {', '.join(missing)}")
     if unknown:
         raise WireError(f"unknown parameters: {', '.join(map(str, unknown))}")
-    decoded = {name: _decode_tensor(name, params[name], spec[name]) for name in spec}
-    return GossipMessage(sender, age, decoded, msg_task, rule, samples, weight, cluster=cluster, port=port, xid=xid)
+    decoded, index = {}, {}
+    for n in spec:
+        decoded[n], index[n] = _decode_tensor(n, params[n], spec[n], codec, at[n] if at is not None else None)
+    return GossipMessage(
+        sender, age, decoded, msg_task, rule, samples, weight, cluster=cluster, port=port, xid=xid,
+        compress=name, index=index if name == "topk" else None,
+    )  # fmt: skip
 
 
 def _check_scalars(

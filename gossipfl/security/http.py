@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import aiohttp
 from yarl import URL
 
+from gossipfl.common.chunks import Chunks, ChunksPayload
 from gossipfl.common.httpio import BodyError, read_limited
 from gossipfl.security.membership import Membership, Pending
 from gossipfl.security.signing import Unauthorized
@@ -20,7 +21,7 @@ ERROR_TEXT_LIMIT = 512
 @dataclass(frozen=True)
 class Reply:
     status: int
-    body: bytes  # whole when status is 200; at most ERROR_TEXT_LIMIT bytes of an error reply
+    body: bytes | bytearray  # whole when status is 200; at most ERROR_TEXT_LIMIT bytes of an error reply
     peer: str | None  # the responder's authenticated id (None on an open node)
 
 
@@ -30,7 +31,7 @@ async def call(
     method: str,
     url: str,
     *,
-    body: bytes = b"",
+    body: bytes | Chunks = b"",
     limit: int,
     timeout: aiohttp.ClientTimeout,
     expect: str | None = None,
@@ -59,7 +60,7 @@ async def _call(
     membership: Membership,
     method: str,
     url: str,
-    body: bytes,
+    body: bytes | Chunks,
     signed: dict[str, str],
     pending: Pending,
     limit: int,
@@ -67,10 +68,11 @@ async def _call(
     expect: str | None,
     headers: dict[str, str] | None,
 ) -> Reply:
+    data = ChunksPayload(body, content_type="application/octet-stream") if isinstance(body, Chunks) else body
     async with session.request(
         method,
         url,
-        data=body if method != "GET" else None,
+        data=data if method != "GET" else None,
         headers={**(headers or {}), **signed},
         timeout=timeout,
         allow_redirects=False,

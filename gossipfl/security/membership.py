@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from gossipfl.common.chunks import Chunks
 from gossipfl.security.signing import HEADER, ClusterKey, Signature, Unauthorized
 from gossipfl.security.tls import TlsFiles, client_context
 
@@ -135,7 +136,7 @@ class Membership:
             return Pending(method, target, admitted.signed.nonce)
         return Pending(method, target, None)
 
-    def reply_headers(self, pending: Pending, status: int, body: bytes) -> dict[str, str]:
+    def reply_headers(self, pending: Pending, status: int, body: bytes | Chunks) -> dict[str, str]:
         if self.key is None or pending.nonce is None:
             return {}
         return {HEADER: self.key.sign_reply(status, pending.method, pending.target, pending.nonce, self.node_id, body)}

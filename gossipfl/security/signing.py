@@ -24,6 +24,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from gossipfl.common.chunks import Chunks
+
 HEADER = "Gossipfl-Signature"
 WINDOW_S = 30.0  # a request or reply more than this far from the receiver's clock is refused
 MAX_NONCES = 1 << 17  # nonces remembered within the window; beyond, requests are refused (not forgotten)
@@ -67,8 +69,14 @@ def render(s: Signature) -> str:
     return f"v1 id={s.signer},to={s.to},ts={s.ts},nonce={s.nonce},hsig={s.hsig},sig={s.sig}"
 
 
-def digest(body: bytes) -> str:
-    return hashlib.sha256(body).hexdigest()
+def digest(body: bytes | bytearray | Chunks) -> str:
+    """SHA-256 of a body, read piece by piece when it is made of pieces (never joined)."""
+    if not isinstance(body, Chunks):
+        return hashlib.sha256(body).hexdigest()
+    h = hashlib.sha256()
+    for part in body:
+        h.update(part)
+    return h.hexdigest()
 
 
 def head_message(method: str, target: str, s: Signature, length: int) -> bytes:
@@ -77,7 +85,7 @@ def head_message(method: str, target: str, s: Signature, length: int) -> bytes:
     ).encode()
 
 
-def request_message(method: str, target: str, s: Signature, body: bytes) -> bytes:
+def request_message(method: str, target: str, s: Signature, body: bytes | bytearray | Chunks) -> bytes:
     return head_message(method, target, s, len(body)) + b"\n" + digest(body).encode()
 
 
@@ -140,7 +148,9 @@ class ClusterKey:
         if abs(skew) > self.window:
             raise Unauthorized(f"{what} timestamp {skew:+.0f} s from this node's clock (window +-{self.window:g} s)")
 
-    def sign_request(self, method: str, target: str, sender: str, to: str, body: bytes = b"") -> tuple[str, str]:
+    def sign_request(
+        self, method: str, target: str, sender: str, to: str, body: bytes | bytearray | Chunks = b""
+    ) -> tuple[str, str]:
         """(header value, nonce) for a request from ``sender`` to the node ``to`` ("" if not known yet);
         keep the nonce to check the reply."""
         head = Signature(sender, to, int(self.clock()), secrets.token_hex(16), "", "")
@@ -174,7 +184,9 @@ class ClusterKey:
         self.check_body(s, method, target, body)
         return s
 
-    def sign_reply(self, status: int, method: str, target: str, nonce: str, responder: str, body: bytes) -> str:
+    def sign_reply(
+        self, status: int, method: str, target: str, nonce: str, responder: str, body: bytes | bytearray | Chunks
+    ) -> str:
         ts = int(self.clock())
         sig = self._mac(reply_message(status, method, target, nonce, responder, ts, digest(body)))
         return render(Signature(responder, "", ts, nonce, "0" * 64, sig))

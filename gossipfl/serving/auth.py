@@ -20,6 +20,7 @@ from collections import Counter
 
 from aiohttp import web
 
+from gossipfl.common.chunks import Chunks, ChunksPayload
 from gossipfl.security.membership import Membership
 from gossipfl.security.signing import HEADER, Overloaded, Unauthorized
 from gossipfl.security.tls import node_id_of
@@ -137,6 +138,8 @@ async def members_only(request: web.Request, handler: object) -> web.StreamRespo
         return closing(resp)
     resp = error(403, SECURE_GROUP) if forbidden else await handler(request)  # type: ignore[operator]
     pending = state["pending"]
-    if pending is not None and resp.status != 401 and isinstance(resp, web.Response) and isinstance(resp.body, bytes):
-        resp.headers.update(m.reply_headers(pending, resp.status, resp.body))
+    if pending is not None and resp.status != 401 and isinstance(resp, web.Response):
+        body = resp.body.chunks if isinstance(resp.body, ChunksPayload) else resp.body
+        if isinstance(body, (bytes, Chunks)):
+            resp.headers.update(m.reply_headers(pending, resp.status, body))
     return resp

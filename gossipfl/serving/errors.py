@@ -6,6 +6,7 @@ import logging
 
 from aiohttp import web
 
+from gossipfl.common.chunks import Chunks, ChunksPayload
 from gossipfl.common.httpio import BodyError
 
 log = logging.getLogger("gossipfl.api")
@@ -14,6 +15,11 @@ log = logging.getLogger("gossipfl.api")
 def error(status: int, message: str) -> web.Response:
     """The one error shape of every route: ``{"error": "..."}``."""
     return web.json_response({"error": message}, status=status)
+
+
+def streamed(body: Chunks, content_type: str, headers: dict[str, str] | None = None) -> web.Response:
+    """A 200 whose body goes out piece by piece (its length declared), never joined."""
+    return web.Response(body=ChunksPayload(body, content_type=content_type), headers=headers)
 
 
 def closing(resp: web.Response) -> web.Response:

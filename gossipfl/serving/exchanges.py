@@ -24,7 +24,7 @@ class Refused(Exception):
         self.response = response
 
 
-async def read_member_body(request: web.Request, limit: int) -> tuple[bytes, str | None]:
+async def read_member_body(request: web.Request, limit: int) -> tuple[bytearray, str | None]:
     """The body, read whole within a deadline that grows with its size (413 over ``limit``, 408 when it
     stops coming, 400 when it is cut short), and the member it authenticates (401): ``Refused`` otherwise."""
     declared = request.content_length

@@ -52,6 +52,8 @@ class Readings:
     group: Any = None  # protocol.groupcore.GroupStats of a node with --secure-group, else None
     privacy_epsilon: float | None = None  # DP-SGD: the epsilon spent; None without DP
     privacy_exhausted: bool | None = None  # DP-SGD: the budget is spent, local training stopped; None without DP
+    upload_rate: float = 0.0  # bytes per second sent in exchanges over the last 10 s
+    upload_budget: float | None = None  # --max-upload-rate in bytes per second; None without one
 
 
 class _StateCollector(Collector):
@@ -97,6 +99,21 @@ class _StateCollector(Collector):
         out.append(
             CounterMetricFamily(f"{NAMESPACE}_gossip_received_bytes", "Gossip bytes received.", value=r.bytes_received)
         )
+        out.append(
+            GaugeMetricFamily(
+                f"{NAMESPACE}_upload_rate_bytes_per_second",
+                "Bytes per second this node sent in exchanges over the last 10 s.",
+                r.upload_rate,
+            )
+        )
+        if r.upload_budget is not None:
+            out.append(
+                GaugeMetricFamily(
+                    f"{NAMESPACE}_upload_budget_bytes_per_second",
+                    "The node's upload budget (--max-upload-rate).",
+                    r.upload_budget,
+                )
+            )
         out.append(CounterMetricFamily(f"{NAMESPACE}_train_steps", "Local minibatch steps.", value=r.train_steps))
         out.append(GaugeMetricFamily(f"{NAMESPACE}_known_peers", "Peers this node may gossip with.", r.known_peers))
         out.append(

@@ -9,6 +9,7 @@ from typing import Any, Protocol
 import numpy as np
 from aiohttp import web
 
+from gossipfl.common.chunks import Chunks
 from gossipfl.serving.metrics import NodeMetrics
 from gossipfl.serving.predict import Signature
 
@@ -29,7 +30,9 @@ class GossipResponder(Protocol):
     def holding(self) -> str | None: ...  # why it accepts no exchange for now (joining), or None
     def reserve(self) -> bool: ...
     def release(self) -> None: ...
-    async def prepare(self, body: bytes, remote: str | None = None, member: str | None = None) -> bytes: ...
+    async def prepare(
+        self, body: bytes | bytearray, remote: str | None = None, member: str | None = None
+    ) -> Chunks: ...
     async def decide(self, xid: str, decision: str, member: str | None = None) -> tuple[str, str]: ...
 
 

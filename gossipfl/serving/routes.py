@@ -9,7 +9,7 @@ from gossipfl.protocol.ledger import ABORTED
 from gossipfl.protocol.responder import Impersonation, Unavailable
 from gossipfl.security.membership import Membership
 from gossipfl.serving import auth, grouproutes, inference, modelfile, openapi
-from gossipfl.serving.errors import closing, error, json_errors
+from gossipfl.serving.errors import closing, error, json_errors, streamed
 from gossipfl.serving.exchanges import REFUSALS, Refused, read_member_body, refusal
 from gossipfl.serving.ports import NODE_KEY, NodeView
 
@@ -33,15 +33,11 @@ async def get_model(request: web.Request) -> web.Response:
             body = await node.model_payload()
         except wire.WireError as e:  # the model itself is not sendable (not finite): the node's problem
             return error(503, f"the working model cannot be sent: {e}")
-        return web.Response(body=body, content_type=wire.CONTENT_TYPE)
+        return streamed(body, wire.CONTENT_TYPE)
     if fmt == "safetensors":  # the served model, for torch
         body = await node.model_file()
         name = f"{node.task.name}-{node.id}.safetensors"
-        return web.Response(
-            body=body,
-            content_type=modelfile.CONTENT_TYPE,
-            headers={"Content-Disposition": f'attachment; filename="{name}"'},
-        )
+        return streamed(body, modelfile.CONTENT_TYPE, {"Content-Disposition": f'attachment; filename="{name}"'})
     return error(400, f"format {fmt!r}: expected msgpack or safetensors")
 
 
@@ -72,7 +68,7 @@ async def post_gossip(request: web.Request) -> web.Response:
         return error(503, str(e))
     finally:
         gossiper.release()
-    return web.Response(body=reply, content_type=wire.CONTENT_TYPE)
+    return streamed(reply, wire.CONTENT_TYPE)
 
 
 async def post_decision(request: web.Request) -> web.Response:
