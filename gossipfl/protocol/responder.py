@@ -54,6 +54,16 @@ class Responder(GossipCore):
         self._receiving += 1
         return True
 
+    def refusal(self) -> str:
+        """Why ``reserve`` refused (the 409's message)."""
+        if self._closed:
+            return "stopping"
+        if self.holding is not None:
+            return self.holding
+        if owed := self.upload.wait():
+            return f"busy: over its upload budget (--max-upload-rate) for {owed:.1f} s more"
+        return "busy: no room for another exchange now"
+
     def expire(self) -> None:
         """Abort prepared exchanges whose decision did not come in time."""
         for entry in self.ledger.expire(self.clock()):

@@ -55,8 +55,7 @@ async def post_gossip(request: web.Request) -> web.Response:
     must arrive within a deadline that grows with its size."""
     gossiper = request.app[NODE_KEY].gossiper
     if not gossiper.reserve():
-        reason = "stopping" if gossiper.closed else gossiper.holding or "busy: no room for another exchange now"
-        return closing(error(409, reason))
+        return closing(error(409, gossiper.refusal()))
     try:
         body, member = await read_member_body(request, gossiper.max_body)
         reply = await gossiper.prepare(body, remote=request.remote, member=member)
