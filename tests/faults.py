@@ -30,6 +30,7 @@ class Fault(enum.Enum):
     HANG = "hang"  # accepts the request, never answers
     SLOW = "slow"  # answers a valid-looking 200 one byte at a time, far too slowly
     CLOSE_MID_BODY = "close mid-body"  # announces a body, sends half of it, closes
+    STALL_MID_BODY = "stall mid-body"  # announces a body, sends half of it, then nothing, the connection open
     GARBAGE = "garbage"  # 200 with bytes that are not msgpack
     NON_UTF8_ERROR = "non-UTF-8 error"  # a 500 whose body is not valid UTF-8
     WRONG_SENDER = "wrong sender"  # 200 with a valid message of someone else's exchange
@@ -78,6 +79,10 @@ async def faulty_peer(fault: Fault, valid_reply: bytes = b"") -> AsyncIterator[t
             await resp.write(b"\x00" * 10_000)
             assert request.transport is not None
             request.transport.close()
+            return resp
+        if fault is Fault.STALL_MID_BODY:
+            await resp.write(b"\x00" * 10_000)
+            await forever.wait()
             return resp
         for _ in range(20_000):  # SLOW
             await resp.write(b"\x00")

@@ -9,7 +9,8 @@ import aiohttp
 import numpy as np
 import pytest
 
-from gossipfl.protocol import wire
+from gossipfl.common import httpio
+from gossipfl.protocol import transport, wire
 from gossipfl.protocol.consensus import flatten
 
 from .faults import Fault, FaultProxy, Phase, faulty_peer, json_of, raw_request, read_response, status_of
@@ -349,3 +350,30 @@ async def test_inference_uploads_are_capped_and_a_broken_model_is_not_sent(make_
         async with http.post(node.url + "/v1/gossip", data=valid) as r:  # not the sender's fault: 503
             assert r.status == 503 and "model cannot be sent" in (await r.json())["error"]
         assert node.gossiper.stats.rejected == 0 and len(node.gossiper.ledger) == 0
+
+
+async def test_a_peer_that_stalls_mid_stream_is_cut_off_long_before_the_deadline(make_config, http, monkeypatch):
+    """Large bodies get long deadlines (2 s + 2 s per 8 MB each way); a sender that stops sending is cut off
+    once nothing came for STALL_S, on both ends, while the node serves everything else. The deadlines are
+    stretched here to minutes (as for a model of gigabytes) and STALL_S cut to half a second."""
+    monkeypatch.setattr(transport, "MIN_THROUGHPUT", 1e3)  # deadlines of 40 s and more for a digits model
+    monkeypatch.setattr(httpio, "STALL_S", 0.5)
+    async with running(make_config(gossip_interval=1000, **NO_TRAIN)) as (node,):
+        assert node.gossiper.request_timeout > 40 and node.gossiper.timeout.sock_read == 0.5
+        # inbound: half a body, then silence
+        r, w = await asyncio.open_connection("127.0.0.1", node.port)
+        w.write(f"POST /v1/gossip HTTP/1.1\r\nHost: x\r\nContent-Length: {node.gossiper.max_body}\r\n\r\n".encode())
+        w.write(b"\x80" * (node.gossiper.max_body // 2))
+        start = time.monotonic()
+        async with http.get(node.url + "/v1/status") as resp:  # answered meanwhile
+            assert resp.status == 200
+        answer = await asyncio.wait_for(read_response(r), 20)
+        w.close()
+        assert status_of(answer) == 408 and b"stalled: no data for 0.5 s" in answer
+        assert time.monotonic() - start < 10  # not the 40 s deadline
+        # outbound: a peer whose reply stops halfway
+        async with faulty_peer(Fault.STALL_MID_BODY) as (url, seen):
+            node.peers.upsert("staller", url, "digits", "static")
+            start = time.monotonic()
+            assert await node.gossiper.exchange(http, node.peers.get("staller")) == "failed"
+            assert time.monotonic() - start < 10 and seen.count("/v1/gossip") >= 1

@@ -21,22 +21,41 @@ class BodyTimeout(BodyError):
     """A body did not arrive whole within its deadline (HTTP 408)."""
 
 
+STALL_S = 10.0  # a body (or a reply) from which no byte came for this long is cut off
+
+
 async def read_limited(
-    content: aiohttp.StreamReader, declared: int | None, limit: int, deadline: float | None = None
+    content: aiohttp.StreamReader,
+    declared: int | None,
+    limit: int,
+    deadline: float | None = None,
+    stall: float | None = None,
 ) -> bytearray:
     """Read ``content`` whole, refusing (TooLarge) a declared or actual size over ``limit`` bytes, and
-    (BodyError) a body cut short, badly framed, or (BodyTimeout) not whole within ``deadline`` seconds.
+    (BodyError) a body cut short, badly framed, or (BodyTimeout) not whole within ``deadline`` seconds or
+    stalled: no byte for ``stall`` seconds (default STALL_S; a large body's deadline is long, a sender that
+    stops is cut off sooner).
     A declared size is read straight into one buffer of that size (each byte is copied once, from the
     connection's buffer); the result is that buffer, writable (a message's tensors are decoded in it)."""
     if declared is not None and declared > limit:
         raise TooLarge(f"body of {declared} bytes exceeds {limit}")
     buf = bytearray(declared) if declared is not None else bytearray()
     view = memoryview(buf) if declared is not None else None
-    got = 0
+    got, stall = 0, STALL_S if stall is None else stall
     timer = asyncio.timeout(deadline)
     try:
         async with timer:
-            async for chunk in content.iter_chunked(1 << 20):
+            while True:
+                quiet = asyncio.timeout(stall)
+                try:
+                    async with quiet:
+                        chunk = await content.readany()
+                except TimeoutError:
+                    if not quiet.expired():  # the deadline's, or a caller's own
+                        raise
+                    raise BodyTimeout(f"body stalled: no data for {stall:g} s ({got} bytes came)") from None
+                if not chunk:
+                    break
                 n = len(chunk)
                 if view is not None:
                     if got + n > len(buf):

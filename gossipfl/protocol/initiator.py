@@ -13,6 +13,7 @@ from typing import Any
 
 import aiohttp
 
+from gossipfl.common import httpio
 from gossipfl.common.httpio import BodyError, TooLarge
 from gossipfl.protocol import merge, wire
 from gossipfl.protocol.core import GossipCore, Sent
@@ -63,7 +64,11 @@ class Initiator(GossipCore):
         super().__init__(**kwargs)
         self.interval = interval
         self.rng = rng
-        self.timeout = aiohttp.ClientTimeout(total=self.request_timeout, sock_connect=CONNECT_TIMEOUT_S)
+        # a reply from which no byte comes for STALL_S (a peer that stopped mid-stream) is cut off before its
+        # size-dependent deadline
+        self.timeout = aiohttp.ClientTimeout(
+            total=self.request_timeout, sock_connect=CONNECT_TIMEOUT_S, sock_read=httpio.STALL_S
+        )
         self.decide_timeout = aiohttp.ClientTimeout(total=BASE_TIMEOUT_S, sock_connect=CONNECT_TIMEOUT_S)
         # called with (result, seconds) after every exchange this node starts (metrics)
         self.on_exchange: Callable[[str, float], None] | None = None
