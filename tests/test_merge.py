@@ -213,3 +213,24 @@ def test_a_weight_is_set_exactly_when_nothing_changed_meanwhile():
 def test_equal_huge_weights_give_the_plain_mean():
     a, b = {"w": np.array([2.0], np.float32)}, {"w": np.array([-6.0], np.float32)}
     assert merge.weighted_mean(a, b, 1e308, 1e308)["w"][0] == -2.0  # wa + wb overflows: not computed
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.sampled_from([0, 1, 7, merge.BLOCK - 1, merge.BLOCK, 2 * merge.BLOCK + 3]),
+    wa=st.floats(0.01, 100),
+    wb=st.floats(0.01, 100),
+    seed=st.integers(0, 2**16),
+)
+def test_the_mean_written_in_place_has_the_same_bits_as_the_expression(n, wa, wb, seed):
+    """``into``: the merge written block by block into the received arrays (no temporary of the model's size)
+    gives exactly (a*pa + b*pb), for any size (0-d, blocks and a tail) and any weights."""
+    rng = np.random.default_rng(seed)
+    a = {"w": rng.normal(size=n).astype(np.float32), "s": np.array(rng.normal(), np.float32)}
+    b = {"w": rng.normal(size=n).astype(np.float32) * 1e3, "s": np.array(rng.normal(), np.float32)}
+    expected = merge.weighted_mean(a, b, wa, wb)
+    into = {k: v.copy() for k, v in b.items()}
+    got = merge.weighted_mean(a, into, wa, wb, into=into)
+    for k in a:
+        assert got[k] is into[k] and got[k].dtype == np.float32 and got[k].shape == a[k].shape
+        np.testing.assert_array_equal(got[k], expected[k])

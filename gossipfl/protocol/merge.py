@@ -64,12 +64,27 @@ def weighted_mean(
     for name in a:
         target = (into or {}).get(name)
         if target is not None and target.dtype == a[name].dtype and target.shape == np.shape(a[name]):
-            np.multiply(b[name], pb, out=target, casting="same_kind")  # the same two roundings as below
-            target += a[name] * pa
-            out[name] = target
+            out[name] = _mean_into(target, a[name], b[name], pa, pb)
         else:
             out[name] = (a[name] * pa + b[name] * pb).astype(a[name].dtype, copy=False)
     return out
+
+
+BLOCK = 1 << 16  # values per block of an in-place mean (a scratch of this size stays in cache)
+
+
+def _mean_into(target: np.ndarray, a: np.ndarray, b: np.ndarray, pa: float, pb: float) -> np.ndarray:
+    """a*pa + b*pb written into ``target`` (which may be b) block by block, with the same roundings as the
+    expression: no temporary array of the tensor's size (no fresh pages to fault in), one small scratch."""
+    t, x, y = target.reshape(-1), np.asarray(a).reshape(-1), np.asarray(b).reshape(-1)
+    scratch = np.empty(min(BLOCK, t.size), t.dtype)
+    for start in range(0, t.size, BLOCK):
+        part = slice(start, start + BLOCK)
+        s = scratch[: len(t[part])]
+        np.multiply(x[part], pa, out=s, casting="same_kind")
+        np.multiply(y[part], pb, out=t[part], casting="same_kind")
+        t[part] += s
+    return target
 
 
 def capped_ages(a: int, b: int) -> tuple[int, int]:

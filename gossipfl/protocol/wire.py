@@ -95,6 +95,20 @@ class GossipMessage:
 NONE = compress.NoCompression()
 
 
+def all_finite(a: np.ndarray, block: int = 1 << 16) -> bool:
+    """No NaN or Inf in ``a`` (True for non-float arrays), checked block by block: no temporary array of the
+    tensor's size (for a large model, its fresh pages cost more than the check)."""
+    if a.dtype.kind not in "fc":
+        return True
+    flat = a.reshape(-1)
+    scratch = np.empty(min(block, flat.size), bool)
+    for start in range(0, flat.size, block):
+        part = flat[start : start + block]
+        if not np.isfinite(part, out=scratch[: part.size]).all():
+            return False
+    return True
+
+
 def new_xid() -> str:
     """A fresh exchange id: 128 random bits as 32 hex digits."""
     return secrets.token_hex(16)
@@ -196,7 +210,7 @@ def encode(
     body.map_header(len(msg.params))
     for tensor, arr in msg.params.items():
         a = np.asarray(arr)
-        if a.dtype.kind in "fc" and not np.isfinite(a).all():
+        if not all_finite(a):
             raise WireError(f"parameter {tensor!r}: contains NaN or Inf")
         if not a.flags.c_contiguous:  # (np.ascontiguousarray would turn a 0-d array into 1-d)
             a = a.copy(order="C")
@@ -269,7 +283,7 @@ def _decode_tensor(
             arr = codec.decode(obj, np.dtype(dtype), n).reshape(expected.shape)
     except ValueError as e:
         raise WireError(f"{where}: {e}") from None
-    if arr.dtype.kind in "fc" and not np.isfinite(arr).all():
+    if not all_finite(arr):
         raise WireError(f"{where}: contains NaN or Inf")
     return arr, index
 
