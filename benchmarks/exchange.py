@@ -29,19 +29,24 @@ reset its peak; SIGCONT B. B answers A's probe and A's exchanges begin (within o
 seed retry, 5 s, if the probe timed out). Run until A's ``exchanges.ok >= repeats``.
 
     .venv/bin/python benchmarks/exchange.py [--sizes 1 10 100 400] [--repeats R] [--out PREFIX]
-        [--pythonpath OTHER_CHECKOUT] [--port-base 19000] [--baseline PREFIX.json] [--plot]
+        [--pythonpath OTHER_CHECKOUT] [--node-args "..."] [--port-base 19000] [--baseline PREFIX.json] [--plot]
 
 ``--pythonpath`` runs the nodes (only) from another checkout, e.g. a worktree of the code before a
-change. Writes PREFIX.json (raw numbers, machine, commits, load averages), PREFIX.md, PREFIX.png.
+change. ``--node-args`` adds options to every node: a node evaluates its model every ``--eval-interval``
+(1 s) on the test split, under the learner's lock, which at 100-400 MB costs seconds of CPU per second and
+slows the exchanges; ``--node-args '--eval-interval 3600'`` measures the exchange alone.
+Writes PREFIX.json (raw numbers, machine, commits, load averages), PREFIX.md, PREFIX.png.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import json
 import math
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -52,7 +57,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 import exchange_report as report  # noqa: E402
-from exchange_workers import mem, reset_peak, settle  # noqa: E402
+from exchange_workers import cpu_s, mem, reset_peak, settle  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 WORKERS = HERE / "exchange_workers.py"
@@ -82,13 +87,14 @@ def loadavg() -> list[float]:
 class Procs:
     """The processes this run started: each is stopped (TERM, then KILL) by its pid at the end."""
 
-    def __init__(self, logdir: Path, pythonpath: str | None) -> None:
-        self.logdir, self.pythonpath, self.live = logdir, pythonpath, []
+    def __init__(self, logdir: Path, pythonpath: str | None, node_args: list[str] | None = None) -> None:
+        self.logdir, self.pythonpath, self.node_args, self.live = logdir, pythonpath, node_args or [], []
 
     def spawn(self, cmd: list[str], name: str, node: bool = False) -> subprocess.Popen:
         env = dict(os.environ)
         if node and self.pythonpath:
             env["PYTHONPATH"] = self.pythonpath
+        cmd = cmd + self.node_args if node else cmd
         log = open(self.logdir / f"{name}.log", "ab")  # noqa: SIM115
         # a node runs from the log folder: python -m puts the cwd ahead of PYTHONPATH
         p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.logdir)
@@ -202,10 +208,11 @@ def measure_serving(mb: float, nbytes: int, repeats: int, port: int, procs: Proc
     out = {}
     try:
         for fmt in ("msgpack", "safetensors"):
+            cpu0 = cpu_s(node.pid)
             r = worker(
                 "http-get", 60 + mb * repeats, port=port, path=f"/v1/model?format={fmt}", nbytes=nbytes, repeats=repeats
             )
-            out[fmt] = {**r, "memory": peak(node.pid, idle, nbytes)}
+            out[fmt] = {**r, "memory": peak(node.pid, idle, nbytes), "cpu_s": (cpu_s(node.pid) - cpu0) / (repeats + 1)}
             idle = settle(node.pid)
             reset_peak(node.pid)
     finally:
@@ -221,7 +228,7 @@ def measure_exchange(mb: float, nbytes: int, repeats: int, ports: tuple[int, int
         a, idle_a = start_idle(procs, node_cmd(mb, pa, [pb], 0.2, 1), f"A-{mb:g}", pa, "/v1/status", mb, True)
         try:
             os.kill(b.pid, signal.SIGCONT)
-            t0 = time.monotonic()
+            t0, cpu_a, cpu_b = time.monotonic(), cpu_s(a.pid), cpu_s(b.pid)
             deadline = t0 + 120 + repeats * mb * 0.5
             while (st := get_json(pa, "/v1/status", 30)["exchanges"])["ok"] < repeats:
                 if (
@@ -235,6 +242,7 @@ def measure_exchange(mb: float, nbytes: int, repeats: int, ports: tuple[int, int
             wall = time.monotonic() - t0
             st_b = get_json(pb, "/v1/status", 30)["exchanges"]
             mem_a, mem_b = peak(a.pid, idle_a, nbytes), peak(b.pid, idle_b, nbytes)
+            cpu_a, cpu_b = cpu_s(a.pid) - cpu_a, cpu_s(b.pid) - cpu_b
         finally:
             procs.stop(a)
     finally:
@@ -248,6 +256,9 @@ def measure_exchange(mb: float, nbytes: int, repeats: int, ports: tuple[int, int
         "bytes_received_per_exchange": st["bytes_received"] / moved,
         "memory_a": mem_a,
         "memory_b": mem_b,
+        # CPU seconds per exchange of each node (all threads; A's also polls its status every 0.25 s)
+        "cpu_a_s": cpu_a / moved,
+        "cpu_b_s": cpu_b / moved,
     }
 
 
@@ -257,8 +268,10 @@ def measure_baseline(fmt: str, mb: float, nbytes: int, repeats: int, port: int, 
     cmd = [PY, str(WORKERS), "ser-server", args]
     server, idle = start_idle(procs, cmd, f"{fmt}-{mb:g}", port, "/ready", mb, False)
     try:
+        cpu0 = cpu_s(server.pid)
         r = worker("ser-client", 120 + mb * repeats, port=port, fmt=fmt, shapes=shapes, repeats=repeats)
         r["memory"] = peak(server.pid, idle, nbytes)
+        r["server_cpu_s"] = (cpu_s(server.pid) - cpu0) / (repeats + 1)  # the warm-up exchange too
         r["client_memory"] = {
             "above_idle_mb": (r["client_peak_rss"] - r["client_idle_rss"]) / MiB,
             "multiple": (r["client_peak_rss"] - r["client_idle_rss"]) / nbytes,
@@ -277,6 +290,9 @@ def git_info(path: Path) -> dict:
         "commit": git("rev-parse", "HEAD"),
         "subject": git("log", "-1", "--format=%s"),
         "gossipfl_dirty": bool(git("status", "--porcelain", "--", "gossipfl")),
+        # uncommitted changes measured: their digest, and the files (git diff HEAD -- gossipfl)
+        "gossipfl_diff_sha256": hashlib.sha256(git("diff", "HEAD", "--", "gossipfl").encode()).hexdigest(),
+        "gossipfl_diff_files": git("diff", "HEAD", "--name-only", "--", "gossipfl").split(),
     }
 
 
@@ -303,10 +319,11 @@ def machine(args: argparse.Namespace) -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     base = args.port_base
-    res = {"machine": machine(args), "argv": sys.argv[1:], "loadavg_start": loadavg(), "sizes": []}
+    res = {"machine": machine(args), "argv": sys.argv[1:], "node_args": args.node_args, "loadavg_start": loadavg()}
+    res["sizes"] = []
     print(f"load average at start: {res['loadavg_start']}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-exchange-") as tmp:
-        procs = Procs(Path(tmp), args.pythonpath)
+        procs = Procs(Path(tmp), args.pythonpath, shlex.split(args.node_args))
         try:
             for mb in args.sizes:
                 shapes = model_shapes(mb)
@@ -351,6 +368,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=None, help="default: 20 up to 10 MB, 10 up to 100, else 5")
     ap.add_argument("--out", default=str(HERE / "results" / "exchange"), help="output prefix")
     ap.add_argument("--pythonpath", default=None, help="run the nodes from this checkout of gossipfl")
+    ap.add_argument("--node-args", default="", help="more options for every node, e.g. '--eval-interval 3600'")
     ap.add_argument("--port-base", type=int, default=19000, help="ports used: PORT_BASE .. PORT_BASE+31")
     ap.add_argument("--baseline", default=None, help="an earlier run's json: adds a before/after table")
     ap.add_argument("--plot", action="store_true", help="redraw PREFIX.md and PREFIX.png from PREFIX.json")

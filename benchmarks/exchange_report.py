@@ -29,10 +29,18 @@ def pct(xs: list[float], q: float) -> float:
 
 
 def rows(size: dict) -> dict[str, dict]:
-    """Per method: p50_s, p99_s, mean_s, mbps (model bytes moved / p50), above_mb, multiple (or None)."""
+    """Per method: p50_s, p99_s, mean_s, mbps (model bytes moved / p50), above_mb, multiple, cpu_s (CPU seconds
+    per transfer of the measured processes: server or node, plus the client's for the baselines; or None)."""
     n, out = size["model_bytes"], {}
 
-    def put(name: str, times: list[float] | None, moved: int, memory: dict | None = None, **stats: float) -> None:
+    def put(
+        name: str,
+        times: list[float] | None,
+        moved: int,
+        memory: dict | None = None,
+        cpu: float | None = None,
+        **stats: float,
+    ) -> None:
         if times is not None:
             stats = {"p50_s": pct(times, 0.5), "p99_s": pct(times, 0.99), "mean_s": sum(times) / len(times)}
         if not stats.get("p50_s"):
@@ -43,6 +51,7 @@ def rows(size: dict) -> dict[str, dict]:
             "mbps": moved / stats["p50_s"] / MiB,
             "above_mb": memory.get("above_idle_mb"),
             "multiple": memory.get("multiple"),
+            "cpu_s": cpu,
         }
 
     raw = size.get("raw_tcp", {})
@@ -51,7 +60,8 @@ def rows(size: dict) -> dict[str, dict]:
         put(ROWS[1], raw["round_trip_s"], 2 * n)
     for fmt, name in (("msgpack", ROWS[2]), ("safetensors", ROWS[3])):
         if fmt in size.get("serving", {}):
-            put(name, size["serving"][fmt]["times_s"], n, size["serving"][fmt]["memory"])
+            got = size["serving"][fmt]
+            put(name, got["times_s"], n, got["memory"], got.get("cpu_s"))
     ex = size.get("exchange", {})
     if "a" in ex and ex["a"].get("p50_duration_s"):
         worse = max((ex["memory_a"], ex["memory_b"]), key=lambda m: m["multiple"])
@@ -60,13 +70,16 @@ def rows(size: dict) -> dict[str, dict]:
             None,
             2 * n,
             worse,
+            ex["cpu_a_s"] + ex["cpu_b_s"] if "cpu_a_s" in ex else None,
             p50_s=ex["a"]["p50_duration_s"],
             p99_s=ex["a"]["p99_duration_s"],
             mean_s=ex["a"]["mean_duration_s"],
         )
     for key, name in (("pickle_http", ROWS[5]), ("torch_http", ROWS[6])):
         if "times_s" in size.get(key, {}):
-            put(name, size[key]["times_s"], 2 * n, size[key]["memory"])
+            got = size[key]
+            cpu = got["server_cpu_s"] + got["client_cpu_s"] if "server_cpu_s" in got else None
+            put(name, got["times_s"], 2 * n, got["memory"], cpu)
     return out
 
 
@@ -82,6 +95,7 @@ def goals(size: dict) -> dict[str, float | None]:
         "exchange_vs_tcp": ratio(ROWS[4], ROWS[1]),
         "speedup_vs_pickle": ratio(ROWS[5], ROWS[4], "p50_s"),
         "speedup_vs_torch": ratio(ROWS[6], ROWS[4], "p50_s"),
+        "cpu_vs_pickle": ratio(ROWS[5], ROWS[4], "cpu_s") if ex and ex["cpu_s"] else None,
         "rss_multiple": ex["multiple"] if ex else None,
     }
 
@@ -91,7 +105,9 @@ def fmt(x: float | None, spec: str = ".3g") -> str:
 
 
 def table(res: dict) -> str:
-    lines = [f"{'MB':>6} {'method':<26} {'p50 s':>9} {'p99 s':>9} {'MB/s':>9} {'RSS+ MB':>9} {'x model':>8}"]
+    lines = [
+        f"{'MB':>6} {'method':<26} {'p50 s':>9} {'p99 s':>9} {'MB/s':>9} {'RSS+ MB':>9} {'x model':>8} {'CPU s':>7}"
+    ]
     for size in res["sizes"]:
         r = rows(size)
         for name in ROWS:
@@ -99,7 +115,7 @@ def table(res: dict) -> str:
                 x = r[name]
                 lines.append(
                     f"{size['mb']:>6g} {name:<26} {x['p50_s']:>9.4f} {x['p99_s']:>9.4f} {x['mbps']:>9.1f} "
-                    f"{fmt(x['above_mb'], '.1f'):>9} {fmt(x['multiple'], '.2f'):>8}"
+                    f"{fmt(x['above_mb'], '.1f'):>9} {fmt(x['multiple'], '.2f'):>8} {fmt(x['cpu_s'], '.3f'):>7}"
                 )
             else:
                 lines.append(f"{size['mb']:>6g} {name:<26} {'FAILED':>9}")
@@ -123,26 +139,34 @@ def markdown(res: dict, before: dict | None = None, png: str = "exchange.png") -
         f"torch {m['torch']}, aiohttp {m['aiohttp']}, numpy {m['numpy']}; everything over 127.0.0.1 between "
         "separate processes, on a machine shared with other work (load averages in the json).",
         f"Nodes ran from `{nodes['path']}` at {nodes['commit'][:10]} ({nodes['subject']})"
-        + (", with uncommitted changes in gossipfl/" if nodes["gossipfl_dirty"] else "")
-        + f". Load average at start {res['loadavg_start']}, at end {res['loadavg_end']}.",
+        + (
+            f", with uncommitted changes in {', '.join(nodes.get('gossipfl_diff_files', ['gossipfl/']))}"
+            if nodes["gossipfl_dirty"]
+            else ""
+        )
+        + f". Load average at start {res['loadavg_start']}, at end {res['loadavg_end']}."
+        + (f" Every node ran with `{res['node_args']}`." if res.get("node_args") else ""),
         "",
         "MB = 2^20 bytes of float32 parameters (`--task synthetic:mb=N`). MB/s = model bytes moved / p50 "
         "(both directions count for round trips and exchanges). RSS+ = peak RSS above the idle RSS of the "
-        "server/node process (the worse of A and B for the exchange), and as a multiple of the model.",
+        "server/node process (the worse of A and B for the exchange), and as a multiple of the model; "
+        "safetensors is served by the same node after msgpack, its idle RSS read again in between. CPU s = CPU "
+        "seconds (user + system, all threads) per GET of the serving node, per exchange of A + B, per exchange "
+        "of the baseline's server + client: unlike the times, it hardly depends on what else the machine runs.",
         "",
-        "| MB | method | p50 s | p99 s | MB/s | RSS+ MB | x model |",
-        "|---:|---|---:|---:|---:|---:|---:|",
+        "| MB | method | p50 s | p99 s | MB/s | RSS+ MB | x model | CPU s |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for size in res["sizes"]:
         r = rows(size)
         for name in ROWS:
             x = r.get(name)
             if x is None:
-                out.append(f"| {size['mb']:g} | {name} | failed | | | | |")
+                out.append(f"| {size['mb']:g} | {name} | failed | | | | | |")
                 continue
             out.append(
                 f"| {size['mb']:g} | {name} | {x['p50_s']:.4f} | {x['p99_s']:.4f} | {x['mbps']:.1f} | "
-                f"{fmt(x['above_mb'], '.1f')} | {fmt(x['multiple'], '.2f')} |"
+                f"{fmt(x['above_mb'], '.1f')} | {fmt(x['multiple'], '.2f')} | {fmt(x['cpu_s'], '.3f')} |"
             )
     out += [
         "",
@@ -168,13 +192,15 @@ def markdown(res: dict, before: dict | None = None, png: str = "exchange.png") -
         "",
         "## Goals of issue 18 (stated at 100 MB)",
         "",
-        "| MB | " + " | ".join(t for _, t, _, _ in GOALS) + " | torch.save p50 / exchange p50 |",
-        "|---:|" + "---|" * (len(GOALS) + 1),
+        "| MB | " + " | ".join(t for _, t, _, _ in GOALS) + " | torch.save p50 / exchange p50 | "
+        "pickle CPU / exchange CPU |",
+        "|---:|" + "---|" * (len(GOALS) + 2),
     ]
     for size in res["sizes"]:
         g = goals(size)
         cells = [f"{fmt(g[k], '.2f')} ({'≥' if h else '≤'} {goal:g}: {verdict(k, g[k])})" for k, _, goal, h in GOALS]
-        out.append(f"| {size['mb']:g} | " + " | ".join(cells) + f" | {fmt(g['speedup_vs_torch'], '.2f')} |")
+        extra = f" | {fmt(g['speedup_vs_torch'], '.2f')} | {fmt(g['cpu_vs_pickle'], '.2f')} |"
+        out.append(f"| {size['mb']:g} | " + " | ".join(cells) + extra)
     if before:
         out += compare(before, res)
     out += ["", f"![throughput and memory]({png})", ""]
@@ -188,8 +214,8 @@ def compare(before: dict, after: dict) -> list[str]:
         f"({after['machine']['nodes_checkout']['commit'][:10]}), paired by size",
         "",
         "| MB | exchange p50 s | exchange MB/s | / raw TCP both ways | serving MB/s | / raw TCP one way | "
-        "RSS+ x model | pickle p50 / exchange p50 |",
-        "|---:|---|---|---|---|---|---|---|",
+        "RSS+ x model | pickle p50 / exchange p50 | exchange CPU s (A + B) |",
+        "|---:|---|---|---|---|---|---|---|---|",
     ]
     old = {s["mb"]: s for s in before["sizes"]}
     for size in after["sizes"]:
@@ -206,7 +232,8 @@ def compare(before: dict, after: dict) -> list[str]:
             f"| {pair(rb, ra, ROWS[2], 'mbps', '.0f')} "
             f"| {fmt(gb['serving_vs_tcp'], '.2f')} → {fmt(ga['serving_vs_tcp'], '.2f')} "
             f"| {fmt(gb['rss_multiple'], '.2f')} → {fmt(ga['rss_multiple'], '.2f')} "
-            f"| {fmt(gb['speedup_vs_pickle'], '.2f')} → {fmt(ga['speedup_vs_pickle'], '.2f')} |"
+            f"| {fmt(gb['speedup_vs_pickle'], '.2f')} → {fmt(ga['speedup_vs_pickle'], '.2f')} "
+            f"| {pair(rb, ra, ROWS[4], 'cpu_s', '.3f')} |"
         )
     return out
 

@@ -48,6 +48,13 @@ def reset_peak(pid: int) -> None:
         f.write("5")
 
 
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, all threads) that ``pid`` has used."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def settle(pid: int, wait_s: float = 0.2, tries: int = 15) -> int:
     """The RSS of an idle process: read until two readings ``wait_s`` apart differ by under 1 MiB."""
     last = mem(pid)["VmRSS"]
@@ -227,10 +234,12 @@ def ser_client(port: int, fmt: str, shapes: dict[str, list[int]], repeats: int) 
     conn = http.client.HTTPConnection(HOST, port, timeout=600)
     times: list[float] = []
     idle = size = 0
+    cpu0 = 0.0
     for i in range(repeats + 1):
         if i == 1:
             idle = settle(os.getpid(), 0.1, 5)
             reset_peak(os.getpid())
+            cpu0 = cpu_s(os.getpid())
         t0 = time.perf_counter()
         body = dumps(state)
         conn.request("POST", "/exchange", body=body, headers={"Content-Type": "application/octet-stream"})
@@ -247,7 +256,9 @@ def ser_client(port: int, fmt: str, shapes: dict[str, list[int]], repeats: int) 
         if i:
             times.append(dt)
     conn.close()
-    return {"times_s": times, "body_bytes": size, "client_idle_rss": idle, "client_peak_rss": mem(os.getpid())["VmHWM"]}
+    hwm = mem(os.getpid())["VmHWM"]
+    cpu = (cpu_s(os.getpid()) - cpu0) / repeats
+    return {"times_s": times, "body_bytes": size, "client_idle_rss": idle, "client_peak_rss": hwm, "client_cpu_s": cpu}
 
 
 ROLES: dict[str, Callable[..., dict]] = {
