@@ -43,6 +43,7 @@ from gossipfl.serving.httpserver import NodeRunner
 from gossipfl.serving.metrics import NodeMetrics
 from gossipfl.serving.routes import build_app
 
+EVAL_SHARE = 0.1  # evaluations (which hold the model's lock) take at most this share of a node's time
 STOP_GRACE_S = 3.0  # on stop, loops and exchanges in flight get this long, then are cancelled
 INFERENCE_CONCURRENCY = 2  # inference requests running at once; others wait their turn
 INFERENCE_UPLOADS = 8  # inference bodies being received at once; more are answered 503
@@ -67,6 +68,7 @@ class Node(Reporting):
         self.group: SecureGroup | None = None  # secure group rounds (--secure-group), or pairwise exchanges
         self._started = False
         self.last_eval: Evaluation | None = None
+        self._eval_cost = 0.0  # seconds the last evaluation took (it paces the next, see EVAL_SHARE)
         self.inference_slots = asyncio.Semaphore(INFERENCE_CONCURRENCY)
         self.inference_uploads = asyncio.Semaphore(INFERENCE_UPLOADS)
         self.partition = config.partition  # K/N, resolved at start when it is auto/N
@@ -223,7 +225,7 @@ class Node(Reporting):
         session = self._session
         exchanges = self.group or self.gossiper  # secure group rounds replace pairwise exchanges
         self._loop("gossip", exchanges.next_delay, lambda: self._gossip_round(session), first_wait=True)
-        self._loop("eval", cfg.eval_interval, self._evaluate)
+        self._loop("eval", lambda: max(cfg.eval_interval, self._eval_cost / EVAL_SHARE), self._evaluate)
         if self.checkpoints is not None:
             self._loop("checkpoint", cfg.checkpoint_interval, self._checkpoint, first_wait=True)
         if not cfg.no_train:
@@ -353,7 +355,9 @@ class Node(Reporting):
         await asyncio.to_thread(self.checkpoints.write, saved, version, extras)
 
     async def _evaluate(self) -> None:
+        start = time.perf_counter()
         self.last_eval = await asyncio.to_thread(self.learner.evaluate)
+        self._eval_cost = time.perf_counter() - start
         self.log.debug(
             "eval: accuracy=%.4f loss=%.4f age=%d", self.last_eval.accuracy, self.last_eval.loss, self.learner.age
         )

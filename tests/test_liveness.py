@@ -377,3 +377,16 @@ async def test_a_peer_that_stalls_mid_stream_is_cut_off_long_before_the_deadline
             start = time.monotonic()
             assert await node.gossiper.exchange(http, node.peers.get("staller")) == "failed"
             assert time.monotonic() - start < 10 and seen.count("/v1/gossip") >= 1
+
+
+async def test_a_slow_evaluation_is_paced_to_a_tenth_of_the_time(make_config):
+    """An evaluation holds the model's lock (exchanges and inference wait for it): on a large model, one
+    evaluation per --eval-interval would take all of a node's time. A 0.3 s evaluation asked for every 0.1 s
+    runs about every 3 s instead."""
+    cfg = make_config(task="slow-eval", gossip_interval=1000, discovery=("static",), eval_interval=0.1)
+    async with running(cfg, task=SlowEvalTask(0.3)) as (node,):
+        assert await wait_for(lambda: node.status()["loops"]["eval"]["rounds"] >= 1, timeout=10)
+        first = node.status()["loops"]["eval"]["rounds"]
+        await asyncio.sleep(6.5)
+        assert node.status()["loops"]["eval"]["rounds"] - first in (1, 2, 3)  # not ~16 (0.3 s + 0.1 s each)
+        assert node._eval_cost == pytest.approx(0.3, abs=0.25)
