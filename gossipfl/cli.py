@@ -158,6 +158,9 @@ def raise_fd_limit() -> None:
 
 
 def cmd_node(args: argparse.Namespace) -> int:
+    from gossipfl.common.memory import limit_malloc_arenas
+
+    limit_malloc_arenas()  # before any thread allocates: see common/memory.py
     config = config_from_namespace(args)
     from gossipfl.common.logs import setup_logging
     from gossipfl.learning.registry import get_task

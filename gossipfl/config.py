@@ -252,7 +252,7 @@ def validate(c: NodeConfig) -> None:
     if c.merge not in RULES:
         raise ConfigError(f"merge {c.merge!r}: expected one of {', '.join(RULES)}")
     try:
-        check_compress(c.compress, c.merge)
+        check_compress(c.compress, c.merge, parse_radius(c.clip_radius) is not None)
         parse_rate(c.max_upload_rate or "1")
     except ValueError as e:
         raise ConfigError(f"{'' if 'compress' in str(e) else 'max-upload-rate '}{e}") from None

@@ -248,3 +248,30 @@ async def test_an_oversized_reply_is_refused_before_it_is_buffered(node, http, u
         node.peers.upsert(peer.id, peer.url, "digits", "static")
         assert await node.gossiper.exchange(http, peer) == "failed"
         assert node.learner.snapshot().version == 0
+
+
+async def test_a_retried_prepare_gets_its_reply_even_when_its_first_attempt_holds_the_only_room(node, http):
+    """A model of 100 MB leaves room for one prepared exchange; a prepare whose reply was cut is retried with
+    the same xid, and the first attempt, prepared, holds that room: the retry says which exchange it repeats
+    (Gossipfl-Retry) and gets the same reply. The header lets nothing else in."""
+    node.gossiper.ledger.max_prepared = 1
+    xid = wire.new_xid()
+    body = message(node, xid=xid)
+    async with http.post(node.url + "/v1/gossip", data=body) as r:
+        assert r.status == 200
+        first = await r.read()
+    async with http.post(node.url + "/v1/gossip", data=body) as r:  # no room without the header
+        assert r.status == 409 and "no room" in (await r.json())["error"]
+    async with http.post(node.url + "/v1/gossip", data=body, headers={"Gossipfl-Retry": xid}) as r:
+        assert r.status == 200 and await r.read() == first
+    other = message(node, xid=wire.new_xid())  # another exchange claiming to be the retry: refused
+    async with http.post(node.url + "/v1/gossip", data=other, headers={"Gossipfl-Retry": xid}) as r:
+        assert r.status == 409 and f"a retry of exchange {xid}" in (await r.json())["error"]
+    unknown = wire.new_xid()  # a retry of an exchange not prepared here: no room, as any other
+    async with http.post(
+        node.url + "/v1/gossip", data=message(node, xid=unknown), headers={"Gossipfl-Retry": unknown}
+    ) as r:
+        assert r.status == 409 and "no room" in (await r.json())["error"]
+    async with http.post(node.url + "/v1/gossip", data=body, headers={"Gossipfl-Retry": "nope"}) as r:
+        assert r.status == 400
+    assert node.learner.merges == 0 and len(node.gossiper.ledger) == 1

@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from gossipfl.common.units import parse_rate
 from gossipfl.protocol.budget import UploadBudget
 from tests.helpers import message, running, wait_for
 
@@ -88,3 +89,17 @@ async def test_a_node_over_its_budget_answers_prepares_with_409_until_it_is_paid
         assert await wait_for(lambda: node.gossiper.upload.wait() == 0, timeout=5)
         async with http.post(url, data=message(node), headers={"Content-Type": "application/msgpack"}) as r:
             assert r.status == 200
+
+
+@pytest.mark.parametrize(
+    ("text", "rate"),
+    [("1e6", 1e6), ("500k", 5e5), ("10MB/s", 1e7), ("1.5 MiB/s", 1.5 * 2**20), ("100Mbit/s", 1.25e7), ("8Mbps", 1e6)],
+)
+def test_rates_read_in_human_units(text, rate):
+    assert parse_rate(text) == pytest.approx(rate)
+
+
+@pytest.mark.parametrize("text", ["0", "-5MB/s", "0.5", "1e-320", "1e999", "fast", "10 XB", "MiB/s", ""])
+def test_a_rate_that_is_not_one_byte_per_second_or_more_is_refused(text):
+    with pytest.raises(ValueError, match="not a rate|at least 1"):
+        parse_rate(text)

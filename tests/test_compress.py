@@ -278,3 +278,15 @@ async def test_pure_averaging_with_compression_conserves_the_mean_and_reaches_co
             await settled(*nodes)
             final = [flatten(params_of(n)) for n in nodes]
     np.testing.assert_allclose(network_mean(final), mean0, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("value", [1.8e-43, 2.7e-43, 5e-42, 1.5e-36])
+def test_int8_never_sends_what_it_would_refuse(value):
+    """Found in review: a block whose largest magnitude is tiny has a subnormal scale, x / scale rounded past
+    127 and the cast wrapped to -128 (or flipped signs): the node refused its own message."""
+    x = np.full(300, value, F32)
+    x[::2] *= -1
+    q = roundtrip("int8", x)  # decodes without ValueError
+    assert np.all(np.sign(q) * np.sign(x) >= 0)
+    big = np.array([1e300, -1e300, 1.0], np.float64)  # float64 beyond float32: clipped, not an infinite scale
+    assert np.isfinite(roundtrip("int8", big)).all()

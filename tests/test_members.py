@@ -337,3 +337,17 @@ async def test_an_mdns_record_claiming_a_members_id_gets_the_impostor_shunned_no
                 await zc.async_unregister_service(fake)
     finally:
         await runner.cleanup()
+
+
+@pytest.mark.parametrize("codec", ["none", "int8"])
+async def test_members_exchange_models_of_megabytes_signed_piece_by_piece(make_config, key_file, http, codec):
+    """Bodies over 1 MB are signed and checked (SHA-256 over their pieces, never joined) in a worker thread,
+    on both sides, request and reply."""
+    common = dict(task="synthetic:mb=3", no_train=True, gossip_interval=1000, secret_file=key_file, join_wait=0)
+    async with running(make_config(id="big-a", seed=1, **common)) as (a,):
+        async with running(
+            make_config(id="big-b", seed=2, seeds=(f"127.0.0.1:{a.port}",), compress=codec, **common)
+        ) as (b,):
+            assert await wait_for(lambda: "big-a" in b.peers, timeout=10)
+            assert await b.gossiper.exchange(http, b.peers.get("big-a")) == "ok"
+            assert b.gossiper.stats.bytes_sent > (3 << 20) * (0.9 if codec == "none" else 0.25)

@@ -76,10 +76,17 @@ def test_a_tabular_node_learns_unscaled_columns_with_the_default_options(tmp_pat
     assert baseline.evaluate().accuracy < 0.6
 
 
-async def test_nodes_agree_on_the_statistics_through_gossip_and_share_one_initial_model(tmp_path, make_config):
+@pytest.mark.parametrize("codec", ["none", "fp16", "int8", "topk:0.1"])
+async def test_nodes_agree_on_the_statistics_through_gossip_and_share_one_initial_model(tmp_path, make_config, codec):
+    """Whatever --compress says, the statistics (float64 moments, whose variance second - mean^2 cancels
+    badly) travel whole and uncompressed: a lossy codec or a top-k choice per tensor would leave them an
+    invalid pair of moments (a negative variance), or never mixed (fp16 clips 1e8 to 65504)."""
     x, y = unscaled_table()
     np.savez(tmp_path / "t.npz", x=x, y=y)
-    common = dict(task="tabular", data=str(tmp_path / "t.npz"), partition_scheme="dirichlet:0.5", gossip_interval=0.2)
+    common = dict(
+        task="tabular", data=str(tmp_path / "t.npz"), partition_scheme="dirichlet:0.5", gossip_interval=0.2,
+        compress=codec,
+    )  # fmt: skip
     async with running(make_config(id="std-a", partition="0/2", **common)) as (a,):
         before_a = a.learner.snapshot().params["0.mean"].copy()
         async with running(make_config(id="std-b", partition="1/2", seeds=(f"127.0.0.1:{a.port}",), **common)) as (b,):
@@ -92,6 +99,8 @@ async def test_nodes_agree_on_the_statistics_through_gossip_and_share_one_initia
             ma, mb = a.learner.snapshot().params["0.mean"], b.learner.snapshot().params["0.mean"]
     np.testing.assert_allclose(ma, mb, rtol=1e-5)  # every merge averages them: after the last one, equal
     np.testing.assert_allclose(ma, (before_a + before_b) / 2, rtol=1e-4)  # `average`: the plain mean
+    second = a.learner.snapshot().params["0.second"]
+    assert np.array_equal(second, b.learner.snapshot().params["0.second"]) and (second - ma**2 >= 0).all()
 
 
 @pytest.mark.parametrize(("mean", "sd"), [(1e4, 1.0), (3e6, 20.0), (5e-7, 1e-7), (881.0, 350.0)])

@@ -35,13 +35,13 @@ async def read_limited(
     (BodyError) a body cut short, badly framed, or (BodyTimeout) not whole within ``deadline`` seconds or
     stalled: no byte for ``stall`` seconds (default STALL_S; a large body's deadline is long, a sender that
     stops is cut off sooner).
-    A declared size is read straight into one buffer of that size (each byte is copied once, from the
-    connection's buffer); the result is that buffer, writable (a message's tensors are decoded in it)."""
+    The body is read into one buffer, grown as it comes (a large buffer grows by remapping its pages, not
+    by copying them; one that is declared but never sent costs nothing); the result is that buffer,
+    writable: a message's tensors are decoded in it, without a copy."""
     if declared is not None and declared > limit:
         raise TooLarge(f"body of {declared} bytes exceeds {limit}")
-    buf = bytearray(declared) if declared is not None else bytearray()
-    view = memoryview(buf) if declared is not None else None
-    got, stall = 0, STALL_S if stall is None else stall
+    buf = bytearray()
+    stall = STALL_S if stall is None else stall
     timer = asyncio.timeout(deadline)
     try:
         async with timer:
@@ -53,30 +53,20 @@ async def read_limited(
                 except TimeoutError:
                     if not quiet.expired():  # the deadline's, or a caller's own
                         raise
-                    raise BodyTimeout(f"body stalled: no data for {stall:g} s ({got} bytes came)") from None
+                    raise BodyTimeout(f"body stalled: no data for {stall:g} s ({len(buf)} bytes came)") from None
                 if not chunk:
                     break
-                n = len(chunk)
-                if view is not None:
-                    if got + n > len(buf):
-                        raise BodyError(f"body longer than the {declared} bytes declared")
-                    view[got : got + n] = chunk
-                else:
-                    buf += chunk
-                got += n
-                if got > limit:
+                buf += chunk
+                if len(buf) > limit:
                     raise TooLarge(f"body exceeds {limit} bytes")
     except TimeoutError:
         if not timer.expired():  # a caller's own timeout (the client's total): not ours to explain
             raise
-        raise BodyTimeout(f"body not received within {deadline:g} s ({got} bytes came)") from None
+        raise BodyTimeout(f"body not received within {deadline:g} s ({len(buf)} bytes came)") from None
     except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, web.RequestPayloadError, ConnectionError) as e:
-        raise BodyError(f"body cut short after {got} bytes: {type(e).__name__}") from None
-    finally:
-        if view is not None:
-            view.release()
-    if declared is not None and got != declared:
-        raise BodyError(f"body of {got} bytes, {declared} declared")
+        raise BodyError(f"body cut short after {len(buf)} bytes: {type(e).__name__}") from None
+    if declared is not None and len(buf) != declared:
+        raise BodyError(f"body of {len(buf)} bytes, {declared} declared")
     return buf
 
 

@@ -1,8 +1,9 @@
 """The upload budget (``--max-upload-rate``): what a node sends in exchanges (its prepares, as initiator,
 and its replies, as responder) averages at most ``rate`` bytes per second, whatever the model's size and
 codec. Each message sent puts the node ``bytes / rate`` seconds in debt; while in debt it starts no exchange
-and answers prepares with 409 (busy), so over any stretch of time T it sends at most ``rate * T`` plus one
-message. The rate actually sent, budget or not, is measured over the last ``WINDOW_S`` seconds."""
+and answers prepares with 409 (busy), and it answers one prepare at a time, so over any stretch of time T
+it sends at most ``rate * T`` plus one message (and a retry of it). The rate actually sent, budget or not,
+is measured over the last ``WINDOW_S`` seconds."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from collections import deque
 from collections.abc import Callable
 
 WINDOW_S = 10.0
+MIN_SPAN_S = 1.0  # (the first second counts as a whole one)
 
 
 class UploadBudget:
@@ -41,8 +43,8 @@ class UploadBudget:
         """Bytes per second sent over the last WINDOW_S seconds (or since the start, when that is shorter)."""
         now = self.clock()
         self._trim(now)
-        span = min(WINDOW_S, now - self._started)
-        return self._window_bytes / span if span > 0 else 0.0
+        span = max(MIN_SPAN_S, min(WINDOW_S, now - self._started))
+        return self._window_bytes / span
 
     def _trim(self, now: float) -> None:
         while self._sent and self._sent[0][0] < now - WINDOW_S:

@@ -27,6 +27,7 @@ import numpy as np
 INT8_BLOCK = 256
 FP16_MAX = float(np.finfo(np.float16).max)
 BF16_MAX = 3.3895313892515355e38  # largest finite bfloat16
+F32_MAX = float(np.finfo(np.float32).max)
 INDEX_DTYPE = np.dtype("<u4")
 MAX_TENSOR_VALUES = 2**32 - 1  # what a uint32 index can address
 RANDOM_SHARE = 0.25  # of a top-k selection, drawn at random instead (see TopK.select)
@@ -128,7 +129,8 @@ class Int8(Codec):
         blocks = -(-n // INT8_BLOCK)
         full = n // INT8_BLOCK * INT8_BLOCK
         scale = np.empty(blocks, "<f4")
-        x32 = x.astype(np.float32, copy=False)
+        # (a wider float beyond float32's range: clipped with room for the rounding of scale x 127)
+        x32 = np.clip(x, -F32_MAX / 2, F32_MAX / 2).astype(np.float32) if x.dtype.itemsize > 4 else x
         if full:
             scale[: full // INT8_BLOCK] = np.abs(x32[:full].reshape(-1, INT8_BLOCK)).max(axis=1)
         if full < n:
@@ -136,10 +138,12 @@ class Int8(Codec):
         scale /= np.float32(127)
         safe = np.where(scale > 0, scale, np.float32(1))
         q = np.empty(n, "i1")
-        if full:
-            q[:full] = np.rint(x32[:full].reshape(-1, INT8_BLOCK) / safe[: full // INT8_BLOCK, None]).reshape(-1)
-        if full < n:
-            q[full:] = np.rint(x32[full:] / safe[-1])
+        with np.errstate(over="ignore"):  # (a subnormal scale: x / scale can exceed 127, clipped below)
+            if full:
+                block = x32[:full].reshape(-1, INT8_BLOCK) / safe[: full // INT8_BLOCK, None]
+                q[:full] = np.clip(np.rint(block), -127, 127).reshape(-1)
+            if full < n:
+                q[full:] = np.clip(np.rint(x32[full:] / safe[-1]), -127, 127)
         return {"data": q, "scale": scale}
 
     def decode(self, fields: Mapping[str, object], dtype: np.dtype, n: int) -> np.ndarray:
@@ -260,9 +264,18 @@ def for_wire(name: str) -> Codec:
     return CODECS[name]()
 
 
-def check_options(spec: str, rule: str) -> Codec:
-    """The codec of ``--compress`` for a node merging with ``rule``; ValueError with a one-line message."""
+def check_options(spec: str, rule: str, robust: bool = False) -> Codec:
+    """The codec of ``--compress`` for a node merging with ``rule`` (``robust``: with --clip-radius);
+    ValueError with a one-line message."""
     codec = parse(spec)
-    if codec.name == "topk" and rule == "pushsum":
-        raise ValueError("compress topk with merge pushsum: top-k averages part of a model, push-sum weights all of it")
+    if not codec.lossless and rule == "pushsum":
+        raise ValueError(
+            f"compress {spec} with merge pushsum: push-sum conserves the weighted sum of the models, which a lossy "
+            "codec's residuals do not (and top-k averages part of a model); use average, age or samples"
+        )
+    if codec.name == "topk" and robust:
+        raise ValueError(
+            "compress topk with clip-radius: distances over the chosen coordinates are not comparable with the "
+            "distances of whole models that set the radius"
+        )
     return codec

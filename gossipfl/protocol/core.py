@@ -40,7 +40,7 @@ class Sent:
     merges: int
     body: Chunks
     exact: bool = True
-    index: Mapping[str, np.ndarray] | None = None
+    index: Mapping[str, np.ndarray | None] | None = None
 
 
 class GossipCore:
@@ -85,8 +85,6 @@ class GossipCore:
         # moved since and was not sent yet stays in ``model - reference`` until it is among the largest)
         self.reference: dict[str, np.ndarray] | None = None
         if isinstance(codec, compress.TopK):
-            if merge.get_rule(rule) is merge.push_sum:
-                raise ValueError("top-k compression averages a part of the model, push-sum weights the whole")
             if any(a.size > compress.MAX_TENSOR_VALUES for a in initial.values()):
                 raise ValueError("top-k compression indexes tensors of at most 2**32 - 1 values")
             self.reference = {name: np.array(a) for name, a in initial.items()}
@@ -151,23 +149,31 @@ class GossipCore:
         responder's in the initiator's codec, or at the initiator's top-k indices ``at``), and the state as
         the partner decodes it. Raises WireError when the state cannot be sent (not finite)."""
         counters = (state.age, state.version, state.weight, state.merges)
+        exact = self.learner.statistics  # (the convex statistics go whole and uncompressed: see docs)
         if at is None and isinstance(codec, compress.TopK):
             assert self.reference is not None, "top-k needs the reference of the last exchanged values"
             at = {
-                name: codec.select(np.asarray(a).reshape(-1) - self.reference[name].reshape(-1), self._select_rng)
+                name: None
+                if name in exact
+                else codec.select(np.asarray(a).reshape(-1) - self.reference[name].reshape(-1), self._select_rng)
                 for name, a in state.params.items()
             }
             reply = False
         else:
             reply = at is not None
         if at is not None:
-            values = {name: np.asarray(a).reshape(-1)[at[name]] for name, a in state.params.items()}
-            body = wire.encode(self._message(state, values, xid, at), send_index=not reply, spec=self.spec)
+            values = {
+                name: np.asarray(a) if at.get(name) is None else np.asarray(a).reshape(-1)[at[name]]
+                for name, a in state.params.items()
+            }
+            msg = self._message(state, values, xid, at)
+            body = wire.encode(msg, send_index=not reply, spec=self.spec, exact=exact)
             return Sent(values, *counters, body, exact=False, index=at)
-        body = wire.encode(self._message(state, state.params, xid), codec)
+        body = wire.encode(self._message(state, state.params, xid), codec, exact=exact)
         if codec.lossless:
             return Sent(state.params, *counters, body)
-        decoded = wire.decode(body.tobytes(), self.spec, reply=True)  # exactly what the partner will decode
+        # exactly what the partner will decode
+        decoded = wire.decode(body.tobytes(), self.spec, reply=True, exact=exact)
         return Sent(decoded.params, *counters, body, exact=False)
 
     def _decode(
@@ -175,7 +181,7 @@ class GossipCore:
     ) -> wire.GossipMessage:
         """Decode and check that the message can be merged with this node's rule (``at``, ``reply``: see
         wire.decode)."""
-        msg = wire.decode(body, self.spec, self.task, at=at, reply=reply)
+        msg = wire.decode(body, self.spec, self.task, at=at, reply=reply, exact=self.learner.statistics)
         if msg.cluster is not None and msg.cluster != self.cluster:
             raise wire.WireError(f"cluster {msg.cluster!r} does not match this node's {self.cluster!r}")
         if msg.merge is not None and msg.merge != self.rule_name:
@@ -185,8 +191,10 @@ class GossipCore:
             raise wire.WireError(f"merge rule {self.rule_name!r} needs field {needed!r}")
         if msg.xid is None:
             raise wire.WireError("field 'xid' is required in an exchange")
-        if msg.index is not None and self.rule_name == "pushsum":
-            raise wire.WireError("top-k compression cannot be merged with push-sum (it averages part of a model)")
+        if msg.compress != "none" and self.rule_name == "pushsum":
+            raise wire.WireError(f"compression {msg.compress!r} cannot be merged with push-sum (see --compress)")
+        if msg.index is not None and self.robust is not None:
+            raise wire.WireError("this node merges robustly (--clip-radius) and takes no top-k exchanges")
         return msg
 
     def _merge(self, mine: Snapshot, theirs: wire.GossipMessage) -> merge.Merged:
@@ -206,28 +214,30 @@ class GossipCore:
         """Set the learner to ``merged``, keeping what changed since ``sent`` (local steps; and other merges,
         for a merge applied late; and, with a lossy codec, what the codec lost of this node's model). With
         top-k, only the coordinates exchanged change. The caller holds ``_merging``."""
-        index: Mapping[str, np.ndarray] | None = getattr(sent, "index", None)
+        index: Mapping[str, np.ndarray | None] = getattr(sent, "index", None) or {}
         exact = getattr(sent, "exact", True)
 
         def fn(now: Snapshot) -> tuple[dict, int, float]:
-            current = now.params if index is None else {n: a.reshape(-1)[index[n]] for n, a in now.params.items()}
+            # the exchanged part of each tensor: all of it, or the values at its top-k indices
+            current = {n: a if index.get(n) is None else a.reshape(-1)[index[n]] for n, a in now.params.items()}
             late = now.merges != sent.merges
-            changed = late or now.version != sent.version or not exact
-            if changed and not late and index is None:  # current + (merged - sent), written into merged's arrays
+            if self.reference is not None:  # top-k's reference: the exchanged coordinates' merged values
+                for name, i in index.items():
+                    if i is not None:
+                        self.reference[name].reshape(-1)[i] = merged.params[name]
+            if not late and (now.version != sent.version or not exact):  # current + (merged - sent), in place
                 params = merge.rebase_into(current, sent.params, merged.params)
             else:
-                params = merge.apply(current, sent.params, merged.params, changed=changed)
+                params = merge.apply(current, sent.params, merged.params, changed=late)
             weight = merge.apply_weight(now.weight, sent.weight, merged.weight)
             if late:  # applied late, on top of other merges
                 params = merge.keep_convex(params, current, merged.params, self.learner.statistics)
                 params = merge.keep_nonnegative(params, current, sent.params, merged.params)
                 weight = merge.keep_positive_weight(weight, now.weight, merged.weight)
-            if index is not None:  # the exchanged coordinates only; they were last exchanged at their merged value
-                for name, a in now.params.items():
-                    a.reshape(-1)[index[name]] = params[name]
-                    if self.reference is not None:  # (a responder that does not use top-k itself keeps none)
-                        self.reference[name].reshape(-1)[index[name]] = merged.params[name]
-                params = dict(now.params)
+            for name, i in index.items():  # top-k: only the exchanged coordinates change
+                if i is not None:
+                    now.params[name].reshape(-1)[i] = params[name]
+                    params[name] = now.params[name]
             return params, max(now.age, merged.age), weight
 
         await asyncio.to_thread(self.learner.update, fn)

@@ -53,6 +53,11 @@ def check_options(c: Any) -> None:
         raise ValueError(f"secure-group with merge {c.merge}: a group round computes the plain mean; use average")
     if c.clip_radius is not None:
         raise ValueError("secure-group with clip-radius: masked models cannot be clipped; choose one")
+    if c.compress != "none" or c.max_upload_rate is not None:
+        raise ValueError(
+            "secure-group with compress or max-upload-rate: group rounds send masked fixed-point vectors, which "
+            "neither compress nor count against the upload budget"
+        )
 
 
 @dataclass

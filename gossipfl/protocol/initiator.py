@@ -184,7 +184,6 @@ class Initiator(GossipCore):
             self.log.warning("not gossiping: this node's model is invalid: %s", e)
             return "failed"
         del state  # (the body holds what it needs; a lossy codec's message no longer needs the snapshot)
-        self.upload.spend(len(sent.body))
         try:
             raw = await post_prepare(
                 session,
@@ -192,9 +191,11 @@ class Initiator(GossipCore):
                 peer.url,
                 peer.id,
                 sent.body,
+                xid=xid,
                 timeout=self.timeout,
                 max_body=self.max_body,
                 stats=self.stats,
+                upload=self.upload,
             )
             reply = self._decode(raw, at=sent.index, reply=True)
             del raw

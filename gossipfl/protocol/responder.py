@@ -44,13 +44,20 @@ class Responder(GossipCore):
         self.on_inbound: Callable[[str, str], None] | None = None
         self._receiving = 0  # gossip bodies being read (they count against the prepared exchanges)
 
-    def reserve(self) -> bool:
+    def reserve(self, retry_of: str | None = None) -> bool:
         """Claim room for one incoming exchange before its body is read; False (answer 409) if there is
         none, the node is stopping or holding (joining), or it has sent its upload budget's worth for now.
-        Call ``release`` once the body was handled."""
+        ``retry_of``: the xid a retried prepare says it repeats (transport.RETRY_HEADER); while that exchange
+        is prepared here, the retry is let in regardless (it only gets the same reply again, and ``prepare``
+        refuses it unless its body is that exchange's). Call ``release`` once the body was handled."""
         self.expire()
-        if self._closed or self.holding is not None or not self.ledger.room(self._receiving) or self.upload.wait():
+        if self._closed or self.holding is not None:
             return False
+        if retry_of is None or self.ledger.prepared(retry_of) is None:
+            if not self.ledger.room(self._receiving) or self.upload.wait():
+                return False
+            if self.upload.rate is not None and self._receiving:  # one reply at a time under a budget
+                return False
         self._receiving += 1
         return True
 
@@ -78,11 +85,13 @@ class Responder(GossipCore):
         top-k indices). Raises WireError when this node's own model cannot be sent."""
         return self.outgoing(self.learner.snapshot(), xid, compress.for_wire(msg.compress), at=msg.index)
 
-    async def prepare(self, body: bytes | bytearray, remote: str | None = None, member: str | None = None) -> Chunks:
+    async def prepare(
+        self, body: bytes | bytearray, remote: str | None = None, member: str | None = None, retry_of: str | None = None
+    ) -> Chunks:
         """Phase 1 of an exchange started by a peer (from address ``remote``; ``member``: the node id the
-        request authenticated as, None on an open node): reply with this node's state, keep the merge for the
-        decision. Raises wire.WireError (400), Impersonation (401), Conflict or Busy (409), Unavailable (503);
-        the model is never changed here."""
+        request authenticated as, None on an open node; ``retry_of``: see ``reserve``): reply with this
+        node's state, keep the merge for the decision. Raises wire.WireError (400), Impersonation (401),
+        Conflict or Busy (409), Unavailable (503); the model is never changed here."""
         try:
             msg = self._decode(body)
         except wire.WireError:
@@ -93,6 +102,8 @@ class Responder(GossipCore):
             raise Impersonation(f"message from {msg.sender!r} sent by member {member!r}")
         xid = msg.xid
         assert xid is not None
+        if retry_of is not None and (xid != retry_of or self.ledger.prepared(xid) is None):
+            raise Busy(f"a retry of exchange {retry_of} that is not prepared here (any more)")
         if (outcome := self.ledger.outcome(xid)) is not None:
             raise Conflict(f"exchange {xid} was already {outcome}")
         if (entry := self.ledger.prepared(xid)) is not None:  # a retried prepare: the same reply again

@@ -8,14 +8,17 @@ import json
 
 import aiohttp
 
+from gossipfl.common.chunks import Chunks
 from gossipfl.common.httpio import BodyError, TooLarge
 from gossipfl.protocol import wire
+from gossipfl.protocol.budget import UploadBudget
 from gossipfl.protocol.ledger import ABORTED, COMMITTED
 from gossipfl.protocol.stats import ExchangeStats
 from gossipfl.security.http import call, error_text
 from gossipfl.security.membership import Membership
 from gossipfl.security.signing import Unauthorized
 
+RETRY_HEADER = "Gossipfl-Retry"  # on a retried prepare: the xid of the exchange it repeats
 CONNECT_TIMEOUT_S = 2.0
 BASE_TIMEOUT_S = 2.0  # a prepare of a small model: connect, send, the peer's snapshot, the reply
 MIN_THROUGHPUT = 8e6  # bytes/s assumed of the slowest link, for the size-dependent part of timeouts
@@ -39,17 +42,23 @@ async def post_prepare(
     membership: Membership,
     url: str,
     peer_id: str,
-    body: bytes,
+    body: bytes | Chunks,
     *,
+    xid: str,
     timeout: aiohttp.ClientTimeout,
     max_body: int,
     stats: ExchangeStats,
-) -> bytes:
-    """POST the prepare to the peer ``peer_id`` at ``url``; its reply, signed by that member when the cluster
-    has a key (see security/http.py). Retried once, with the same xid, if the connection broke before the
-    reply came whole (the peer answers a retried prepare with the same reply). Raises PeerBusy (409),
-    ExchangeError (another status), Unauthorized, aiohttp errors, TimeoutError, TooLarge, BodyError."""
+    upload: UploadBudget,
+) -> bytearray:
+    """POST the prepare of exchange ``xid`` to the peer ``peer_id`` at ``url``; its reply, signed by that
+    member when the cluster has a key (see security/http.py). Retried once, with the same xid, if the
+    connection broke before the reply came whole: the retry says so (RETRY_HEADER), so that the peer, whose
+    room the first attempt may hold, answers it with the same reply. Each attempt counts against ``upload``.
+    Raises PeerBusy (409), ExchangeError (another status, or a 409 to the retry: the first attempt may be
+    prepared there, and must be aborted), Unauthorized, aiohttp errors, TimeoutError, TooLarge, BodyError."""
     for attempt in (0, 1):
+        headers = {"Content-Type": wire.CONTENT_TYPE, **({RETRY_HEADER: xid} if attempt else {})}
+        upload.spend(len(body))
         try:
             reply = await call(
                 session,
@@ -60,7 +69,7 @@ async def post_prepare(
                 limit=max_body,
                 timeout=timeout,
                 expect=peer_id,
-                headers={"Content-Type": wire.CONTENT_TYPE},
+                headers=headers,
             )
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, BodyError):
             if attempt:  # once: a pooled connection the peer had closed, or a reply cut short
@@ -68,6 +77,8 @@ async def post_prepare(
             continue
         stats.bytes_sent += len(body)
         if reply.status == 409:
+            if attempt:
+                raise ExchangeError(f"retry refused: {error_text(reply.body)}")
             raise PeerBusy(error_text(reply.body))
         if reply.status != 200:
             raise ExchangeError(f"HTTP {reply.status}: {error_text(reply.body)}")

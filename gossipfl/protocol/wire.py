@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -89,7 +89,7 @@ class GossipMessage:
     xid: str | None = None
     compress: str = "none"  # the codec the tensors were sent with (decoded: ``params`` are the values)
     # top-k: per tensor, the flat indices that ``params`` (1-d, the values there) are at; None: dense
-    index: Mapping[str, np.ndarray] | None = None
+    index: Mapping[str, np.ndarray | None] | None = None  # (None for a tensor sent whole: see ``exact``)
 
 
 NONE = compress.NoCompression()
@@ -184,14 +184,20 @@ class _Body:
 
 
 def encode(
-    msg: GossipMessage, codec: Codec = NONE, *, send_index: bool = True, spec: ModelSpec | None = None
+    msg: GossipMessage,
+    codec: Codec = NONE,
+    *,
+    send_index: bool = True,
+    spec: ModelSpec | None = None,
+    exact: Collection[str] = (),
 ) -> Chunks:
     """The message as msgpack, in pieces (``Chunks``): tensors are not copied unless a codec transforms them.
     ``msg.params`` are the full tensors (compressed here with ``codec``), or with ``msg.index`` the values at
     those indices (top-k: ``idx`` goes out when ``send_index``, a reply leaves it out; ``spec`` gives the
-    shapes to declare). Raises WireError for
-    a message that ``decode`` would refuse (an age out of range, a weight that is not finite, parameters
-    with NaN or Inf)."""
+    shapes to declare). The tensors named in ``exact`` go whole and uncompressed whatever the codec (a
+    model's statistics, see core.py; the receiver decodes them so with the same names). Raises WireError
+    for a message that ``decode`` would refuse (an age out of range, a weight that is not finite,
+    parameters with NaN or Inf)."""
     _check_scalars(msg.sender, msg.age, msg.samples, msg.weight, msg.port, msg.xid)
     name = "topk" if msg.index is not None else codec.name
     fields: dict[str, object] = {"v": PROTOCOL_VERSION if name == "none" else COMPRESSED_VERSION}
@@ -214,7 +220,9 @@ def encode(
             raise WireError(f"parameter {tensor!r}: contains NaN or Inf")
         if not a.flags.c_contiguous:  # (np.ascontiguousarray would turn a 0-d array into 1-d)
             a = a.copy(order="C")
-        if msg.index is not None:
+        if tensor in exact:
+            flat, shape = {"data": a}, a.shape
+        elif msg.index is not None:
             flat = {"idx": msg.index[tensor], "data": a} if send_index else {"data": a}
             assert spec is not None, "a top-k message declares the shapes of the whole tensors"
             shape: tuple[int, ...] = spec[tensor].shape
@@ -304,13 +312,15 @@ def decode(
     spec: ModelSpec,
     task: str | None = None,
     *,
-    at: Mapping[str, np.ndarray] | None = None,
+    at: Mapping[str, np.ndarray | None] | None = None,
     reply: bool = False,
+    exact: Collection[str] = (),
 ) -> GossipMessage:
     """Parse and validate a message for a model with ``spec``; raise WireError naming the problem. The
     tensors of an uncompressed message are views into ``body`` (writable when it is a bytearray); ``at``:
     the indices of the top-k message this one answers (it must then be top-k, without ``idx``); ``reply``: it
-    answers a message that was not top-k (so it may not be top-k either)."""
+    answers a message that was not top-k (so it may not be top-k either); ``exact``: tensors sent whole and
+    uncompressed in any message (see ``encode``)."""
     if isinstance(body, Chunks):  # a message made here (tests, a node reading its own): joined once
         body = body.tobytes()
     try:
@@ -352,7 +362,8 @@ def decode(
         raise WireError(f"unknown parameters: {', '.join(map(str, unknown))}")
     decoded, index = {}, {}
     for n in spec:
-        decoded[n], index[n] = _decode_tensor(n, params[n], spec[n], codec, at[n] if at is not None else None)
+        own = NONE if n in exact else codec
+        decoded[n], index[n] = _decode_tensor(n, params[n], spec[n], own, at.get(n) if at is not None else None)
     return GossipMessage(
         sender, age, decoded, msg_task, rule, samples, weight, cluster=cluster, port=port, xid=xid,
         compress=name, index=index if name == "topk" else None,

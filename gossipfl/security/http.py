@@ -16,6 +16,7 @@ from gossipfl.security.membership import Membership, Pending
 from gossipfl.security.signing import Unauthorized
 
 ERROR_TEXT_LIMIT = 512
+HASH_IN_THREAD = 1 << 20  # bodies larger than this are signed and checked in a worker thread
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,10 @@ async def call(
     connection limit's 503 comes before any route could sign it. Raises aiohttp errors, TimeoutError,
     TooLarge and BodyError as reading does."""
     target = URL(url).raw_path_qs
-    signed, pending = membership.sign(method, target, body, to=expect)
+    if len(body) > HASH_IN_THREAD:  # hashing 100 MB takes ~50 ms: not on the event loop
+        signed, pending = await asyncio.to_thread(membership.sign, method, target, body, to=expect)
+    else:
+        signed, pending = membership.sign(method, target, body, to=expect)
     try:
         return await _call(session, membership, method, url, body, signed, pending, limit, timeout, expect, headers)
     except aiohttp.ClientSSLError as e:  # a certificate from another CA (either side), or for another id
@@ -87,7 +91,10 @@ async def _call(
                 raise Unauthorized(f"the peer refused this node's credentials: {error_text(text)}")
             return Reply(resp.status, text, None)
         raw = await read_limited(resp.content, resp.content_length, limit)
-        who = membership.check_reply(pending, resp.status, resp.headers, raw, expect)
+        if len(raw) > HASH_IN_THREAD:
+            who = await asyncio.to_thread(membership.check_reply, pending, resp.status, resp.headers, raw, expect)
+        else:
+            who = membership.check_reply(pending, resp.status, resp.headers, raw, expect)
     return Reply(resp.status, raw, who)
 
 

@@ -7,6 +7,7 @@ from aiohttp import web
 from gossipfl.protocol import wire
 from gossipfl.protocol.ledger import ABORTED
 from gossipfl.protocol.responder import Impersonation, Unavailable
+from gossipfl.protocol.transport import RETRY_HEADER
 from gossipfl.security.membership import Membership
 from gossipfl.serving import auth, grouproutes, inference, modelfile, openapi
 from gossipfl.serving.errors import closing, error, json_errors, streamed
@@ -54,11 +55,14 @@ async def post_gossip(request: web.Request) -> web.Response:
     """Phase 1 of an exchange. Whether there is room is checked before the body is read, and the body
     must arrive within a deadline that grows with its size."""
     gossiper = request.app[NODE_KEY].gossiper
-    if not gossiper.reserve():
+    retry_of = request.headers.get(RETRY_HEADER)  # a retried prepare: the xid it repeats
+    if retry_of is not None and not wire.XID_RE.match(retry_of):
+        return closing(error(400, f"{RETRY_HEADER} must be an exchange id of 32 lowercase hex digits"))
+    if not gossiper.reserve(retry_of):
         return closing(error(409, gossiper.refusal()))
     try:
         body, member = await read_member_body(request, gossiper.max_body)
-        reply = await gossiper.prepare(body, remote=request.remote, member=member)
+        reply = await gossiper.prepare(body, remote=request.remote, member=member, retry_of=retry_of)
     except Refused as e:
         return e.response
     except REFUSALS as e:
