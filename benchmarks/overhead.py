@@ -80,7 +80,8 @@ class Node:
         if not train:
             args.append("--no-train")
         self.log = open(logdir / f"node-{port}-{time.time_ns()}.log", "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
+        # not in the checkout: `python -m` puts the working directory first on sys.path, ahead of PYTHONPATH
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, cwd=logdir)
 
     def wait_up(self, timeout: float = 90.0) -> dict:
         end = time.monotonic() + timeout
@@ -252,11 +253,13 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def code_version() -> str:
-    """The gossipfl the nodes ran: a snapshot's COMMIT file, else the checkout's HEAD (+ dirty)."""
-    import gossipfl
-
-    root = Path(gossipfl.__file__).resolve().parent.parent
+def code_version(cwd: Path) -> str:
+    """The gossipfl the nodes run (imported as they import it, from ``cwd``): a snapshot's COMMIT file, else
+    the checkout's HEAD (+ dirty)."""
+    where = subprocess.run(
+        [sys.executable, "-c", "import gossipfl; print(gossipfl.__file__)"], cwd=cwd, capture_output=True, text=True
+    )
+    root = Path(where.stdout.strip()).resolve().parent.parent
     if (root / "COMMIT").exists():
         return (root / "COMMIT").read_text().strip() + f" (snapshot in {root})"
     head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -348,7 +351,7 @@ def main() -> None:
         "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "host": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()})",
         "command": "python benchmarks/overhead.py " + " ".join(sys.argv[1:]),
-        "code": code_version(),
+        "code": code_version(Path(tempfile.gettempdir())),
         "args": vars(args),
     }
     runs = run_all(args)
