@@ -197,7 +197,9 @@ class TopK(Codec):
             return np.arange(n, dtype=INDEX_DTYPE)
         k_top = k - int(k * RANDOM_SHARE)
         shift = int(rng.integers(n))  # ties (coordinates that did not move) go to different ones each time
-        top = (np.argpartition(np.roll(np.abs(moved), -shift), n - k_top)[n - k_top :] + shift) % n
+        top = np.empty(0, np.int64)
+        if k_top:
+            top = (np.argpartition(np.roll(np.abs(moved), -shift), n - k_top)[n - k_top :] + shift) % n
         if k_top < k:
             draw = rng.choice(n, size=k, replace=False)  # (Floyd's algorithm: memory of the draw, not of n)
             top = np.concatenate([top, draw[~np.isin(draw, top)][: k - k_top]])
