@@ -201,7 +201,7 @@ class TopK(Codec):
         if k_top:
             top = (np.argpartition(np.roll(np.abs(moved), -shift), n - k_top)[n - k_top :] + shift) % n
         if k_top < k:
-            draw = rng.choice(n, size=k, replace=False)  # (Floyd's algorithm: memory of the draw, not of n)
+            draw = rng.choice(n, size=k, replace=False)  # (for k of 10% of n, numpy permutes n indices)
             top = np.concatenate([top, draw[~np.isin(draw, top)][: k - k_top]])
         return np.sort(top).astype(INDEX_DTYPE)
 

@@ -16,7 +16,7 @@ Version 3 is version 2 with compression (compress.py): the message declares ``"c
 tensor map carries that codec's fields instead of (or besides) ``data``: ``fp16``/``bf16`` ``data`` of 2
 bytes per value, ``int8`` ``data`` and ``scale``, ``topk`` ``idx`` and ``data`` (in a reply to a top-k
 message, ``data`` alone: the values at the indices of the message it answers). A message without
-compression is still sent as version 2, byte for byte what a 0.1 node sends and reads, so nodes of both
+compression is still sent as version 2, field for field what a 0.1 node sends and reads, so nodes of both
 releases exchange; a 0.1 node answers a compressed message with a 400 naming version 3.
 
 Tensors go out as msgpack ``bin`` straight from their memory (``encode`` returns the pieces of the body,
