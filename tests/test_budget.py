@@ -62,6 +62,14 @@ async def upload_over(make_config, seconds: float, rate: str | None) -> tuple[in
             status = a.status()["upload"]
             assert status["max_bytes_per_s"] == (None if rate is None else 250_000.0)
             assert status["rate_bytes_per_s"] > 0
+            text = a.metrics.exposition(None)[0].decode()
+            gauges = {  # name{labels} value
+                line.split("{")[0].split()[0]: float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines()
+                if line.startswith("gossipfl_upload_")
+            }
+            assert gauges["gossipfl_upload_rate_bytes_per_second"] > 0
+            assert gauges.get("gossipfl_upload_budget_bytes_per_second") == status["max_bytes_per_s"]
             return sent[0], sent[1], a.gossiper.max_body
 
 
