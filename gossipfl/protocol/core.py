@@ -236,7 +236,7 @@ class GossipCore:
                 weight = merge.keep_positive_weight(weight, now.weight, merged.weight)
             for name, i in index.items():  # top-k: only the exchanged coordinates change
                 if i is not None:
-                    now.params[name].reshape(-1)[i] = params[name]
+                    np.put(now.params[name], i, params[name])  # (flat indices, whatever the layout)
                     params[name] = now.params[name]
             return params, max(now.age, merged.age), weight
 
