@@ -40,17 +40,33 @@ def test_build_seeded_leaves_global_rng_alone():
     assert torch.equal(torch.rand(3), expected)
 
 
-def test_update_is_atomic_and_returns_the_state_before(data):
+def test_update_hands_fn_the_model_itself_and_sets_what_it_returns(data):
+    """``update(fn)``: fn sees the model's own CPU tensors (no copy of a large model); what it returns is
+    set, atomically, whether new arrays or those same tensors changed in place."""
     lr = learner(data)
     before = lr.snapshot()
-    zeros = {k: np.zeros_like(v) for k, v in before.params.items()}
-    returned = lr.update(lambda s: (zeros, s.age + 5, 2.5))
-    for k in zeros:
-        np.testing.assert_array_equal(returned.params[k], before.params[k])
-        np.testing.assert_array_equal(lr.snapshot().params[k], zeros[k])
+    seen = {}
+
+    def to_zeros(s):
+        seen.update((k, v.copy()) for k, v in s.params.items())
+        assert all(np.shares_memory(s.params[k], t.detach().numpy()) for k, t in lr._named.items())
+        return {k: np.zeros_like(v) for k, v in s.params.items()}, s.age + 5, 2.5
+
+    assert lr.update(to_zeros) is None
+    for k in before.params:
+        np.testing.assert_array_equal(seen[k], before.params[k])
+        assert not lr.snapshot().params[k].any()
     assert lr.age == 5 and lr.weight == 2.5 and lr.version == before.version + 1
-    assert returned.weight == 1.0
     assert lr.evaluate().accuracy == pytest.approx(np.mean(data.test.y == 0), abs=1e-6)  # all-zero model: class 0
+
+    def add_one_in_place(s):
+        for v in s.params.values():
+            v += 1
+        return dict(s.params), s.age, s.weight
+
+    lr.update(add_one_in_place)
+    assert all((v == 1).all() for v in lr.snapshot().params.values())
+    assert lr.merges == 2
 
 
 def test_snapshots_are_copies(data):
