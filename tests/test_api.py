@@ -181,7 +181,39 @@ def bad_bodies(node):
         ("data bytes, expected 16384", tamper(node, **{"params__1.weight__data": b"\0" * 12})),
         ("NaN or Inf", tamper(node, **{"params__1.weight__data": nan.tobytes()})),
         ("task 'mnist' does not match", tamper(node, task="mnist")),
+        # compressed messages (version 3)
+        ("unknown compression 'zstd'", tamper(node, v=3, compress="zstd")),
+        ("compression 'int8' in a message of version 2", tamper(node, compress="int8")),
+        ("field 'scale' must be bytes", tamper(node, v=3, compress="int8", **{"params__1.weight__data": b"\0" * 4096})),
+        ("-128 is out of range", int8(node, data=b"\x80" * 4096)),
+        ("scales must be finite and >= 0", int8(node, scale=np.full(16, -1.0, "<f4").tobytes())),
+        ("8 scale bytes, expected 64", int8(node, scale=b"\0" * 8)),
+        ("strictly increasing and below 4096", topk(node, idx=np.array([5, 4096], "<u4").tobytes())),
+        ("strictly increasing", topk(node, idx=np.array([7, 7], "<u4").tobytes())),
+        ("8 data bytes, expected 12", topk(node, idx=np.array([1, 2, 3], "<u4").tobytes(), data=b"\0" * 8)),
     ]
+
+
+def int8(node, **fields):
+    """A valid int8 message for ``node``'s model, with these fields of its first tensor replaced."""
+    body = {"params__1.weight__data": b"\0" * 4096, "params__1.weight__scale": b"\0" * 64} | {
+        f"params__1.weight__{k}": v for k, v in fields.items()
+    }
+    others = {f"params__{n}__{f}": v for n in params_of(node) if n != "1.weight" for f, v in int8_fields(node, n)}
+    return tamper(node, v=3, compress="int8", **body, **others)
+
+
+def int8_fields(node, name):
+    n = params_of(node)[name].size
+    return [("data", b"\0" * n), ("scale", b"\0" * (4 * -(-n // 256)))]
+
+
+def topk(node, **fields):
+    """A top-k message for ``node``'s model: one coordinate of every tensor, then these fields of 1.weight."""
+    one = {f"params__{n}__idx": np.array([0], "<u4").tobytes() for n in params_of(node)}
+    vals = {f"params__{n}__data": np.zeros(1, "<f4").tobytes() for n in params_of(node)}
+    mine = {f"params__1.weight__{k}": v for k, v in fields.items()}
+    return tamper(node, v=3, compress="topk", **(one | vals | mine))
 
 
 async def test_every_bad_message_is_a_400_naming_the_problem_and_changes_nothing(node, http):
@@ -198,6 +230,9 @@ async def test_every_bad_message_is_a_400_naming_the_problem_and_changes_nothing
     assert node.gossiper.stats.rejected == len(bad_bodies(node))
     async with http.get(node.url + "/v1/status") as r:  # still serving
         assert r.status == 200
+    for valid in (int8(node), topk(node)):  # the compressed bodies above are valid but for what they change
+        async with http.post(node.url + "/v1/gossip", data=valid) as r:
+            assert r.status == 200, await r.text()
 
 
 async def test_oversized_bodies_are_413(node, http):
