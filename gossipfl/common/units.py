@@ -27,11 +27,3 @@ def parse_rate(text: str) -> float:
     if not (math.isfinite(value) and value >= 1):
         raise ValueError(f"{text!r}: the rate must be a finite number of bytes per second, at least 1")
     return value
-
-
-def format_rate(value: float) -> str:
-    """A byte rate for people: ``12.5 MB/s``."""
-    for unit, scale in (("GB/s", 1e9), ("MB/s", 1e6), ("kB/s", 1e3)):
-        if value >= scale:
-            return f"{value / scale:.3g} {unit}"
-    return f"{value:.3g} B/s"

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import aiohttp
 from yarl import URL
@@ -17,6 +19,15 @@ from gossipfl.security.signing import Unauthorized
 
 ERROR_TEXT_LIMIT = 512
 HASH_IN_THREAD = 1 << 20  # bodies larger than this are signed and checked in a worker thread
+T = TypeVar("T")
+
+
+async def hashing(nbytes: int, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)``, which hashes a body of ``nbytes``: in a worker thread when the body is larger
+    than HASH_IN_THREAD (hashing 100 MB takes ~50 ms, too long for the event loop), else right here."""
+    if nbytes > HASH_IN_THREAD:
+        return await asyncio.to_thread(fn, *args, **kwargs)
+    return fn(*args, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -44,10 +55,7 @@ async def call(
     connection limit's 503 comes before any route could sign it. Raises aiohttp errors, TimeoutError,
     TooLarge and BodyError as reading does."""
     target = URL(url).raw_path_qs
-    if len(body) > HASH_IN_THREAD:  # hashing 100 MB takes ~50 ms: not on the event loop
-        signed, pending = await asyncio.to_thread(membership.sign, method, target, body, to=expect)
-    else:
-        signed, pending = membership.sign(method, target, body, to=expect)
+    signed, pending = await hashing(len(body), membership.sign, method, target, body, to=expect)
     try:
         return await _call(session, membership, method, url, body, signed, pending, limit, timeout, expect, headers)
     except aiohttp.ClientSSLError as e:  # a certificate from another CA (either side), or for another id
@@ -91,10 +99,7 @@ async def _call(
                 raise Unauthorized(f"the peer refused this node's credentials: {error_text(text)}")
             return Reply(resp.status, text, None)
         raw = await read_limited(resp.content, resp.content_length, limit)
-        if len(raw) > HASH_IN_THREAD:
-            who = await asyncio.to_thread(membership.check_reply, pending, resp.status, resp.headers, raw, expect)
-        else:
-            who = membership.check_reply(pending, resp.status, resp.headers, raw, expect)
+        who = await hashing(len(raw), membership.check_reply, pending, resp.status, resp.headers, raw, expect)
     return Reply(resp.status, raw, who)
 
 

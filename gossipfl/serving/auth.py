@@ -15,14 +15,13 @@ it never echoes a header, and only the first refusal per address and reason is l
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections import Counter
 
 from aiohttp import web
 
 from gossipfl.common.chunks import Chunks, ChunksPayload
-from gossipfl.security.http import HASH_IN_THREAD
+from gossipfl.security.http import hashing
 from gossipfl.security.membership import Membership
 from gossipfl.security.signing import HEADER, Overloaded, Unauthorized
 from gossipfl.security.tls import node_id_of
@@ -143,8 +142,5 @@ async def members_only(request: web.Request, handler: object) -> web.StreamRespo
     if pending is not None and resp.status != 401 and isinstance(resp, web.Response):
         body = resp.body.chunks if isinstance(resp.body, ChunksPayload) else resp.body
         if isinstance(body, (bytes, Chunks)):
-            if len(body) > HASH_IN_THREAD:  # (a model: hashed in a worker thread)
-                resp.headers.update(await asyncio.to_thread(m.reply_headers, pending, resp.status, body))
-            else:
-                resp.headers.update(m.reply_headers(pending, resp.status, body))
+            resp.headers.update(await hashing(len(body), m.reply_headers, pending, resp.status, body))
     return resp

@@ -4,15 +4,13 @@ into answers."""
 
 from __future__ import annotations
 
-import asyncio
-
 from aiohttp import web
 
 from gossipfl.common.httpio import BodyError, BodyTimeout, TooLarge, read_limited
 from gossipfl.protocol import wire
 from gossipfl.protocol.responder import Busy, Conflict, Impersonation
 from gossipfl.protocol.transport import timeout_for
-from gossipfl.security.http import HASH_IN_THREAD
+from gossipfl.security.http import hashing
 from gossipfl.security.signing import Unauthorized
 from gossipfl.serving import auth
 from gossipfl.serving.errors import closing, error
@@ -38,9 +36,7 @@ async def read_member_body(request: web.Request, limit: int) -> tuple[bytearray,
     except BodyError as e:
         raise Refused(closing(error(408 if isinstance(e, BodyTimeout) else 400, str(e)))) from None
     try:
-        if len(body) > HASH_IN_THREAD:  # (hashing a large body: not on the event loop)
-            return body, await asyncio.to_thread(auth.authenticate, request, body)
-        return body, auth.authenticate(request, body)
+        return body, await hashing(len(body), auth.authenticate, request, body)
     except Unauthorized as e:
         raise Refused(auth.refuse(request, "member", str(e))) from None
 
