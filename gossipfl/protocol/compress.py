@@ -125,25 +125,19 @@ class Int8(Codec):
         return 0.25 + 1 / INT8_BLOCK
 
     def encode(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        n = x.size
-        blocks = -(-n // INT8_BLOCK)
-        full = n // INT8_BLOCK * INT8_BLOCK
-        scale = np.empty(blocks, "<f4")
         # (a wider float beyond float32's range: clipped with room for the rounding of scale x 127)
         x32 = np.clip(x, -F32_MAX / 2, F32_MAX / 2).astype(np.float32) if x.dtype.itemsize > 4 else x
-        if full:
-            scale[: full // INT8_BLOCK] = np.abs(x32[:full].reshape(-1, INT8_BLOCK)).max(axis=1)
-        if full < n:
-            scale[-1] = np.abs(x32[full:]).max()
+        q, scale = np.empty(x.size, "i1"), np.empty(-(-x.size // INT8_BLOCK), "<f4")
+        blocks, tail = _blocks(x32)
+        scale[: len(blocks)] = np.abs(blocks).max(axis=1, initial=0)
+        if tail.size:
+            scale[-1] = np.abs(tail).max()
         scale /= np.float32(127)
         safe = np.where(scale > 0, scale, np.float32(1))
-        q = np.empty(n, "i1")
-        with np.errstate(over="ignore"):  # (a subnormal scale: x / scale can exceed 127, clipped below)
-            if full:
-                block = x32[:full].reshape(-1, INT8_BLOCK) / safe[: full // INT8_BLOCK, None]
-                q[:full] = np.clip(np.rint(block), -127, 127).reshape(-1)
-            if full < n:
-                q[full:] = np.clip(np.rint(x32[full:] / safe[-1]), -127, 127)
+        q_blocks, q_tail = _blocks(q)
+        with np.errstate(over="ignore"):  # (a subnormal scale: x / scale can exceed 127, clipped)
+            q_blocks[:] = np.clip(np.rint(blocks / safe[: len(blocks), None]), -127, 127)
+            q_tail[:] = np.clip(np.rint(tail / safe[-1]), -127, 127)
         return {"data": q, "scale": scale}
 
     def decode(self, fields: Mapping[str, object], dtype: np.dtype, n: int) -> np.ndarray:
@@ -154,15 +148,19 @@ class Int8(Codec):
         if (q == -128).any():
             raise ValueError("field 'data': -128 is out of range (int8 values are in [-127, 127])")
         out = np.empty(n, dtype)
-        full = n // INT8_BLOCK * INT8_BLOCK
+        (q_blocks, q_tail), (out_blocks, out_tail) = _blocks(q), _blocks(out)
         with np.errstate(over="ignore"):  # (an overflow is refused just below)
-            if full:
-                out[:full] = (q[:full].reshape(-1, INT8_BLOCK) * scale[: full // INT8_BLOCK, None]).reshape(-1)
-            if full < n:
-                out[full:] = q[full:] * scale[-1]
+            out_blocks[:] = q_blocks * scale[: len(q_blocks), None]
+            out_tail[:] = q_tail * scale[-1]
         if not np.isfinite(out).all():  # a scale near float32's max times 127 in a smaller float
             raise ValueError("values out of the range of the model's dtype")
         return out
+
+
+def _blocks(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Views of a flat array: its whole blocks of INT8_BLOCK values as rows, and the tail after them."""
+    full = a.size // INT8_BLOCK * INT8_BLOCK
+    return a[:full].reshape(-1, INT8_BLOCK), a[full:]
 
 
 class TopK(Codec):
