@@ -37,6 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from runstats import compact_curve  # noqa: E402
+from runstats import mean_and_range as spread  # noqa: E402
 
 from gossipfl.config import NodeConfig
 from gossipfl.testbed import TestbedOptions, run_testbed
@@ -151,14 +152,6 @@ def summarize(runs: list[dict], modes: list[str], schemes: list[str]) -> list[di
                 }
             )
     return rows
-
-
-def spread(values: list[float], fmt: str, unit: str = "") -> str:
-    if not values:
-        return "-"
-    m = statistics.mean(values)
-    rng = f" [{min(values):{fmt}}, {max(values):{fmt}}]" if len(values) > 1 else ""
-    return f"{m:{fmt}}{unit}{rng}"
 
 
 def table(rows: list[dict]) -> str:

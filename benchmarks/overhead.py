@@ -49,6 +49,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+from runstats import mean_and_range  # noqa: E402
+
 RESULTS = Path(__file__).parent / "results"
 CONDITIONS = ("off", "off+idle", "on+idle", "off+busy", "on+busy")
 REGIMES = {"flat-out": ("--train-interval", "0.001", "--steps-per-round", "20"), "default": ()}
@@ -196,11 +199,7 @@ def summarize(runs: list[dict]) -> list[dict]:
 
 
 def fmt_ratio(values: list[float] | None) -> str:
-    if not values:
-        return "-"
-    m = statistics.mean(values)
-    spread = f" ({min(values):.1%}-{max(values):.1%})" if len(values) > 1 else ""
-    return f"{m:.1%}{spread}"
+    return mean_and_range(values, ".1%", around=" ({}-{})")
 
 
 def table(rows: list[dict]) -> str:

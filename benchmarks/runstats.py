@@ -38,3 +38,12 @@ def half_width95(values: list[float]) -> float:
 
         t = float(stats.t.ppf(0.975, df))
     return t * statistics.stdev(values) / len(values) ** 0.5
+
+
+def mean_and_range(values: list[float] | None, fmt: str, unit: str = "", around: str = " [{}, {}]") -> str:
+    """The mean of ``values`` in format ``fmt`` (and ``unit``), then their min and max in ``around``
+    ("-" for none; the range only when there are several)."""
+    if not values:
+        return "-"
+    spread = around.format(format(min(values), fmt), format(max(values), fmt)) if len(values) > 1 else ""
+    return f"{format(statistics.mean(values), fmt)}{unit}{spread}"
