@@ -21,6 +21,7 @@ from gossipfl import assembly, state
 from gossipfl.common.chunks import Chunks
 from gossipfl.common.logs import node_logger
 from gossipfl.common.supervise import Supervisor
+from gossipfl.common.timeline import Timeline
 from gossipfl.common.units import parse_rate
 from gossipfl.config import NodeConfig
 from gossipfl.discovery.identity import Identity
@@ -46,6 +47,7 @@ from gossipfl.serving.routes import build_app
 EVAL_SHARE = 0.1  # evaluations (which hold the model's lock) take at most this share of a node's time
 STOP_GRACE_S = 3.0  # on stop, loops and exchanges in flight get this long, then are cancelled
 INFERENCE_CONCURRENCY = 2  # inference requests running at once; others wait their turn
+EVAL_POINTS = 600  # evaluations kept for the dashboard (older ones thinned out, see Timeline)
 INFERENCE_UPLOADS = 8  # inference bodies being received at once; more are answered 503
 
 
@@ -68,6 +70,7 @@ class Node(Reporting):
         self.group: SecureGroup | None = None  # secure group rounds (--secure-group), or pairwise exchanges
         self._started = False
         self.last_eval: Evaluation | None = None
+        self.evals = Timeline(EVAL_POINTS, thin=True)  # the evaluations over the whole run (GET /v1/history)
         self._eval_cost = 0.0  # seconds the last evaluation took (it paces the next, see EVAL_SHARE)
         self.inference_slots = asyncio.Semaphore(INFERENCE_CONCURRENCY)
         self.inference_uploads = asyncio.Semaphore(INFERENCE_UPLOADS)
@@ -358,6 +361,7 @@ class Node(Reporting):
         start = time.perf_counter()
         self.last_eval = await asyncio.to_thread(self.learner.evaluate)
         self._eval_cost = time.perf_counter() - start
+        self.evals.add(self.evaluation_point(self.last_eval))
         self.log.debug(
             "eval: accuracy=%.4f loss=%.4f age=%d", self.last_eval.accuracy, self.last_eval.loss, self.learner.age
         )

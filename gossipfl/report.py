@@ -52,6 +52,29 @@ class Reporting:
             upload_budget=self.gossiper.upload.rate,
         )
 
+    def evaluation_point(self, ev: Any) -> dict[str, Any]:
+        """One evaluation as the dashboard's curves hold it (wall-clock time ``t``; with DP, the epsilon spent)."""
+        dp = self.learner.privacy
+        return {
+            "t": round(time.time(), 3),
+            "age": self.learner.age,
+            "steps": self.learner.steps,
+            "accuracy": ev.accuracy,
+            "loss": ev.loss,
+            "epsilon": dp.epsilon if dp else None,
+        }
+
+    def history(self, evals_after: int = 0, exchanges_after: int = 0) -> dict[str, Any]:
+        """``GET /v1/history``: the evaluations (the whole run, thinned further back) and the last exchanges
+        (both sides) after the sequence numbers a poller has seen; ``now`` is this node's wall clock, so a
+        reader on another clock can tell how long ago each record is."""
+        return {
+            "id": self.id,
+            "now": round(time.time(), 3),
+            "evals": self.evals.after(evals_after),
+            "exchanges": self.gossiper.stats.recent.after(exchanges_after),
+        }
+
     def status(self) -> dict[str, Any]:
         ev = self.last_eval
         gossip = self.gossiper

@@ -9,7 +9,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Coroutine, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -17,6 +17,7 @@ import numpy as np
 from gossipfl.common.chunks import Chunks
 from gossipfl.protocol import compress, merge, wire
 from gossipfl.protocol.budget import UploadBudget
+from gossipfl.protocol.consensus import relative_distance
 from gossipfl.protocol.ledger import DoubtBook
 from gossipfl.protocol.ports import ModelStore, PeerBook, Snapshot
 from gossipfl.protocol.robust import RobustMerge
@@ -203,12 +204,13 @@ class GossipCore:
         implausibly far). The result is written into the arrays of ``theirs`` (decoded from the body this node
         read: no other copy of the model is made)."""
         params = theirs.params
+        distance = relative_distance(mine.params, theirs.params)  # before the merge overwrites theirs
         if self.robust is not None:
             params = self.robust.apply(mine.params, theirs.params, theirs.sender).params
         local = merge.Side(mine.params, mine.age, self.learner.train_size, mine.weight)
         remote = merge.Side(params, theirs.age, theirs.samples or 0, theirs.weight or 1.0)
         into = {n: a for n, a in params.items() if isinstance(a, np.ndarray) and a.flags.writeable}
-        return self.rule(local, remote, into=into)
+        return replace(self.rule(local, remote, into=into), distance=distance)
 
     async def _apply(self, sent: Snapshot, merged: merge.Merged) -> None:
         """Set the learner to ``merged``, keeping what changed since ``sent`` (local steps; and other merges,

@@ -147,8 +147,11 @@ class Initiator(GossipCore):
         """One exchange with ``peer``; returns "ok", "busy", "aborted", "failed", "unauthorized" (the peer
         refused this node's credentials or could not prove its own: it is ignored for a while) or "in_doubt"."""
         start = time.perf_counter()
-        result = await self._exchange(session, peer)
+        trace: dict[str, Any] = {}  # what the exchange got to: bytes each way, the models' distance
+        result = await self._exchange(session, peer, trace)
         duration = time.perf_counter() - start
+        self.stats.record(peer.id, "initiated", result, duration, trace.get("sent", 0), trace.get("received", 0),
+                          trace.get("distance"), trace.get("error"))  # fmt: skip
         if result in ("ok", "aborted"):  # both models crossed the link: it says how long that takes
             self._links.pop(peer.id, None)
             self._links[peer.id] = (duration, self.clock())
@@ -175,7 +178,7 @@ class Initiator(GossipCore):
             self.on_exchange(result, duration)
         return result
 
-    async def _exchange(self, session: aiohttp.ClientSession, peer: PeerRef) -> str:
+    async def _exchange(self, session: aiohttp.ClientSession, peer: PeerRef, trace: dict[str, Any]) -> str:
         xid = wire.new_xid()
         state = await asyncio.to_thread(self.learner.snapshot)
         try:
@@ -184,6 +187,7 @@ class Initiator(GossipCore):
             self.log.warning("not gossiping: this node's model is invalid: %s", e)
             return "failed"
         del state  # (the body holds what it needs; a lossy codec's message no longer needs the snapshot)
+        trace["sent"] = len(sent.body)
         try:
             raw = await post_prepare(
                 session,
@@ -197,25 +201,31 @@ class Initiator(GossipCore):
                 stats=self.stats,
                 upload=self.upload,
             )
+            trace["received"] = len(raw)
             reply = self._decode(raw, at=sent.index, reply=True)
             del raw
             if reply.xid != xid or reply.sender != peer.id:
                 raise ExchangeError(f"reply for exchange {reply.xid} from {reply.sender!r}, expected {peer.id!r}")
         except PeerBusy as e:
             self.log.debug("exchange with %s: busy (%s)", peer.id, e)
+            trace["error"] = str(e)
             return "busy"
         except Unauthorized as e:  # not a member, or not the member expected: nothing of its reply is used
+            trace["error"] = f"authentication: {e}"
             if self.peers.ignore(peer.id, peer.url, f"authentication: {e}", for_s=SHUN_S):
                 self.log.warning("ignoring peer %s at %s for %.0f s: authentication: %s", peer.id, peer.url, SHUN_S, e)
             return "unauthorized"
         except (aiohttp.ClientError, TimeoutError, ExchangeError, TooLarge, BodyError, wire.WireError) as e:
             self.log.info("exchange with %s failed: %s", peer.id, str(e) or type(e).__name__)
+            trace["error"] = str(e) or type(e).__name__
             self._abort_later(session, peer, xid)
             return "failed"
         try:
             merged = await asyncio.to_thread(self._merge, sent, reply)
+            trace["distance"] = merged.distance
         except wire.WireError as e:  # robust.TooFar: the peer's model is implausibly far from this one
             self.log.info("exchange with %s refused: %s", peer.id, e)
+            trace["error"] = str(e)
             self._abort_later(session, peer, xid)
             return "aborted"
         if self._merging or self.frozen() or self.learner.merges != sent.merges:

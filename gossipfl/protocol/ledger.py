@@ -45,6 +45,7 @@ class Prepared(Generic[S, M]):
     sent: S  # the responder's state, as sent in its reply
     merged: M
     expires: float
+    received: int = 0  # bytes of the initiator's message
 
 
 class Ledger(Generic[S, M]):
@@ -77,10 +78,10 @@ class Ledger(Generic[S, M]):
         """Whether one more exchange can be prepared, counting ``reserved`` ones still being received."""
         return len(self._prepared) + reserved < self.max_prepared
 
-    def prepare(self, xid: str, sender: str, sent: S, merged: M, now: float) -> Prepared[S, M]:
+    def prepare(self, xid: str, sender: str, sent: S, merged: M, now: float, received: int = 0) -> Prepared[S, M]:
         if xid in self._prepared or self.outcome(xid) is not None:
             raise ValueError(f"exchange {xid} is already known")
-        entry = Prepared(xid, sender, sent, merged, now + self.prepare_ttl)
+        entry = Prepared(xid, sender, sent, merged, now + self.prepare_ttl, received)
         self._prepared[xid] = entry
         return entry
 

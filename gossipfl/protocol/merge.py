@@ -48,6 +48,7 @@ class Merged:
     params: dict[str, np.ndarray]
     age: int
     weight: float
+    distance: float | None = None  # how far apart the two models were (consensus.relative_distance)
 
 
 def weighted_mean(

@@ -11,7 +11,7 @@ from typing import Any
 from gossipfl.common.chunks import Chunks
 from gossipfl.protocol import compress, merge, wire
 from gossipfl.protocol.core import GossipCore, Sent
-from gossipfl.protocol.ledger import ABORTED, COMMITTED, Ledger
+from gossipfl.protocol.ledger import ABORTED, COMMITTED, Ledger, Prepared
 from gossipfl.protocol.transport import BASE_TIMEOUT_S
 
 PREPARED_MEMORY = 256 << 20  # bytes of prepared exchanges (two states each) a responder may hold
@@ -75,6 +75,7 @@ class Responder(GossipCore):
         """Abort prepared exchanges whose decision did not come in time."""
         for entry in self.ledger.expire(self.clock()):
             self.stats.declined += 1
+            self._record(entry, "expired")
             self.log.debug("exchange %s from %s expired undecided", entry.xid, entry.sender)
 
     def release(self) -> None:
@@ -94,11 +95,13 @@ class Responder(GossipCore):
         Conflict or Busy (409), Unavailable (503); the model is never changed here."""
         try:
             msg = self._decode(body)
-        except wire.WireError:
+        except wire.WireError as e:
             self.stats.rejected += 1
+            self.stats.record(member or remote or "?", "answered", "rejected", None, received=len(body), error=str(e))
             raise
         if member is not None and msg.sender != member:
             self.stats.rejected += 1
+            self.stats.record(member, "answered", "rejected", None, received=len(body), error="impersonation")
             raise Impersonation(f"message from {msg.sender!r} sent by member {member!r}")
         xid = msg.xid
         assert xid is not None
@@ -118,13 +121,14 @@ class Responder(GossipCore):
             raise Unavailable(f"this node's model cannot be sent: {e}") from None
         try:
             merged = await asyncio.to_thread(self._merge, sent, msg)
-        except wire.WireError:  # robust.TooFar: implausibly far from this node's model
+        except wire.WireError as e:  # robust.TooFar: implausibly far from this node's model
             self.stats.rejected += 1
+            self.stats.record(msg.sender, "answered", "rejected", None, received=len(body), error=str(e))
             raise
         reply = sent.body
         if self.ledger.outcome(xid) is not None or self.ledger.prepared(xid) is not None:
             raise Conflict(f"exchange {xid} was decided while it was being prepared")
-        self.ledger.prepare(xid, msg.sender, sent, merged, self.clock())
+        self.ledger.prepare(xid, msg.sender, sent, merged, self.clock(), received=len(body))
         self.stats.bytes_received += len(body)
         self.stats.bytes_sent += len(reply)
         self.upload.spend(len(reply))
@@ -154,16 +158,25 @@ class Responder(GossipCore):
         if decision != "commit":
             self.ledger.decide(xid, ABORTED, now)
             self.stats.declined += 1
+            self._record(entry, "aborted")
             return ABORTED, "aborted by the initiator"
         if self._merging or self.frozen() or self.learner.merges != entry.sent.merges:
             self.ledger.decide(xid, ABORTED, now)
             self.stats.declined += 1
+            self._record(entry, "declined")
             return ABORTED, "another merge changed this node's model since the exchange was prepared"
         self.ledger.decide(xid, COMMITTED, now)
         self.stats.served += 1
+        self._record(entry, "ok")
         self._merging = True  # set before any await: from here on, no other merge can start
         self._background_task(self._apply_committed(entry.sent, entry.merged, xid, entry.sender))
         return COMMITTED, ""
+
+    def _record(self, entry: Prepared[Sent, merge.Merged], result: str) -> None:
+        """An exchange a peer started, as decided (or expired), for the dashboard."""
+        duration = self.clock() - (entry.expires - self.ledger.prepare_ttl)  # since it was prepared
+        sent = len(entry.sent.body)
+        self.stats.record(entry.sender, "answered", result, duration, sent, entry.received, entry.merged.distance)
 
     async def _apply_committed(self, sent: Sent, merged: merge.Merged, xid: str, sender: str) -> None:
         try:

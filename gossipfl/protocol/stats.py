@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
+
+from gossipfl.common.timeline import Timeline
+
+RECENT = 100  # exchanges kept for GET /v1/history (both sides)
 
 
 @dataclass
@@ -21,10 +26,39 @@ class ExchangeStats:
     bytes_sent: int = 0
     bytes_received: int = 0
     durations: deque[float] = field(default_factory=lambda: deque(maxlen=100), repr=False)
+    recent: Timeline = field(default_factory=lambda: Timeline(RECENT), repr=False)  # the last exchanges, one each
+
+    def record(
+        self,
+        peer: str,
+        role: str,
+        result: str,
+        duration: float | None,
+        sent: int = 0,
+        received: int = 0,
+        distance: float | None = None,
+        error: str | None = None,
+    ) -> None:
+        """One exchange as the dashboard lists it: ``role`` "initiated" or "answered"; ``result`` as counted
+        (ok, busy, aborted, failed, in_doubt, unauthorized; answered: ok, declined, rejected); ``distance``:
+        how far the peer's model was from this node's, relative to this node's (consensus.relative_distance)."""
+        self.recent.add(
+            {
+                "t": round(time.time(), 3),
+                "peer": peer,
+                "role": role,
+                "result": result,
+                "duration_s": None if duration is None else round(duration, 4),
+                "bytes_sent": sent,
+                "bytes_received": received,
+                "distance": distance,
+                "error": None if error is None else error[:300],
+            }
+        )
 
     def as_dict(self) -> dict:
         d = sorted(self.durations)
-        out = {k: v for k, v in self.__dict__.items() if k != "durations"}
+        out = {k: v for k, v in self.__dict__.items() if k not in ("durations", "recent")}
         out["mean_duration_s"] = sum(d) / len(d) if d else None
         # the median and the 99th percentile (nearest rank) of the last 100 committed exchanges' durations
         out["p50_duration_s"] = d[(len(d) - 1) // 2] if d else None

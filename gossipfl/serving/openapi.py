@@ -145,6 +145,19 @@ def _document(model_name: str) -> dict[str, Any]:
         },
         "paths": {
             "/v1/status": {"get": _op("Node status: id, task, model age, peers, metrics", {"200": _json("status")})},
+            "/v1/history": {
+                "get": _op(
+                    "Evaluations over the run (t, age, steps, accuracy, loss, epsilon; thinned further back) and the "
+                    "last 100 exchanges, both sides (t, peer, role, result, duration_s, bytes_sent, bytes_received, "
+                    "distance: relative to this node's model, error), after the sequence numbers given; now: this "
+                    "node's clock. The dashboard polls it",
+                    {"200": _json("history"), "400": ERROR},
+                    parameters=[
+                        {"name": n, "in": "query", "required": False, "schema": {"type": "integer", "default": 0}}
+                        for n in ("evals_after", "exchanges_after")
+                    ],
+                )
+            },
             "/v1/peers": {
                 "get": _op(
                     "Peers this node knows that are not failing: id, url, task, source (mdns, static, dns, pex, "

@@ -19,6 +19,16 @@ async def get_status(request: web.Request) -> web.Response:
     return web.json_response(request.app[NODE_KEY].status())
 
 
+async def get_history(request: web.Request) -> web.Response:
+    """The evaluations and recent exchanges after ``evals_after`` and ``exchanges_after`` (sequence numbers
+    from an earlier answer; 0 or absent: all that is kept)."""
+    try:
+        after = [int(request.query.get(k, "0")) for k in ("evals_after", "exchanges_after")]
+    except ValueError:
+        return error(400, "evals_after and exchanges_after must be integers")
+    return web.json_response(request.app[NODE_KEY].history(*after))
+
+
 async def get_peers(request: web.Request) -> web.Response:
     """The peers this node knows and that are not failing (peer exchange reads this, so a hung or dead
     peer is not spread): id, url, task, source, liveness, last contact."""
@@ -96,6 +106,7 @@ def build_app(node: NodeView, membership: Membership | None = None) -> web.Appli
     auth.install(app, membership or Membership(node.id))
     app[NODE_KEY] = node
     app.router.add_get("/v1/status", get_status)
+    app.router.add_get("/v1/history", get_history)
     app.router.add_get("/v1/model", get_model)
     app.router.add_get("/v1/peers", get_peers)
     app.router.add_post("/v1/gossip", post_gossip)
