@@ -5,7 +5,8 @@
   CA, or both; and, with ``--allow-ids``, an id on the list. All of it but the body's signature is checked
   here, before a body is read or room reserved for it (a non-member holds no exchange slot); ``post_gossip``
   and the group routes finish the check once they have read the body (``authenticate``).
-- ``/v2/health/live`` and ``/v2/health/ready``: open, for orchestrators.
+- ``/v2/health/live`` and ``/v2/health/ready``: open, for orchestrators; ``/`` and ``/static/...``: open, the
+  dashboard page and its assets (they hold no data: the page asks for the read token, serving/dashboard.py).
 - Everything else (model, status, peers, metrics, OpenAPI, inference): the read token when one is set
   (``Authorization: Bearer``), or a member's signed request or certificate (node-to-node reads). On a node
   with ``--secure-group``, a member is refused (403) what shows the model: ``/v1/model`` and inference.
@@ -25,6 +26,7 @@ from gossipfl.security.http import hashing
 from gossipfl.security.membership import Membership
 from gossipfl.security.signing import HEADER, Overloaded, Unauthorized
 from gossipfl.security.tls import node_id_of
+from gossipfl.serving import dashboard
 from gossipfl.serving.errors import closing, error
 from gossipfl.serving.ports import NODE_KEY
 
@@ -124,7 +126,7 @@ async def members_only(request: web.Request, handler: object) -> web.StreamRespo
             else:  # a decision: no body
                 _admit(request, 0)
                 authenticate(request, b"")
-        elif request.path not in OPEN_PATHS:
+        elif request.path not in OPEN_PATHS and not dashboard.is_page(request.path):
             if (m.key is not None and HEADER in request.headers) or state["cert"] is not None:
                 _admit(request, 0)  # a member's read (status probe, peer exchange)
                 authenticate(request, b"")

@@ -18,6 +18,10 @@ def _json(description: str, schema: dict[str, Any] | None = None) -> dict[str, A
     return {"description": description, "content": {JSON: {"schema": schema or {"type": "object"}}}}
 
 
+def _html(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"text/html": {}, "text/javascript": {}, "text/css": {}}}
+
+
 def _op(summary: str, responses: dict[str, Any], **extra: Any) -> dict[str, Any]:
     return {"summary": summary, "responses": responses, **extra}
 
@@ -96,7 +100,7 @@ def _v2_model_paths(versioned: bool) -> dict[str, Any]:
     }
 
 
-OPEN_PATHS = ("/v2/health/live", "/v2/health/ready")
+OPEN_PATHS = ("/v2/health/live", "/v2/health/ready", "/", "/static/{name}")
 MEMBER_SECURITY = [{"gossipfl_signature": []}, {"mutual_tls": []}]
 READ_SECURITY = [{"bearer": []}, *MEMBER_SECURITY]
 SECURITY_SCHEMES = {
@@ -229,6 +233,14 @@ def _document(model_name: str) -> dict[str, Any]:
                 "get": _op(
                     "Prometheus metrics (text format 0.0.4, or OpenMetrics when the Accept header asks)",
                     {"200": {"description": "exposition", "content": {"text/plain": {}}}},
+                )
+            },
+            "/": {"get": _op("The node's dashboard (an HTML page that reads this API)", {"200": _html("page")})},
+            "/static/{name}": {
+                "get": _op(
+                    "The dashboard's scripts, stylesheet and icon (files inside the package)",
+                    {"200": _html("asset"), "404": ERROR},
+                    parameters=[{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
                 )
             },
             "/v2/health/live": {"get": _op("Liveness", {"200": _json("live")})},

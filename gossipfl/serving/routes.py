@@ -9,7 +9,7 @@ from gossipfl.protocol.ledger import ABORTED
 from gossipfl.protocol.responder import Impersonation, Unavailable
 from gossipfl.protocol.transport import RETRY_HEADER
 from gossipfl.security.membership import Membership
-from gossipfl.serving import auth, grouproutes, inference, modelfile, openapi
+from gossipfl.serving import auth, dashboard, grouproutes, inference, modelfile, openapi
 from gossipfl.serving.errors import closing, error, json_errors, streamed
 from gossipfl.serving.exchanges import REFUSALS, Refused, read_member_body, refusal
 from gossipfl.serving.ports import NODE_KEY, NodeView
@@ -115,4 +115,5 @@ def build_app(node: NodeView, membership: Membership | None = None) -> web.Appli
     app.router.add_get("/v1/openapi.json", get_openapi)
     app.router.add_get("/metrics", get_metrics)
     inference.add_routes(app)
+    dashboard.add_routes(app)
     return app

@@ -1,0 +1,161 @@
+"""The node dashboard (GET /): served by the node itself, open while the data behind it needs the read token,
+and, in a real browser (tests/browser.py: skipped without Chromium), without console errors, drawing what
+/v1/history says, updating live, asking for the token once without putting it in a URL, and showing a peer's
+HTML as text."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from gossipfl.serving.dashboard import CSP
+
+from .browser import browser, open_page  # noqa: F401  (browser: a fixture)
+from .helpers import running, wait_for
+from .test_members import key_file  # noqa: F401  (a fixture)
+
+pytestmark = pytest.mark.timeout(90)
+TOKEN = "dashboard-t0ken"
+EVIL = '<img src=x onerror="window.__xss=1"><script>window.__xss=2</script>'
+
+
+async def test_page_and_assets_come_from_the_node(make_config, http):
+    async with running(make_config(no_train=True)) as (n,):
+        async with http.get(n.url + "/") as r:
+            assert r.status == 200 and r.headers["Content-Type"].startswith("text/html")
+            assert r.headers["Content-Security-Policy"] == CSP
+            page = await r.text()
+        refs = re.findall(r'(?:src|href)="([^"]+)"', page)
+        assert {"/static/node.js", "/static/dashboard.css"} <= set(refs)
+        seen = set()
+        todo = [u for u in refs if u.startswith("/static/")]
+        while todo:  # every asset, and every module they import, is served here
+            url = todo.pop()
+            seen.add(url)
+            async with http.get(n.url + url) as r:
+                assert r.status == 200, url
+                assert r.headers["X-Content-Type-Options"] == "nosniff"
+                body = await r.text()
+            assert not re.search(r"https?://(?!www\.w3\.org/2000/svg)", body), url  # nothing from elsewhere
+            todo += [f"/static/{m}" for m in re.findall(r'from "\./([\w.]+)"', body) if f"/static/{m}" not in seen]
+        assert {"/static/chart.js", "/static/common.js"} <= seen
+        for bad in ("/static/nope.js", "/static/..%2Fdashboard.py", "/static/dashboard.py"):
+            async with http.get(n.url + bad) as r:
+                assert r.status == 404, bad
+
+
+async def test_the_page_is_open_but_its_data_needs_the_token(make_config, key_file, http):  # noqa: F811
+    async with running(make_config(no_train=True, secret_file=key_file, read_token=TOKEN)) as (n,):
+        for path in ("/", "/static/node.js"):
+            async with http.get(n.url + path) as r:
+                assert r.status == 200, path
+        for path in ("/v1/status", "/v1/history"):
+            async with http.get(n.url + path) as r:
+                assert r.status == 401, path
+            async with http.get(n.url + path, headers={"Authorization": f"Bearer {TOKEN}"}) as r:
+                assert r.status == 200, path
+
+
+async def test_node_page_draws_its_history_and_updates(browser, make_config, http):  # noqa: F811
+    async with running(make_config(id="dash-a", eval_interval=0.3)) as (a,):
+        async with running(make_config(id="dash-b", eval_interval=0.3, seeds=(f"127.0.0.1:{a.port}",))) as (b,):
+            assert await wait_for(lambda: b.gossiper.stats.ok >= 2 and len(b.evals) >= 2, 20)
+            w = await open_page(browser, b.url + "/")
+            await w.wait_updates(2)
+            first = json.loads(await w.js("return document.querySelector('#chart-accuracy path').dataset.last"))
+            n0 = int(await w.js("return document.querySelector('#chart-accuracy path').dataset.n"))
+            async with http.get(b.url + "/v1/history") as r:
+                history = await r.json()
+            async with http.get(b.url + "/v1/status") as r:
+                status = await r.json()
+            await w.wait_updates(5)  # 3 more polls: about 6 s
+            n1 = int(await w.js("return document.querySelector('#chart-accuracy path').dataset.n"))
+            peers = await w.js("return [...document.querySelectorAll('#peers tbody tr')].map(r => r.dataset.peer)")
+            rows = await w.js("return document.querySelectorAll('#exchanges tbody tr').length")
+            title = await w.js("return document.getElementById('node-id').textContent")
+            await w.page.screenshot(path="/tmp/gossipfl-node-dashboard.png", full_page=True)
+    assert w.problems == []
+    assert title == "dash-b"
+    # the point drawn last is one of the node's evaluations, and the accuracy /v1/status reports is drawn
+    assert [first[0], first[1]] in [[e["t"], e["accuracy"]] for e in history["evals"]]
+    assert status["metrics"]["accuracy"] in [e["accuracy"] for e in history["evals"]]
+    assert n1 > n0 >= 2  # new points arrived without a reload
+    assert peers == ["dash-a"] and rows >= 2
+
+
+async def test_token_is_asked_once_and_never_put_in_a_url(browser, make_config, key_file):  # noqa: F811
+    async with running(make_config(no_train=True, secret_file=key_file, read_token=TOKEN)) as (n,):
+        w = await open_page(browser, n.url + "/")
+        urls, auth = [], []
+        w.page.on("request", lambda r: (urls.append(r.url), auth.append(r.headers.get("authorization"))))
+        await w.page.wait_for_selector("#token-form:not([hidden])", timeout=10000)
+        await w.page.fill("#token-input", "wrong-token")
+        await w.page.click("#token-form button")
+        await w.page.wait_for_selector("#token-form:not([hidden])", timeout=10000)  # refused: asked again
+        message = await w.js("return document.getElementById('token-message').textContent")
+        await w.page.fill("#token-input", TOKEN)
+        await w.page.click("#token-form button")
+        await w.wait_updates(2)
+        stored = await w.js("return sessionStorage.getItem('gossipfl-read-token')")
+        await w.page.reload()  # the same tab: the token is still there, not asked again
+        await w.wait_updates(1)
+        hidden = await w.js("return document.getElementById('token-form').hidden")
+    assert "refused" in message and stored == TOKEN and hidden
+    assert not any(TOKEN in u or "wrong-token" in u for u in urls)
+    assert f"Bearer {TOKEN}" in auth
+    # the 401s of the wrong token and of the first load are the only problems
+    assert w.problems and all(p.startswith(("HTTP 401", "console error: Failed to load resource")) for p in w.problems)
+
+
+async def fake_peers(node_ref: list, ids: list[str], tasks: list[str | None]) -> list[TestServer]:
+    """Servers that answer /v1/status as the node itself would, but with ``ids[i]`` (and, when given, task
+    ``tasks[i]``), and refuse every exchange with an error message made of HTML."""
+    servers = []
+    for peer_id, task in zip(ids, tasks, strict=True):
+
+        async def status(request: web.Request, peer_id: str = peer_id, task: str | None = task) -> web.Response:
+            doc = {**node_ref[0].status(), "id": peer_id}
+            if task is not None:
+                doc["task"] = task
+            return web.json_response(doc)
+
+        async def gossip(request: web.Request) -> web.Response:
+            await request.read()
+            return web.json_response({"error": EVIL}, status=400)
+
+        app = web.Application()
+        app.router.add_get("/v1/status", status)
+        app.router.add_post("/v1/gossip", gossip)
+        server = TestServer(app, host="127.0.0.1")
+        await server.start_server()
+        servers.append(server)
+    return servers
+
+
+async def test_html_from_peers_is_shown_as_text(browser, make_config):  # noqa: F811
+    node_ref: list = []
+    fakes = await fake_peers(node_ref, [EVIL, "other-task-peer"], [None, EVIL])
+    try:
+        seeds = tuple(f"127.0.0.1:{f.port}" for f in fakes)
+        async with running(make_config(id="dash-x", no_train=True, seeds=seeds, gossip_interval=0.2)) as (n,):
+            node_ref.append(n)
+            assert await wait_for(lambda: n.gossiper.stats.failed >= 1 and n.peers.ignored(), 20)
+            w = await open_page(browser, n.url + "/")
+            await w.wait_updates(2)
+            xss = await w.js("return window.__xss === undefined ? null : window.__xss")
+            injected = await w.js("return document.querySelectorAll('img, script:not([src])').length")
+            cells = await w.js(
+                "return [...document.querySelectorAll('#peers td, #exchanges td')].map(t => t.textContent)"
+            )
+            await w.page.screenshot(path="/tmp/gossipfl-dashboard-xss.png", full_page=True)
+    finally:
+        for f in fakes:
+            await f.close()
+    assert xss is None and injected == 0
+    assert EVIL in cells  # the peer's id, as text, in the peers table and the exchanges
+    assert any(EVIL in c and c != EVIL for c in cells)  # its error message, and the other's task in a reason
+    assert w.problems == []
