@@ -3,6 +3,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/setup.sh
+scripts/browser.sh  # a Chromium for the dashboard's browser tests, where one can be installed
 .venv/bin/ruff check gossipfl tests benchmarks examples
 .venv/bin/ruff format --check gossipfl tests benchmarks examples
 .venv/bin/lint-imports --no-cache  # the layers contract in pyproject.toml (docs/architecture.md)

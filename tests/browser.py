@@ -1,8 +1,8 @@
 """A real browser for the dashboard tests: Playwright driving the system's Chromium (headless).
 
-Tests that use ``browser`` skip cleanly when Playwright or a Chromium binary is missing (``playwright install``
-cannot download browsers on every machine; Debian's ``chromium`` package works: ENVIRONMENT notes). Set
-GOSSIPFL_CHROMIUM to use another binary."""
+Tests that use ``browser`` skip cleanly when Playwright or a Chromium is missing: the system's (``chromium`` on
+the PATH, which scripts/browser.sh installs where it can; or GOSSIPFL_CHROMIUM), else one downloaded by
+``playwright install chromium`` (which cannot download on every machine)."""
 
 from __future__ import annotations
 
@@ -50,11 +50,13 @@ class Watched:
 async def browser() -> AsyncIterator[Any]:
     playwright = pytest.importorskip("playwright.async_api", reason="playwright is not installed")
     path = chromium_path()
-    if path is None:
-        pytest.skip("no Chromium binary (apt-get install chromium, or set GOSSIPFL_CHROMIUM)")
     async with playwright.async_playwright() as p:
         args = ["--no-sandbox"] if os.geteuid() == 0 else []  # Chromium refuses root without it
-        b = await p.chromium.launch(executable_path=path, headless=True, args=args)
+        try:  # the system's Chromium, else one that `playwright install chromium` downloaded
+            b = await p.chromium.launch(executable_path=path, headless=True, args=args)
+        except playwright.Error as e:
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            pytest.skip(f"no Chromium to run (apt-get install chromium, or set GOSSIPFL_CHROMIUM): {first}")
         try:
             yield b
         finally:
