@@ -1,13 +1,18 @@
 """Watching nodes over HTTP only: readiness, one sample of every node (accuracy, consensus distance,
-bytes), and the live table."""
+bytes), and the live table (rich, redrawn in place, on a terminal; plain text every few seconds otherwise)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import aiohttp
 import numpy as np
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
 
 from gossipfl.protocol import wire
 from gossipfl.protocol.consensus import consensus_distance, flatten, network_mean
@@ -69,7 +74,8 @@ async def sample(
         except (aiohttp.ClientError, TimeoutError, ValueError):
             return None
 
-    vectors = [v for v in await asyncio.gather(*(one(n) for n in nodes)) if v is not None]
+    answers = await asyncio.gather(*(one(n) for n in nodes))
+    vectors = [v for v in answers if v is not None]
     accs = [n.accuracy[-1][1] for n in nodes if n.accuracy and n.accuracy[-1][1] is not None]
     row = {
         "t": round(t, 3),
@@ -78,11 +84,13 @@ async def sample(
         "nodes_sampled": len(vectors),
         "accuracy_mean": float(np.mean(accs)) if accs else None,
         "accuracy_min": float(np.min(accs)) if accs else None,
+        "unreachable": [n.id for n, v in zip(nodes, answers, strict=True) if v is None],
     }
     return row, (network_mean(vectors) if vectors else None)
 
 
 def render(nodes: list[WatchedNode], row: dict, duration: float) -> str:
+    """The plain-text table of one sample (what a pipe or a log gets)."""
     cd = row["consensus_distance"]
     lines = [
         f"t={row['t']:5.1f}/{duration:.0f}s  consensus distance={cd:.3e}" if cd is not None else f"t={row['t']:.1f}s",
@@ -98,3 +106,81 @@ def render(nodes: list[WatchedNode], row: dict, duration: float) -> str:
             f"{ex.get('ok', 0):>5} {ex.get('failed', 0):>4} {ex.get('busy', 0):>4}"
         )
     return "\n".join(lines)
+
+
+def _rate(bytes_per_s: float | None) -> str:
+    if bytes_per_s is None:
+        return "-"
+    for unit, scale in (("MB/s", 1e6), ("kB/s", 1e3)):
+        if bytes_per_s >= scale:
+            return f"{bytes_per_s / scale:.1f} {unit}"
+    return f"{bytes_per_s:.0f} B/s"
+
+
+def live_view(nodes: list[WatchedNode], row: dict, duration: float) -> Group:
+    """One sample as rich renders it: a header (time, consensus distance; mean accuracy) over a table with
+    a row per node; a node that did not answer this sample shows as unreachable."""
+    cd, norm, acc = row["consensus_distance"], row.get("mean_norm"), row.get("accuracy_mean")
+    head = Text(f"t={row['t']:5.1f}/{duration:.0f} s", style="bold")
+    if cd is not None:
+        head.append(f"   consensus distance {cd:.3e}")
+        if norm:
+            head.append(f" ({100 * cd / norm:.2g}% of the mean model's norm)")
+    if acc is not None:  # a line of its own: the header fits 80 columns
+        head.append(f"\naccuracy mean {acc:.4f}  min {row['accuracy_min']:.4f}")
+    missing = set(row.get("unreachable", ()))
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    table.add_column("node")
+    for name in ("accuracy", "loss", "age", "peers", "ok", "fail", "busy", "upload"):
+        table.add_column(name, justify="right")
+    for n in nodes:
+        if n.id in missing:
+            table.add_row(n.id, "unreachable", style="red")
+            continue
+        s: dict[str, Any] = n.last_status
+        m, ex = s.get("metrics", {}), s.get("exchanges", {})
+        table.add_row(
+            n.id,
+            f"{m['accuracy']:.4f}" if m.get("accuracy") is not None else "-",
+            f"{m['loss']:.3f}" if m.get("loss") is not None else "-",
+            str(s.get("age", 0)),
+            str(len(s.get("peers", []))),
+            str(ex.get("ok", 0)),
+            str(ex.get("failed", 0)),
+            str(ex.get("busy", 0)),
+            _rate(s.get("upload", {}).get("rate_bytes_per_s")),
+        )
+    if missing:
+        table.caption = f"{len(missing)} of {len(nodes)} nodes unreachable in this sample"
+    return Group(head, table)
+
+
+PLAIN_EVERY_S = 5.0
+
+
+class Display:
+    """Where each sample goes: on a terminal a rich Live table redrawn in place; otherwise (a pipe, CI) the
+    plain table every PLAIN_EVERY_S seconds; nothing when not ``live`` (--quiet). Use it as a context
+    manager: the Live display ends with the block, before the final table is printed."""
+
+    def __init__(self, duration: float, *, live: bool, tty: bool, console: Console | None = None) -> None:
+        self.duration = duration
+        self.live = live
+        self._rich = Live(console=console, auto_refresh=False, transient=False) if live and tty else None
+        self._last_plain = -float("inf")
+
+    def __enter__(self) -> Display:
+        if self._rich is not None:
+            self._rich.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._rich is not None:
+            self._rich.stop()
+
+    def show(self, nodes: list[WatchedNode], row: dict) -> None:
+        if self._rich is not None:
+            self._rich.update(live_view(nodes, row, self.duration), refresh=True)
+        elif self.live and row["t"] - self._last_plain >= PLAIN_EVERY_S:
+            print("\n" + render(nodes, row, self.duration), flush=True)
+            self._last_plain = row["t"]

@@ -8,6 +8,7 @@ import json
 import secrets
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -18,7 +19,7 @@ from gossipfl.learning.registry import get_task
 from gossipfl.protocol import wire
 from gossipfl.testbed.forked import ForkedProcessLauncher
 from gossipfl.testbed.launchers import InprocLauncher, ProcessLauncher
-from gossipfl.testbed.observe import render, sample, wait_ready
+from gossipfl.testbed.observe import Display, sample, wait_ready
 from gossipfl.testbed.options import (
     DISCOVERY_TIMEOUT_S,
     MODES,
@@ -43,7 +44,6 @@ async def run_testbed(opts: TestbedOptions) -> int:
     series: list[dict] = []
     exit_codes: dict[str, int | None] = {}
     startup_s = None
-    tty = sys.stdout.isatty() and opts.live
     failure = None
     try:
         nodes = await launcher.start(ids, f"testbed-{tag}")
@@ -66,24 +66,8 @@ async def run_testbed(opts: TestbedOptions) -> int:
                     f"{DISCOVERY_TIMEOUT_S:.0f} s; running for {opts.duration:g} s anyway",
                     flush=True,
                 )
-            t0 = time.monotonic()
-            mean0 = None
-            last_print = -1e9
-            while True:
-                t = time.monotonic() - t0
-                row, mean = await sample(session, nodes, spec, t)
-                if mean0 is None and mean is not None:
-                    mean0 = mean
-                if mean is not None and mean0 is not None:
-                    row["mean_shift_relative"] = float(np.linalg.norm(mean - mean0) / np.linalg.norm(mean0))
-                series.append(row)
-                if opts.live and (tty or t - last_print >= 5.0):
-                    text = render(nodes, row, opts.duration)
-                    print(("\x1b[H\x1b[2J" if tty else "\n") + text, flush=True)
-                    last_print = t
-                if t >= opts.duration:
-                    break
-                await asyncio.sleep(max(0.0, opts.sample_interval - (time.monotonic() - t0 - t)))
+            with Display(opts.duration, live=opts.live, tty=sys.stdout.isatty()) as display:
+                series = await watch(session, nodes, spec, opts, display.show)
     except RuntimeError as e:  # a node died or never came up
         failure = str(e)
     finally:
@@ -108,6 +92,32 @@ async def run_testbed(opts: TestbedOptions) -> int:
         print(f"testbed: nodes did not exit cleanly: {bad}", file=sys.stderr)
         return 1
     return 0
+
+
+async def watch(
+    session: aiohttp.ClientSession,
+    nodes: list[WatchedNode],
+    spec: wire.ModelSpec,
+    opts: TestbedOptions,
+    show: Callable[[list[WatchedNode], dict], None],
+) -> list[dict]:
+    """Sample every node each sample interval until the duration is over; each row goes to ``show`` as it
+    is taken. Returns the rows (time since the first sample, consensus distance, ...)."""
+    series: list[dict] = []
+    t0 = time.monotonic()
+    mean0 = None
+    while True:
+        t = time.monotonic() - t0
+        row, mean = await sample(session, nodes, spec, t)
+        if mean0 is None and mean is not None:
+            mean0 = mean
+        if mean is not None and mean0 is not None:
+            row["mean_shift_relative"] = float(np.linalg.norm(mean - mean0) / np.linalg.norm(mean0))
+        series.append(row)
+        show(nodes, row)
+        if t >= opts.duration:
+            return series
+        await asyncio.sleep(max(0.0, opts.sample_interval - (time.monotonic() - t0 - t)))
 
 
 def make_launcher(opts: TestbedOptions, out: Path) -> Launcher:
