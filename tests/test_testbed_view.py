@@ -1,7 +1,12 @@
-"""What the testbed shows: the rich live table on a terminal, the plain table elsewhere."""
+"""What the testbed shows: the rich live table on a terminal, the plain table elsewhere, and
+convergence.png at the end of a run."""
 
 import io
+import json
+import subprocess
+import sys
 
+import pytest
 from rich.console import Console
 
 from gossipfl.learning.learner import build_seeded, gossiped_tensors
@@ -9,8 +14,11 @@ from gossipfl.learning.registry import get_task
 from gossipfl.protocol import wire
 from gossipfl.testbed.observe import Display, live_view, render, sample
 from gossipfl.testbed.options import WatchedNode, free_ports
+from gossipfl.testbed.plot import SKIPPED, convergence_figure, plot_convergence
 
 from .helpers import running
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def watched() -> list[WatchedNode]:
@@ -124,3 +132,96 @@ async def test_a_sample_names_the_nodes_that_did_not_answer(make_config, http):
     lines = rich_text(nodes, row)
     assert line_of(lines, "gone") == ["gone", "unreachable"]
     assert line_of(lines, "seen")[3:5] == [str(nodes[0].last_status["age"]), "0"]  # its own status, no peers
+
+
+def results(nodes: int = 3, norm: float | None = 2.0) -> dict:
+    """A results dict as report.summarize gives it: accuracy rising, the distance falling, one gap."""
+    ts = [0.0, 1.0, 2.0, 3.0]
+    return {
+        "mode": "inproc",
+        "options": {"task": "digits"},
+        "nodes": {
+            f"n{i}": {"accuracy": [(t, None if (i, t) == (0, 0.0) else 0.2 * t + 0.1 * i) for t in ts]}
+            for i in range(nodes)
+        },
+        "consensus": [
+            {"t": t, "consensus_distance": cd, "mean_norm": norm}
+            for t, cd in zip(ts, [None, 0.4, 0.2, 0.1], strict=True)
+        ],
+    }
+
+
+def test_the_figure_draws_every_node_their_mean_and_the_relative_distance_on_a_log_scale():
+    acc, cd = convergence_figure(results()).axes
+    lines = acc.get_lines()
+    assert [x.get_label() for x in lines] == ["n0", "n1", "n2", "mean"]
+    assert list(lines[0].get_xdata()) == [1.0, 2.0, 3.0]  # the sample without an accuracy is left out
+    assert lines[-1].get_linewidth() > 2 * lines[0].get_linewidth()  # the mean bold, the nodes thin
+    assert list(lines[-1].get_xdata()) == [0.0, 1.0, 2.0, 3.0]
+    assert lines[-1].get_ydata() == pytest.approx([0.15, 0.3, 0.5, 0.7])  # at t=0 only n1 and n2
+    (distance,) = cd.get_lines()
+    assert list(distance.get_xdata()) == [1.0, 2.0, 3.0]
+    assert distance.get_ydata() == pytest.approx([0.2, 0.1, 0.05])  # over the mean model's norm
+    assert cd.get_yscale() == "log" and "norm" in cd.get_ylabel()
+
+
+def test_without_the_norm_the_distance_is_absolute_and_without_positive_values_linear():
+    _, cd = convergence_figure(results(norm=None)).axes
+    assert cd.get_lines()[0].get_ydata() == pytest.approx([0.4, 0.2, 0.1]) and cd.get_yscale() == "log"
+    flat = results()
+    for row in flat["consensus"][1:]:
+        row["consensus_distance"] = 0.0
+    _, cd = convergence_figure(flat).axes
+    assert cd.get_yscale() == "linear"
+    many = convergence_figure(results(nodes=12)).axes[0]  # beyond ten nodes only the mean is named
+    assert [t.get_text() for t in many.get_legend().get_texts()] == ["mean"]
+
+
+def test_the_png_is_written_and_reads_back_at_its_size(tmp_path):
+    from matplotlib.image import imread
+
+    path = plot_convergence(results(), tmp_path / "convergence.png")
+    assert path == tmp_path / "convergence.png" and path.read_bytes()[:8] == PNG_MAGIC
+    assert imread(path).shape == (400, 1100, 4)
+
+
+def test_without_matplotlib_no_png_is_written(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # what a missing package raises: ImportError
+    assert plot_convergence(results(), tmp_path / "convergence.png") is None
+    assert list(tmp_path.iterdir()) == []
+
+
+def gossipfl_testbed(*args: str, block_matplotlib: bool = False) -> subprocess.CompletedProcess:
+    code = "import sys; from gossipfl.cli import main; sys.exit(main(sys.argv[1:]))"
+    if block_matplotlib:
+        code = "import sys; sys.modules['matplotlib'] = None; " + code
+    return subprocess.run([sys.executable, "-c", code, "testbed", *args], capture_output=True, text=True, timeout=90)
+
+
+@pytest.mark.timeout(120)
+def test_a_run_writes_convergence_png_next_to_results_json(tmp_path):
+    out = tmp_path / "tb"
+    r = gossipfl_testbed("--mode", "inproc", "--nodes", "2", "--duration", "3", "--out", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[-2:] == [
+        f"testbed: results in {out / 'results.json'}",
+        f"testbed: convergence plot in {out / 'convergence.png'}",
+    ]
+    assert (out / "convergence.png").read_bytes()[:8] == PNG_MAGIC
+    assert "node             accuracy    loss    age peers    ok fail busy" in lines  # a pipe: the plain table
+    assert all(
+        "unreachable" in row and row["unreachable"] == []
+        for row in json.loads((out / "results.json").read_text())["consensus"]
+    )
+
+
+@pytest.mark.timeout(120)
+def test_a_run_without_matplotlib_says_how_to_get_the_plot_and_succeeds(tmp_path):
+    out = tmp_path / "tb"
+    r = gossipfl_testbed(
+        "--mode", "inproc", "--nodes", "1", "--duration", "1", "--out", str(out), block_matplotlib=True
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.splitlines()[-1] == SKIPPED and "pip install 'gossipfl[plot]'" in SKIPPED
+    assert (out / "results.json").exists() and not (out / "convergence.png").exists()

@@ -27,6 +27,7 @@ from gossipfl.testbed.options import (
     TestbedOptions,
     WatchedNode,
 )
+from gossipfl.testbed.plot import SKIPPED, plot_convergence
 from gossipfl.testbed.report import final_table, summarize
 
 
@@ -87,6 +88,8 @@ async def run_testbed(opts: TestbedOptions) -> int:
             f"(user {r['cpu_user_s']:.1f}, system {r['cpu_system_s']:.1f}) in {r['wall_s']:.1f} s wall"
         )
     print(f"testbed: results in {out / 'results.json'}")
+    png = plot_convergence(result, out / "convergence.png")
+    print(f"testbed: convergence plot in {png}" if png else SKIPPED)
     bad = {k: v for k, v in exit_codes.items() if v != 0}
     if bad:
         print(f"testbed: nodes did not exit cleanly: {bad}", file=sys.stderr)
