@@ -9,8 +9,8 @@ Two ways to run the nodes, behind one small interface (``Launcher``, in ``launch
 
 Both are measured the same way (``observe``): every sample interval the testbed reads each node's
 /v1/status and /v1/model over HTTP, records accuracy and the consensus distance (how far the models are
-from their mean), and draws a live table. At the end it stops the nodes and writes ``results.json``
-(``report``).
+from their mean), and draws a live table (``rich`` on a terminal). At the end it stops the nodes and writes
+``results.json`` (``report``) and ``convergence.png`` (``plot``).
 """
 
 from __future__ import annotations
