@@ -1,4 +1,4 @@
-"""Command line: ``gossipfl node``, ``testbed``, ``peers``, ``pull``, ``query`` and ``certs``."""
+"""Command line: ``gossipfl node``, ``testbed``, ``dashboard``, ``peers``, ``pull``, ``query`` and ``certs``."""
 
 from __future__ import annotations
 
@@ -74,6 +74,17 @@ def build_parser() -> argparse.ArgumentParser:
     peers.add_argument("--cacert", metavar="FILE", help=cacert_help)
     peers.add_argument("--timeout", type=float, default=3.0, help="seconds to listen")
     peers.add_argument("--json", action="store_true")
+
+    dash = sub.add_parser("dashboard", help="serve a web page watching many nodes (the network view)")
+    dash.add_argument("--seeds", default="", metavar="URL,URL", help="the nodes to watch (default: those on mDNS)")
+    dash.add_argument("--host", default="127.0.0.1", help="address to serve the page on (it shows what --token reads)")
+    dash.add_argument("--port", type=int, default=8480, help="0: any free port")
+    dash.add_argument("--interval", type=float, default=2.0, help="seconds between reads of every node")
+    dash.add_argument("--no-models", action="store_true", help="do not fetch models (no consensus distance)")
+    dash.add_argument("--mdns-interface", default="", help="IPv4 address(es), comma-separated (default: all)")
+    dash.add_argument("--cluster", help="without --seeds: only the nodes of this cluster")
+    dash.add_argument("--token", help=token_help)
+    dash.add_argument("--cacert", metavar="FILE", help=cacert_help)
 
     pull = sub.add_parser("pull", help="save a node's served model as a safetensors file")
     pull.add_argument("url", help="the node, e.g. http://127.0.0.1:8470")
@@ -248,6 +259,29 @@ def cmd_peers(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from gossipfl.common.logs import setup_logging
+    from gossipfl.monitor.collector import Collector
+    from gossipfl.monitor.run import serve_dashboard
+
+    seeds = [s.strip() for s in args.seeds.split(",") if s.strip()]
+    if not 0 <= args.port <= 65535:
+        raise ConfigError("--port must be from 0 to 65535")
+    try:
+        collector = Collector(seeds, interval=args.interval, token=_token(args), cacert=args.cacert,
+                              models=not args.no_models)  # fmt: skip
+    except (ValueError, OSError) as e:  # a bad URL or interval, an unreadable --cacert
+        raise ConfigError(str(e)) from None
+    setup_logging("text", "info")
+    interfaces = [i.strip() for i in args.mdns_interface.split(",") if i.strip()]
+    try:
+        asyncio.run(serve_dashboard(collector, host=args.host, port=args.port, mdns=not seeds,
+                                    mdns_interfaces=interfaces, cluster=args.cluster))  # fmt: skip
+    except OSError as e:
+        raise ConfigError(f"cannot serve on {args.host}:{args.port}: {e.strerror or e}") from None
+    return 0
+
+
 def cmd_pull(args: argparse.Namespace) -> int:
     from gossipfl.serving.client import pull
 
@@ -300,6 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = {
         "node": cmd_node,
         "testbed": cmd_testbed,
+        "dashboard": cmd_dashboard,
         "peers": cmd_peers,
         "pull": cmd_pull,
         "query": cmd_query,

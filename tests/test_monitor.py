@@ -1,0 +1,315 @@
+"""The network view (gossipfl/monitor): a collector reading real nodes on loopback (their curves, exchanges
+and consensus distance; hung, refusing and hostile nodes), its page in a real browser (tests/browser.py:
+skipped without Chromium), ``gossipfl dashboard`` as a command, and a testbed serving the same page."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+
+import numpy as np
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from gossipfl.monitor.app import DashboardServer
+from gossipfl.monitor.collector import Collector
+from gossipfl.monitor.discover import MdnsWatcher
+from gossipfl.monitor.models import vector_of
+
+from .browser import browser, open_page  # noqa: F401  (browser: a fixture)
+from .helpers import LOOPBACK, running, spread, wait_for
+
+pytestmark = pytest.mark.timeout(120)
+EVIL = '<img src=x onerror="window.__xss=1"><script>window.__xss=2</script>'
+
+
+@contextlib.asynccontextmanager
+async def hung_server() -> AsyncIterator[str]:
+    """An address that accepts connections and never answers."""
+    writers: list[asyncio.StreamWriter] = []
+
+    async def never(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+
+    server = await asyncio.start_server(never, LOOPBACK, 0)
+    try:
+        yield f"http://{LOOPBACK}:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+        for w in writers:
+            w.close()
+        await server.wait_closed()
+
+
+def refused_url() -> str:
+    """An address nobody listens on (a port just freed)."""
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return f"http://{LOOPBACK}:{s.getsockname()[1]}"
+
+
+@contextlib.asynccontextmanager
+async def fake_node(node_id: str, fail_with: str | None = None) -> AsyncIterator[str]:
+    """A server that answers like a node whose id is ``node_id`` (one evaluation, one exchange with a peer of
+    that name), or, with ``fail_with``, a 500 whose error is that text."""
+    t0 = time.time()
+
+    async def status(request: web.Request) -> web.Response:
+        if fail_with is not None:
+            return web.json_response({"error": fail_with}, status=500)
+        return web.json_response({"id": node_id, "task": node_id, "age": 3, "uptime_s": time.time() - t0,
+                                  "metrics": {"accuracy": 0.5, "loss": 1.0}, "peers": [{"id": node_id}],
+                                  "exchanges": {"ok": 1}, "upload": {"rate_bytes_per_s": 10.0}})  # fmt: skip
+
+    async def history(request: web.Request) -> web.Response:
+        ev = [{"seq": 1, "t": t0, "accuracy": 0.25}, {"seq": 2, "t": t0 + 1, "accuracy": 0.5}]
+        ex = [{"seq": 3, "t": time.time(), "peer": node_id, "role": "initiated", "result": "ok"}]
+        return web.json_response({"id": node_id, "now": time.time(), "evals": ev, "exchanges": ex})
+
+    app = web.Application()
+    app.router.add_get("/v1/status", status)
+    app.router.add_get("/v1/history", history)
+    server = TestServer(app, host=LOOPBACK)
+    await server.start_server()
+    try:
+        yield str(server.make_url("")).rstrip("/")
+    finally:
+        await server.close()
+
+
+async def test_the_collector_reads_curves_exchanges_and_consensus(make_config, http):
+    a = make_config(id="mon-a", eval_interval=0.3)
+    async with running(a) as (na,):
+        seeds = (f"{LOOPBACK}:{na.port}",)
+        others = [make_config(id=f"mon-{x}", eval_interval=0.3, seeds=seeds) for x in "bc"]
+        async with running(*others) as rest:
+            nodes = [na, *rest]
+            assert await wait_for(lambda: all(n.gossiper.stats.ok >= 2 for n in rest), 30)
+            collector = Collector([n.url for n in nodes], interval=0.5)
+            try:
+                sizes = []
+                for _ in range(4):
+                    await collector.sample()
+                    sizes.append(len(collector.document()["consensus"]))
+                    await asyncio.sleep(0.5)
+                doc = collector.document()
+            finally:
+                await collector.stop()
+            assert sizes == [1, 2, 3, 4]  # one consensus distance per sample, once two models are read
+            assert all(d > 0 and 0 < r < 1 for _, d, r in doc["consensus"])
+            by_id = {row["id"]: row for row in doc["nodes"]}
+            assert sorted(by_id) == ["mon-a", "mon-b", "mon-c"]
+            for n in nodes:
+                row, record = by_id[n.id], collector.nodes[n.url]
+                assert row["url"] == n.url and row["reachable"] is True and row["error"] is None
+                async with http.get(f"{n.url}/v1/history") as r:
+                    history = await r.json()
+                read = [e for e in history["evals"] if e["seq"] <= record.evals_after]
+                assert len(read) >= 3
+                assert [a for _, a in row["series"]] == [e["accuracy"] for e in read]  # every point, in order
+                assert all(abs(t - e["t"]) < 1.0 for (t, _), e in zip(row["series"], read, strict=True))  # one clock
+                assert row["accuracy"] is not None and row["peers"] >= 1 and row["exchanges_ok"] is not None
+            started = [(n, x) for n in nodes for x in n.gossiper.stats.recent.after(0) if x["role"] == "initiated"]
+            read = [  # the exchanges each node started and committed, as far as the collector read
+                (n.id, x["peer"])
+                for n, x in started
+                if x["result"] == "ok" and x["seq"] <= collector.nodes[n.url].exchanges_after
+            ]
+            ok, counted = {tuple(sorted(pair)) for pair in read}, len(read)
+            assert {(e["a"], e["b"]) for e in doc["edges"]} == ok and ok
+            assert sum(e["count"] for e in doc["edges"]) == counted  # each exchange once, both directions merged
+
+
+async def test_the_consensus_distance_is_that_of_the_nodes_models(make_config):
+    """Nodes that do not train or gossip keep their (different) initial models: the collector's distance,
+    from /v1/model, is the one computed from the nodes' own parameters."""
+    configs = [make_config(no_train=True, seed=s, gossip_interval=3600.0) for s in (1, 2, 3)]
+    async with running(*configs) as nodes:
+        collector = Collector([n.url for n in nodes], interval=1)
+        try:
+            await collector.sample()
+        finally:
+            await collector.stop()
+        ((_, distance, relative),) = collector.document()["consensus"]
+        assert distance == pytest.approx(spread(nodes), rel=1e-9) and distance > 0
+        body = (await nodes[0].model_payload()).tobytes()
+        _, vector = vector_of(body)
+        assert vector.size == sum(np.asarray(p).size for p in nodes[0].learner.snapshot().params.values())
+        assert 0 < relative < distance / np.linalg.norm(vector) * 10
+
+
+async def test_a_hung_or_refusing_node_is_shown_unreachable_and_holds_nothing_up(make_config):
+    async with hung_server() as hung, running(make_config(eval_interval=0.3)) as (node,):
+        refused = refused_url()
+        collector = Collector([hung, refused, node.url], interval=1.0, timeout=1.0)
+        try:
+            started = time.monotonic()
+            await collector.sample()
+            took = time.monotonic() - started
+            rows = {r["url"]: r for r in collector.document()["nodes"]}
+            assert took < 1.5, took  # the hung node costs the timeout, no more
+            assert rows[hung]["reachable"] is False and rows[hung]["error"] == "no answer within 1 s"
+            assert rows[refused]["reachable"] is False and rows[refused]["error"].startswith("cannot connect")
+            assert rows[node.url]["reachable"] is True and rows[node.url]["id"] == node.id
+            first = len(rows[node.url]["series"])
+            await collector.start()  # in the background: every interval, whatever the hung node does
+            await asyncio.sleep(3.6)
+            doc = collector.document()
+        finally:
+            await collector.stop()
+        assert doc["samples"] >= 4
+        rows = {r["url"]: r for r in doc["nodes"]}
+        assert rows[node.url]["seen_s_ago"] < 1.6 and len(rows[node.url]["series"]) > first
+        assert rows[hung]["reachable"] is False and rows[hung]["id"] is None
+
+
+async def test_mdns_watching_adds_nodes_as_they_appear(make_config, cluster):
+    collector = Collector(interval=1)
+    watcher = MdnsWatcher(collector, [LOOPBACK], cluster=cluster)
+    await watcher.start()
+    try:
+        assert collector.nodes == {}
+        other = make_config(discovery=("mdns",), cluster=cluster + "-other")
+        async with running(make_config(discovery=("mdns",)), other) as (node, stranger):
+            assert await wait_for(lambda: node.url in collector.nodes, 15)
+            await asyncio.sleep(1.0)
+            assert list(collector.nodes) == [node.url]  # not the other cluster's node
+    finally:
+        await watcher.stop()
+        await collector.stop()
+
+
+async def test_the_server_answers_loopback_names_only(make_config, http):
+    async with running(make_config(no_train=True)) as (node,):
+        async with DashboardServer(Collector([node.url], interval=0.5), port=0) as server:
+            assert await wait_for(lambda: server.collector.samples >= 1, 5)
+            async with http.get(server.url + "api/network") as r:
+                assert r.status == 200 and (await r.json())["nodes"][0]["id"] == node.id
+            async with http.get(server.url, headers={"Host": "attacker.example:80"}) as r:
+                assert r.status == 421  # a page elsewhere, through a DNS name pointed at 127.0.0.1
+            async with http.get(server.url.replace(LOOPBACK, "localhost")) as r:
+                assert r.status == 200
+
+
+async def test_network_page_draws_every_node_live_and_shows_hostile_strings_as_text(browser, make_config, http):  # noqa: F811
+    a = make_config(id="page-a", eval_interval=0.3)
+    async with running(a) as (na,):
+        b = make_config(id="page-b", eval_interval=0.3, seeds=(f"{LOOPBACK}:{na.port}",))
+        async with running(b) as (nb,), hung_server() as hung, fake_node(EVIL) as evil, fake_node("x", EVIL) as bad:
+            assert await wait_for(lambda: nb.gossiper.stats.ok >= 2, 20)
+            collector = Collector([na.url, nb.url, hung, evil, bad], interval=0.5, timeout=0.5)
+            async with DashboardServer(collector, port=0) as server:
+                w = await open_page(browser, server.url)
+                await w.wait_updates(2)
+                drawn = await w.js(
+                    "const doc = window.gossipflDashboard.doc;"
+                    "return [...document.querySelectorAll('#chart-accuracy path.series')].map(p => ["
+                    "  p.dataset.series, JSON.parse(p.dataset.last), +p.dataset.n,"
+                    "  doc.nodes.find(n => (n.id || n.url) === p.dataset.series).series.at(-1)])"
+                )
+                async with http.get(server.url + "api/network") as r:
+                    served = {n["id"] or n["url"]: n for n in (await r.json())["nodes"]}
+                names = sorted(name for name, *_ in drawn)
+                assert names == sorted([EVIL, "page-a", "page-b"])  # a path for every node with points
+                for name, last, _, last_in_doc in drawn:
+                    assert last == last_in_doc and last in served[name]["series"]
+                assert len(served) == 5
+                await w.wait_updates(5)
+                later = dict(
+                    await w.js(
+                        "return [...document.querySelectorAll('#chart-accuracy path.series')]"
+                        ".map(p => [p.dataset.series, +p.dataset.n])"
+                    )
+                )
+                before = {name: n for name, _, n, _ in drawn}
+                assert later["page-a"] > before["page-a"] and later["page-b"] > before["page-b"]  # live
+                rows = await w.js(
+                    "return [...document.querySelectorAll('#nodes tbody tr')].map(r => [r.dataset.node,"
+                    " r.querySelector('td.state').textContent, r.cells[0].textContent,"
+                    " r.cells[0].querySelector('a') && r.cells[0].querySelector('a').getAttribute('href')])"
+                )
+                state = {node: (st, name, href) for node, st, name, href in rows}
+                assert state[hung][0] == "unreachable no answer within 0.5 s"
+                assert state[bad][0] == f"unreachable HTTP 500: {EVIL}"  # the node's error, as text
+                assert state["page-a"] == ("reachable", "page-a", na.url + "/")  # a link to the node's own page
+                assert state[EVIL][1] == EVIL
+                dots = await w.js(
+                    "return [...document.querySelectorAll('#graph circle.node-dot')]"
+                    ".map(c => [c.dataset.node, c.classList.contains('unreachable')])"
+                )
+                assert sorted(map(tuple, dots)) == sorted(
+                    [(hung, True), (bad, True), (EVIL, False), ("page-a", False), ("page-b", False)]
+                )
+                edges = await w.js(
+                    "return [...document.querySelectorAll('#graph line.edge')].map(e => [e.dataset.a, e.dataset.b])"
+                )
+                assert ["page-a", "page-b"] in edges
+                injected = await w.js(
+                    "return [window.__xss === undefined, document.querySelectorAll('img').length,"
+                    " document.querySelectorAll('script').length]"
+                )
+                assert injected == [True, 0, 1]  # no element made from a node's strings
+                await w.page.screenshot(path="/tmp/gossipfl-network-dashboard.png", full_page=True)
+                assert w.problems == []
+
+
+def test_gossipfl_dashboard_command_serves_the_seed_and_stops_on_sigterm(tmp_path):
+    env = {**os.environ, "GOSSIPFL_TOKEN": "not-printed-t0ken"}
+    node = subprocess.Popen(
+        [sys.executable, "-m", "gossipfl", "node", "--host", LOOPBACK, "--port", "0", "--id", "cli-seed",
+         "--discovery", "static", "--no-train"],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    dash = None
+    try:
+        url = _wait_line(node.stderr, "node up at", 60).split("node up at ")[1].split()[0].rstrip(":")
+        dash = subprocess.Popen(
+            [sys.executable, "-m", "gossipfl", "dashboard", "--seeds", url, "--port", "0", "--interval", "0.5"],
+            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        )  # fmt: skip
+        line = _wait_line(dash.stdout, "dashboard: ", 30)
+        page = line.split("dashboard: ")[1].split()[0]
+        assert page.startswith(f"http://{LOOPBACK}:") and page.endswith("/")
+        deadline = time.monotonic() + 20
+        doc: dict = {}
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError, ValueError):
+                import urllib.request
+
+                with urllib.request.urlopen(page + "api/network", timeout=3) as r:
+                    doc = json.load(r)
+                if doc["nodes"] and doc["nodes"][0]["reachable"]:
+                    break
+            time.sleep(0.3)
+        assert [(n["id"], n["url"], n["reachable"]) for n in doc["nodes"]] == [("cli-seed", url, True)]
+        dash.send_signal(signal.SIGTERM)
+        out, err = dash.communicate(timeout=20)
+        assert dash.returncode == 0, err
+        assert "not-printed-t0ken" not in line + out + err
+        assert os.listdir(tmp_path) == []  # nothing written where it ran
+    finally:
+        for p in (dash, node):
+            if p is not None and p.poll() is None:
+                p.terminate()
+                p.wait(timeout=20)
+
+
+def _wait_line(stream, needle: str, timeout: float) -> str:
+    """The first line of ``stream`` (a child's pipe) that holds ``needle``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = stream.readline()
+        if needle in line:
+            return line
+        if not line:
+            break
+    raise AssertionError(f"no line with {needle!r}")
