@@ -62,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="inproc: worker threads for the nodes' blocking work (default: CPU cores + 2, at most N + 4)",
     )
     tb.add_argument(
+        "--dashboard-port",
+        type=int,
+        metavar="P",
+        help="serve the network view (as gossipfl dashboard) on 127.0.0.1:P during the run; 0: a free port",
+    )
+    tb.add_argument(
         "node_args", nargs=argparse.REMAINDER, help="after '--': extra options passed to every node, e.g. -- --lr 0.002"
     )
 
@@ -210,6 +216,8 @@ def cmd_testbed(args: argparse.Namespace) -> int:
         raise ConfigError("--duration must be > 0")
     if args.inproc_workers < 0:
         raise ConfigError("--inproc-workers must be >= 0")
+    if args.dashboard_port is not None and not 0 <= args.dashboard_port <= 65535:
+        raise ConfigError("--dashboard-port must be from 0 to 65535")
     opts = TestbedOptions(
         nodes=args.nodes,
         duration=args.duration,
@@ -225,6 +233,7 @@ def cmd_testbed(args: argparse.Namespace) -> int:
         mode=args.mode,
         inproc_workers=args.inproc_workers,
         fork=not args.no_fork,
+        dashboard_port=args.dashboard_port,
     )
     return asyncio.run(run_testbed(opts))
 

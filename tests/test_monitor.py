@@ -313,3 +313,34 @@ def _wait_line(stream, needle: str, timeout: float) -> str:
         if not line:
             break
     raise AssertionError(f"no line with {needle!r}")
+
+
+def test_a_testbed_serves_the_network_view_of_its_nodes(tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gossipfl", "testbed", "--mode", "inproc", "--nodes", "2", "--duration", "8",
+         "--gossip-interval", "0.3", "--out", str(tmp_path / "tb"), "--dashboard-port", "0"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        page = _wait_line(proc.stdout, "testbed: dashboard at ", 60).split(" at ")[1].strip()
+        assert page.startswith(f"http://{LOOPBACK}:")
+        import urllib.request
+
+        with urllib.request.urlopen(page, timeout=5) as r:
+            assert b"/static/network.js" in r.read()
+        doc: dict = {}
+        while proc.poll() is None:  # while the testbed runs
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(page + "api/network", timeout=5) as r:
+                    doc = json.load(r)
+            if doc and all(n["reachable"] and n["series"] for n in doc["nodes"]) and doc["consensus"]:
+                break
+            time.sleep(0.5)
+        assert [n["id"].split("-")[0] for n in doc["nodes"]] == ["node0", "node1"]
+        assert all(n["reachable"] and n["series"] for n in doc["nodes"]) and doc["consensus"]  # the testbed's own
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, out + err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

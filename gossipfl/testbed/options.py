@@ -32,6 +32,7 @@ class TestbedOptions:
     mode: str = "process"  # one of MODES
     inproc_workers: int = 0  # inproc: threads of the loop's default executor; 0 picks inproc_workers()
     fork: bool = True  # process: fork node processes from a zygote that imported torch once (zygote.py)
+    dashboard_port: int | None = None  # serve the network view on 127.0.0.1 at this port (0: a free one)
 
 
 @dataclass

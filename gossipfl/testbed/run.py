@@ -16,6 +16,8 @@ import numpy as np
 
 from gossipfl.learning.learner import build_seeded, gossiped_tensors
 from gossipfl.learning.registry import get_task
+from gossipfl.monitor.app import DashboardServer
+from gossipfl.monitor.collector import Collector
 from gossipfl.protocol import wire
 from gossipfl.testbed.forked import ForkedProcessLauncher
 from gossipfl.testbed.launchers import InprocLauncher, ProcessLauncher
@@ -46,12 +48,14 @@ async def run_testbed(opts: TestbedOptions) -> int:
     exit_codes: dict[str, int | None] = {}
     startup_s = None
     failure = None
+    dashboard = None
     try:
         nodes = await launcher.start(ids, f"testbed-{tag}")
         print(
             f"testbed: started {opts.nodes} nodes ({opts.task}, {launcher.where}), waiting for them to be up...",
             flush=True,
         )
+        dashboard = await start_dashboard(opts, nodes)
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
             found = await wait_ready(session, nodes, launcher)
             startup_s = time.monotonic() - t_launch
@@ -68,10 +72,12 @@ async def run_testbed(opts: TestbedOptions) -> int:
                     flush=True,
                 )
             with Display(opts.duration, live=opts.live, tty=sys.stdout.isatty()) as display:
-                series = await watch(session, nodes, spec, opts, display.show)
-    except RuntimeError as e:  # a node died or never came up
+                series = await watch(session, nodes, spec, opts, showing(display.show, dashboard))
+    except RuntimeError as e:  # a node died or never came up, or the dashboard's port was taken
         failure = str(e)
     finally:
+        if dashboard is not None:
+            await dashboard.stop()
         exit_codes = await launcher.stop()
     if failure:
         print(f"testbed: error: {failure}", file=sys.stderr)
@@ -121,6 +127,37 @@ async def watch(
         if t >= opts.duration:
             return series
         await asyncio.sleep(max(0.0, opts.sample_interval - (time.monotonic() - t0 - t)))
+
+
+async def start_dashboard(opts: TestbedOptions, nodes: list[WatchedNode]) -> DashboardServer | None:
+    """With --dashboard-port: the network view of the testbed's nodes on 127.0.0.1 (gossipfl dashboard's page),
+    its consensus distance the testbed's own (``showing``), so no model is read twice."""
+    if opts.dashboard_port is None:
+        return None
+    collector = Collector([n.url for n in nodes], interval=min(2.0, opts.sample_interval), models=False)
+    server = DashboardServer(collector, port=opts.dashboard_port)
+    try:
+        url = await server.start()
+    except OSError as e:
+        raise RuntimeError(f"cannot serve the dashboard on port {opts.dashboard_port}: {e.strerror or e}") from None
+    print(f"testbed: dashboard at {url}", flush=True)
+    return server
+
+
+def showing(
+    show: Callable[[list[WatchedNode], dict], None], dashboard: DashboardServer | None
+) -> Callable[[list[WatchedNode], dict], None]:
+    """``show``, and with a dashboard, each sample's consensus distance handed to its collector too."""
+    if dashboard is None:
+        return show
+
+    def both(nodes: list[WatchedNode], row: dict) -> None:
+        show(nodes, row)
+        distance, norm = row["consensus_distance"], row.get("mean_norm")
+        relative = distance / norm if distance is not None and norm else None
+        dashboard.collector.add_consensus(time.time(), distance, relative, row["nodes_sampled"])
+
+    return both
 
 
 def make_launcher(opts: TestbedOptions, out: Path) -> Launcher:
