@@ -24,9 +24,11 @@ from gossipfl.monitor.app import DashboardServer
 from gossipfl.monitor.collector import Collector
 from gossipfl.monitor.discover import MdnsWatcher
 from gossipfl.monitor.models import vector_of
+from gossipfl.monitor.records import NodeRecord
 
 from .browser import browser, open_page  # noqa: F401  (browser: a fixture)
 from .helpers import LOOPBACK, running, spread, wait_for
+from .test_members import key_file  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.timeout(120)
 EVIL = '<img src=x onerror="window.__xss=1"><script>window.__xss=2</script>'
@@ -170,6 +172,47 @@ async def test_a_hung_or_refusing_node_is_shown_unreachable_and_holds_nothing_up
         rows = {r["url"]: r for r in doc["nodes"]}
         assert rows[node.url]["seen_s_ago"] < 1.6 and len(rows[node.url]["series"]) > first
         assert rows[hung]["reachable"] is False and rows[hung]["id"] is None
+
+
+async def test_the_read_token_is_sent_to_the_nodes(make_config, key_file):  # noqa: F811
+    token = "monitor-t0ken"
+    async with running(*(make_config(secret_file=key_file, read_token=token) for _ in range(2))) as nodes:
+        without = Collector([n.url for n in nodes], interval=1)
+        with_token = Collector([n.url for n in nodes], interval=1, token=token)
+        try:
+            await without.sample()
+            await with_token.sample()
+        finally:
+            await without.stop()
+            await with_token.stop()
+        refused = without.document()
+        errors = {n["error"] for n in refused["nodes"]}
+        assert len(errors) == 1 and errors.pop().startswith("HTTP 401: unauthorized: a read token is required")
+        assert refused["consensus"] == []
+        read = with_token.document()
+        assert all(n["reachable"] for n in read["nodes"]) and len(read["consensus"]) == 1  # models read too
+        assert token not in json.dumps(read)
+
+
+def test_a_restarted_node_is_read_from_its_new_start():
+    """Sequence numbers start again when a node restarts (its uptime falls): the cursors follow; another
+    node at the same address starts a new curve."""
+
+    def history(now: float, *seqs: int) -> dict:
+        return {"now": now, "evals": [{"seq": s, "t": now - 1, "accuracy": s / 10} for s in seqs], "exchanges": []}
+
+    record = NodeRecord("http://127.0.0.1:1")
+    record.take({"id": "n", "uptime_s": 50.0}, history(100.0, 1, 2, 3), 100.0)
+    record.take({"id": "n", "uptime_s": 52.0}, history(102.0, 3), 102.0)  # seen already
+    assert [r["accuracy"] for r in record.series.after(0)] == [0.1, 0.2, 0.3] and record.evals_after == 3
+    record.take({"id": "n", "uptime_s": 1.0}, history(110.0), 110.0)  # restarted: read from 0 next time
+    assert record.evals_after == 0
+    record.take({"id": "n", "uptime_s": 3.0}, history(112.0, 1), 112.0)
+    assert [r["accuracy"] for r in record.series.after(0)] == [0.1, 0.2, 0.3, 0.1]
+    record.take({"id": "other", "uptime_s": 500.0}, history(120.0, 7), 120.0)
+    assert [r["accuracy"] for r in record.series.after(0)] == [0.7] and record.id == "other"
+    with pytest.raises(ValueError, match="no id"):
+        record.take({"id": 3}, history(121.0), 121.0)
 
 
 async def test_mdns_watching_adds_nodes_as_they_appear(make_config, cluster):

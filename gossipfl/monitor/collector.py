@@ -154,7 +154,7 @@ class Collector:
         async with self._client().get(url, allow_redirects=False, ssl=self._ssl) as resp:
             if resp.status != 200:
                 detail = error_text(await resp.content.read(1024))
-                hint = " (the read token is missing or wrong)" if resp.status == 401 else ""
+                hint = " (the dashboard's read token: --token or GOSSIPFL_TOKEN)" if resp.status == 401 else ""
                 raise ValueError(f"HTTP {resp.status}: {detail}{hint}")
             return await read_limited(resp.content, resp.content_length, limit)
 
