@@ -5,7 +5,8 @@
 - ``models``: the consensus distance of the nodes' models, fetched from ``/v1/model``;
 - ``collector``: the ``Collector`` that reads every node each interval, a hung one never holding up the rest;
 - ``discover``: nodes found over mDNS, added while it runs;
-- ``app``: the page and ``GET /api/network``, served on loopback by default.
+- ``app``: the page and ``GET /api/network``, served on loopback by default;
+- ``run``: ``gossipfl dashboard``, until SIGINT or SIGTERM.
 
 It reads nodes as any client does (with the read token when given) and imports serving, protocol,
 discovery, security and common, never the node itself.
