@@ -82,10 +82,14 @@ export function duration(seconds) {
   return `${(seconds / 60).toFixed(1)} min`;
 }
 
-/** A stable colour for a name (node ids): a hue from a string hash. */
+/** A stable colour for a name (node ids): a hue from a hash of it (FNV-1a, then a final mix so that names
+ * differing in one last character, node0 and node1, get far-apart hues). */
 export function colour(name) {
-  let h = 0;
-  for (const ch of String(name)) h = (h * 31 + ch.codePointAt(0)) >>> 0;
+  let h = 0x811c9dc5;
+  for (const ch of String(name)) h = Math.imul(h ^ ch.codePointAt(0), 0x01000193) >>> 0;
+  h = Math.imul(h ^ (h >>> 16), 0x85ebca6b) >>> 0;
+  h = Math.imul(h ^ (h >>> 13), 0xc2b2ae35) >>> 0;
+  h = (h ^ (h >>> 16)) >>> 0;
   return `hsl(${h % 360}, 65%, 42%)`;
 }
 
