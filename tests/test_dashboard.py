@@ -77,7 +77,6 @@ async def test_node_page_draws_its_history_and_updates(browser, make_config, htt
             peers = await w.js("return [...document.querySelectorAll('#peers tbody tr')].map(r => r.dataset.peer)")
             rows = await w.js("return document.querySelectorAll('#exchanges tbody tr').length")
             title = await w.js("return document.getElementById('node-id').textContent")
-            await w.page.screenshot(path="/tmp/gossipfl-node-dashboard.png", full_page=True)
     assert w.problems == []
     assert title == "dash-b"
     # the point drawn last is one of the node's evaluations, and the accuracy /v1/status reports is drawn
@@ -151,7 +150,6 @@ async def test_html_from_peers_is_shown_as_text(browser, make_config):  # noqa: 
             cells = await w.js(
                 "return [...document.querySelectorAll('#peers td, #exchanges td')].map(t => t.textContent)"
             )
-            await w.page.screenshot(path="/tmp/gossipfl-dashboard-xss.png", full_page=True)
     finally:
         for f in fakes:
             await f.close()

@@ -301,7 +301,6 @@ async def test_network_page_draws_every_node_live_and_shows_hostile_strings_as_t
                     " document.querySelectorAll('script').length]"
                 )
                 assert injected == [True, 0, 1]  # no element made from a node's strings
-                await w.page.screenshot(path="/tmp/gossipfl-network-dashboard.png", full_page=True)
                 assert w.problems == []
 
 
