@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import secrets
 import socket
 import time
 from typing import Any
@@ -78,6 +79,7 @@ class Node(Reporting):
         self.partition_source: str | None = None  # the name whose ordinal gave K (auto/N)
         self.train_loss: float | None = None
         self.started_at: float | None = None
+        self.boot = secrets.token_hex(8)  # this run of the node (GET /v1/history)
         self.checkpoints: state.Checkpointer | None = None
         self.resumed: state.Resumed | None = None
         self.join: joining.Joined | str | None = None  # how the node started (see protocol/joining.py)

@@ -61,7 +61,7 @@ class Reporting:
             "steps": self.learner.steps,
             "accuracy": ev.accuracy,
             "loss": ev.loss,
-            "epsilon": dp.epsilon if dp else None,
+            "epsilon": dp.epsilon if dp else None,  # (non-finite numbers leave as null: serving.errors.finite)
         }
 
     def history(self, evals_after: int = 0, exchanges_after: int = 0) -> dict[str, Any]:
@@ -70,6 +70,7 @@ class Reporting:
         reader on another clock can tell how long ago each record is."""
         return {
             "id": self.id,
+            "boot": self.boot,  # new at every start: a poller that sees it change reads again from 0
             "now": round(time.time(), 3),
             "evals": self.evals.after(evals_after),
             "exchanges": self.gossiper.stats.recent.after(exchanges_after),

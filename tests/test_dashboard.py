@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 import pytest
 from aiohttp import web
@@ -157,3 +158,47 @@ async def test_html_from_peers_is_shown_as_text(browser, make_config):  # noqa: 
     assert EVIL in cells  # the peer's id, as text, in the peers table and the exchanges
     assert any(EVIL in c and c != EVIL for c in cells)  # its error message, and the other's task in a reason
     assert w.problems == []
+
+
+async def test_a_restarted_node_is_read_again_from_its_start(browser, make_config):  # noqa: F811
+    cfg = make_config(id="restarts", no_train=True, eval_interval=0.1)
+    async with running(cfg) as (a,):
+        port = a.port
+        assert await wait_for(lambda: a.evals.after()[-1]["seq"] >= 40 if len(a.evals) else False, 30)
+        w = await open_page(browser, a.url + "/")
+        await w.wait_updates(2)
+    restarted = time.time()
+    async with running(make_config(id="restarts", no_train=True, eval_interval=0.1, port=port)) as (b,):
+        assert await wait_for(lambda: len(b.evals) >= 3, 20)
+        w.problems.clear()  # (the polls while it was down failed)
+        updates = await w.js("return window.gossipflDashboard.updates")
+        await w.wait_updates(updates + 2)
+        last_t = await w.js("const e = window.gossipflDashboard.evals; return e[e.length - 1].t")
+        first_t = await w.js("return window.gossipflDashboard.evals[0].t")
+    assert last_t > restarted and first_t > restarted  # the new run's points, and only those
+    assert w.problems == []
+
+
+async def test_a_token_a_header_cannot_carry_is_asked_for_again(browser, make_config, key_file):  # noqa: F811
+    async with running(make_config(no_train=True, secret_file=key_file, read_token=TOKEN)) as (n,):
+        w = await open_page(browser, n.url + "/")
+        await w.page.wait_for_selector("#token-form:not([hidden])", timeout=10000)
+        await w.page.fill("#token-input", "dashboard\u2019t0ken")  # a typographic apostrophe, pasted from a doc
+        await w.page.click("#token-form button")
+        message = await w.js("return document.getElementById('token-message').textContent")
+        visible = await w.js("return !document.getElementById('token-form').hidden")
+        stored = await w.js("return sessionStorage.getItem('gossipfl-read-token')")
+        await w.page.fill("#token-input", TOKEN)
+        await w.page.click("#token-form button")
+        await w.wait_updates(1)
+    assert "printable ASCII" in message and visible and stored is None
+
+
+async def test_identical_models_are_not_shown_as_no_exchange(browser, make_config):  # noqa: F811
+    async with running(make_config(id="same-a", no_train=True)) as (a,):
+        async with running(make_config(id="same-b", no_train=True, seeds=(f"127.0.0.1:{a.port}",))) as (b,):
+            assert await wait_for(lambda: b.gossiper.stats.ok >= 2, 20)
+            w = await open_page(browser, b.url + "/")
+            await w.wait_updates(2)
+            text = await w.js("return document.getElementById('chart-distance').textContent")
+    assert "identical" in text and "no exchange" not in text

@@ -3,13 +3,18 @@ polls), and the pure pieces under it (Timeline, relative_distance)."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import time
+
 import numpy as np
 import pytest
 
 from gossipfl.common.timeline import Timeline
+from gossipfl.protocol import wire
 from gossipfl.protocol.consensus import SAMPLE_VALUES, relative_distance
 
-from .helpers import running, wait_for
+from .helpers import message, params_of, running, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -62,8 +67,8 @@ async def test_history_lists_evaluations_and_both_sides_of_exchanges(make_config
     assert 0.0 <= ev["accuracy"] <= 1.0 and ev["loss"] > 0 and ev["age"] >= 0 and ev["epsilon"] is None
     ok = [x for x in doc["exchanges"] if x["result"] == "ok"]
     assert len(ok) >= 3
-    x = ok[-1]
-    assert x["peer"] == "hist-a" and x["role"] == "initiated" and x["duration_s"] > 0
+    x = [x for x in ok if x["role"] == "initiated"][-1]  # (a learns b from its prepares and initiates too)
+    assert x["peer"] == "hist-a" and x["duration_s"] > 0
     assert x["bytes_sent"] > 1000 and x["bytes_received"] > 1000
     assert x["distance"] is not None and 0 <= x["distance"] < 1  # same init, a few steps apart
     served = [x for x in answered["exchanges"] if x["role"] == "answered" and x["result"] == "ok"]
@@ -72,3 +77,49 @@ async def test_history_lists_evaluations_and_both_sides_of_exchanges(make_config
     # incremental: only what came after
     assert all(e["seq"] > last_eval for e in later["evals"])
     assert all(e["seq"] > last_exchange for e in later["exchanges"])
+
+
+def _strict(body: str) -> dict:
+    """JSON as a browser reads it: NaN and Infinity are not JSON."""
+
+    def refuse(name: str) -> None:
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(body, parse_constant=refuse)
+
+
+async def test_a_diverged_model_still_gives_valid_json(make_config, http):
+    """A peer's model of finite but huge weights makes the loss NaN: status and history say null."""
+    async with running(make_config(id="victim", no_train=True, eval_interval=0.2)) as (n,):
+        huge = {k: np.full_like(v, 3e37) if v.dtype.kind == "f" else v for k, v in params_of(n).items()}
+        xid = wire.new_xid()
+        async with http.post(n.url + "/v1/gossip", data=message(n, huge, sender="mallory", xid=xid)) as r:
+            assert r.status == 200
+        async with http.post(n.url + f"/v1/gossip/{xid}/commit") as r:
+            assert (await r.json())["outcome"] == "committed"
+        assert await wait_for(lambda: n.last_eval is not None and not np.isfinite(n.last_eval.loss), 10)
+        docs = {}
+        for path in ("/v1/status", "/v1/history"):
+            async with http.get(n.url + path) as r:
+                docs[path] = _strict(await r.text())
+    assert docs["/v1/status"]["metrics"]["loss"] is None
+    assert docs["/v1/history"]["evals"][-1]["loss"] is None
+
+
+async def test_an_expired_exchange_is_recorded_at_its_expiry(make_config, http):
+    async with running(make_config(id="ex", no_train=True)) as (n,):
+        n.gossiper.ledger.prepare_ttl = 0.5
+        t0 = time.time()
+        async with http.post(n.url + "/v1/gossip", data=message(n, sender="ghost")) as r:
+            assert r.status == 200
+        await asyncio.sleep(2.0)  # no decision comes; the next prepare notices the expiry
+        async with http.post(n.url + "/v1/gossip", data=b"junk") as r:
+            assert r.status == 400
+        async with http.get(n.url + "/v1/history") as r:
+            records = (await r.json())["exchanges"]
+    expired = [x for x in records if x["result"] == "expired"]
+    assert len(expired) == 1 and expired[0]["peer"] == "ghost"
+    assert expired[0]["duration_s"] == pytest.approx(0.5, abs=0.2)
+    assert expired[0]["t"] - t0 == pytest.approx(0.5, abs=0.3)  # when it expired, not when it was noticed
+    rejected = [x for x in records if x["result"] == "rejected"]
+    assert rejected and rejected[-1]["bytes_received"] == 4 and rejected[-1]["error"]

@@ -5,6 +5,7 @@ is made once, at once, and answered the same to every later call about that id."
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -173,10 +174,15 @@ class Responder(GossipCore):
         return COMMITTED, ""
 
     def _record(self, entry: Prepared[Sent, merge.Merged], result: str) -> None:
-        """An exchange a peer started, as decided (or expired), for the dashboard."""
-        duration = self.clock() - (entry.expires - self.ledger.prepare_ttl)  # since it was prepared
+        """An exchange a peer started, as decided (or expired: then at its expiry, noticed maybe later), for
+        the dashboard."""
+        end = min(self.clock(), entry.expires)
+        duration = end - (entry.expires - self.ledger.prepare_ttl)  # since it was prepared
+        at = time.time() - (self.clock() - end)
         sent = len(entry.sent.body)
-        self.stats.record(entry.sender, "answered", result, duration, sent, entry.received, entry.merged.distance)
+        self.stats.record(
+            entry.sender, "answered", result, duration, sent, entry.received, entry.merged.distance, at=at
+        )
 
     async def _apply_committed(self, sent: Sent, merged: merge.Merged, xid: str, sender: str) -> None:
         try:

@@ -38,13 +38,15 @@ class ExchangeStats:
         received: int = 0,
         distance: float | None = None,
         error: str | None = None,
+        at: float | None = None,
     ) -> None:
         """One exchange as the dashboard lists it: ``role`` "initiated" or "answered"; ``result`` as counted
         (ok, busy, aborted, failed, in_doubt, unauthorized; answered: ok, declined, rejected); ``distance``:
-        how far the peer's model was from this node's, relative to this node's (consensus.relative_distance)."""
+        how far the peer's model was from this node's, relative to this node's (consensus.relative_distance);
+        ``at``: when it ended (wall clock; default now)."""
         self.recent.add(
             {
-                "t": round(time.time(), 3),
+                "t": round(time.time() if at is None else at, 3),  # wall clock, when it ended
                 "peer": peer,
                 "role": role,
                 "result": result,

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import math
+from typing import Any
 
 from aiohttp import web
 
@@ -15,6 +18,27 @@ log = logging.getLogger("gossipfl.api")
 def error(status: int, message: str) -> web.Response:
     """The one error shape of every route: ``{"error": "..."}``."""
     return web.json_response({"error": message}, status=status)
+
+
+def finite(doc: Any) -> Any:
+    """``doc`` with every float that is NaN or infinite replaced by None: JSON has no such numbers, and a
+    browser's JSON.parse refuses the ``NaN`` Python writes (a model that diverged has a NaN loss)."""
+    if isinstance(doc, float):
+        return doc if math.isfinite(doc) else None
+    if isinstance(doc, dict):
+        return {k: finite(v) for k, v in doc.items()}
+    if isinstance(doc, (list, tuple)):
+        return [finite(v) for v in doc]
+    return doc
+
+
+def json_finite(doc: Any) -> web.Response:
+    """A JSON answer of ``doc`` with non-finite numbers as null (``finite``)."""
+    return web.json_response(finite(doc), dumps=_strict_dumps)
+
+
+def _strict_dumps(doc: Any) -> str:
+    return json.dumps(doc, allow_nan=False)
 
 
 def streamed(body: Chunks, content_type: str, headers: dict[str, str] | None = None) -> web.Response:

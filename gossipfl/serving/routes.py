@@ -10,13 +10,13 @@ from gossipfl.protocol.responder import Impersonation, Unavailable
 from gossipfl.protocol.transport import RETRY_HEADER
 from gossipfl.security.membership import Membership
 from gossipfl.serving import auth, dashboard, grouproutes, inference, modelfile, openapi
-from gossipfl.serving.errors import closing, error, json_errors, streamed
+from gossipfl.serving.errors import closing, error, json_errors, json_finite, streamed
 from gossipfl.serving.exchanges import REFUSALS, Refused, read_member_body, refusal
 from gossipfl.serving.ports import NODE_KEY, NodeView
 
 
 async def get_status(request: web.Request) -> web.Response:
-    return web.json_response(request.app[NODE_KEY].status())
+    return json_finite(request.app[NODE_KEY].status())
 
 
 async def get_history(request: web.Request) -> web.Response:
@@ -26,7 +26,7 @@ async def get_history(request: web.Request) -> web.Response:
         after = [int(request.query.get(k, "0")) for k in ("evals_after", "exchanges_after")]
     except ValueError:
         return error(400, "evals_after and exchanges_after must be integers")
-    return web.json_response(request.app[NODE_KEY].history(*after))
+    return json_finite(request.app[NODE_KEY].history(*after))
 
 
 async def get_peers(request: web.Request) -> web.Response:

@@ -15,7 +15,7 @@ function ticks(lo, hi, n) {
   const mag = 10 ** Math.floor(Math.log10(step0));
   const step = [1, 2, 5, 10].map((m) => m * mag).find((s) => s >= step0) || step0;
   const out = [];
-  for (let v = Math.ceil(lo / step) * step; v <= hi + step * 1e-9; v += step) out.push(v);
+  for (let v = Math.ceil(lo / step) * step; v <= hi + step * 1e-9 && out.length <= 2 * n + 2; v += step) out.push(v);
   return out;
 }
 

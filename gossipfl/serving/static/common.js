@@ -4,6 +4,7 @@
 
 const SVG_NS = "http://www.w3.org/2000/svg";
 const TOKEN_KEY = "gossipfl-read-token";
+const TOKEN_RE = /^[\x21-\x7e]+$/; // what a read token is made of (and what a header can carry)
 
 /** An element with attributes and children (strings become text nodes). */
 export function el(tag, attrs = {}, ...children) {
@@ -109,6 +110,7 @@ export function setToken(value) {
 export async function getJSON(path, timeoutMs = 8000) {
   const headers = { Accept: "application/json" };
   const t = token();
+  if (t && !TOKEN_RE.test(t)) throw new Unauthorized("the stored read token cannot be sent");
   if (t) headers.Authorization = `Bearer ${t}`;
   const ctl = new AbortController();
   const timer = setTimeout(() => ctl.abort(), timeoutMs);
@@ -138,17 +140,21 @@ export function askToken(message) {
   form.hidden = false;
   input.focus();
   return new Promise((resolve) => {
-    form.addEventListener(
-      "submit",
-      (ev) => {
-        ev.preventDefault();
-        setToken(input.value.trim());
-        input.value = "";
-        form.hidden = true;
-        resolve();
-      },
-      { once: true },
-    );
+    const submit = (ev) => {
+      ev.preventDefault();
+      const value = input.value.trim();
+      input.value = "";
+      if (!TOKEN_RE.test(value)) {
+        // (a header cannot carry it: fetch would throw before sending anything)
+        setText("token-message", "A read token is printable ASCII without spaces. Read token:");
+        return;
+      }
+      form.removeEventListener("submit", submit);
+      setToken(value);
+      form.hidden = true;
+      resolve();
+    };
+    form.addEventListener("submit", submit);
   });
 }
 

@@ -13,6 +13,7 @@ const state = {
   exchanges: [],
   upload: [],
   offset: 0, // browser clock minus node clock, seconds
+  boot: null, // the node's run: it changes when the node restarts
   status: null,
   updates: 0,
 };
@@ -22,7 +23,7 @@ const charts = {
   accuracy: new LineChart(document.getElementById("chart-accuracy"), { yLabel: "accuracy", yMax: 1 }),
   loss: new LineChart(document.getElementById("chart-loss"), { yLabel: "loss", log: true }),
   distance: new LineChart(document.getElementById("chart-distance"), { yLabel: "relative distance", log: true, empty: "no exchange yet" }),
-  upload: new LineChart(document.getElementById("chart-upload"), { yLabel: "bytes/s" }),
+  upload: new LineChart(document.getElementById("chart-upload"), { yLabel: "bytes/s", yMin: 0 }),
 };
 
 async function tick() {
@@ -31,6 +32,13 @@ async function tick() {
     getJSON(`/v1/history?evals_after=${state.evalsAfter}&exchanges_after=${state.exchangesAfter}`),
   ]);
   state.offset = Date.now() / 1000 - history.now;
+  if (state.boot !== null && history.boot !== state.boot) {
+    // the node restarted: its sequence numbers start again, so read its history again from the start
+    state.boot = history.boot;
+    Object.assign(state, { evalsAfter: 0, exchangesAfter: 0, evals: [], exchanges: [], upload: [] });
+    return tick();
+  }
+  state.boot = history.boot;
   if (history.evals.length) {
     state.evals.push(...history.evals);
     state.evalsAfter = history.evals[history.evals.length - 1].seq;
@@ -93,6 +101,9 @@ function render(s, now) {
     if (!byPeer.has(x.peer)) byPeer.set(x.peer, []);
     byPeer.get(x.peer).push([x.t, x.distance]);
   }
+  charts.distance.opts.empty = state.exchanges.some((x) => x.distance === 0)
+    ? "distance 0: the models were identical at each exchange"
+    : "no exchange yet";
   charts.distance.update([...byPeer].map(([peer, pts]) => ({ name: peer, colour: colour(peer), points: pts, dots: true })));
   const budget = up.max_bytes_per_s;
   setText("upload-budget", budget ? `against a budget of ${rate(budget)}` : "(no budget set)");
