@@ -15,7 +15,7 @@ from aiohttp import web
 
 from gossipfl.monitor.collector import Collector
 from gossipfl.serving import dashboard
-from gossipfl.serving.errors import error, json_errors
+from gossipfl.serving.errors import error, json_errors, json_finite
 from gossipfl.serving.httpserver import NodeRunner
 
 LOOPBACK = "127.0.0.1"
@@ -44,7 +44,9 @@ async def loopback_names_only(request: web.Request, handler: object) -> web.Stre
 
 
 async def get_network(request: web.Request) -> web.Response:
-    return web.json_response(request.app[_COLLECTOR].document(), headers=dashboard.HEADERS)
+    resp = json_finite(request.app[_COLLECTOR].document())  # (a NaN from a node: null, as the nodes now write)
+    resp.headers.update(dashboard.HEADERS)
+    return resp
 
 
 def build_app(collector: Collector, *, loopback_only: bool = True) -> web.Application:
