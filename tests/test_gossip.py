@@ -200,23 +200,25 @@ async def test_peers_with_another_merge_rule_are_refused(make_config, http):
         assert node.learner.snapshot().version == state.version
 
 
-async def test_clusters_do_not_mix(make_config, zc, http):
+async def test_clusters_do_not_mix(make_config, zc, http, cluster):
     from gossipfl.protocol import wire
 
+    blue_name, green_name = f"{cluster}-blue", f"{cluster}-green"  # (tests running at once have their own)
     quiet = dict(discovery=("mdns",), gossip_interval=1000, join_wait=0)  # (a joining node would answer 409)
-    a = make_config(cluster="blue", **quiet)
-    b = make_config(cluster="green", **quiet)
-    c = make_config(cluster="green", **quiet)
+    a = make_config(cluster=blue_name, **quiet)
+    b = make_config(cluster=green_name, **quiet)
+    c = make_config(cluster=green_name, **quiet)
     async with running(a, b, c, zeroconf=zc) as (blue, green1, green2):
         assert await wait_for(lambda: green2.id in green1.peers and green1.id in green2.peers, timeout=15)
         # each has resolved the other cluster's node (so it had every chance to list it) and did not list it
-        assert await wait_for(lambda: all(n.discovery.mdns.other_clusters for n in (blue, green1, green2)), timeout=15)
-        assert await wait_for(lambda: len(blue.discovery.mdns.other_clusters.get("green", ())) == 2, timeout=15)
-        assert green1.discovery.mdns.other_clusters == {"blue": {blue.id}}
+        others = [n.discovery.mdns.other_clusters for n in (blue, green1, green2)]
+        assert await wait_for(lambda: blue_name in others[1] and blue_name in others[2], timeout=15)
+        assert await wait_for(lambda: len(others[0].get(green_name, ())) == 2, timeout=15)
+        assert others[1][blue_name] == {blue.id} and green_name not in others[1]  # (other tests' nodes may show)
         assert len(blue.peers) == 0 and blue.id not in green1.peers and green1.status()["ignored_peers"] == []
         state = blue.learner.snapshot()
-        msg = wire.GossipMessage(blue.id, 0, state.params, "digits", "average", 1, 1.0, "blue", xid=wire.new_xid())
+        msg = wire.GossipMessage(blue.id, 0, state.params, "digits", "average", 1, 1.0, blue_name, xid=wire.new_xid())
         body = wire.encode(msg).tobytes()
         async with http.post(green1.url + "/v1/gossip", data=body) as r:
             assert r.status == 400
-            assert (await r.json())["error"] == "cluster 'blue' does not match this node's 'green'"
+            assert (await r.json())["error"] == f"cluster {blue_name!r} does not match this node's {green_name!r}"

@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 
+import aiohttp
 import numpy as np
 import pytest
 from aiohttp import web
@@ -386,3 +387,49 @@ def test_a_testbed_serves_the_network_view_of_its_nodes(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+async def test_a_running_testbed_in_the_browser(browser, tmp_path):  # noqa: F811
+    """The page of a testbed run as users run it (process mode, the forking launcher): no console error, a
+    curve per node whose points are what the nodes' own /v1/status and /v1/history say, growing live."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gossipfl", "testbed", "--nodes", "3", "--duration", "18", "--out", str(tmp_path / "tb"),
+        "--dashboard-port", "0", cwd=tmp_path, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        page = None
+        while page is None:
+            line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
+            assert line, "the testbed ended before printing its dashboard's address"
+            if line.startswith("testbed: dashboard at "):
+                page = line.split(" at ", 1)[1].split()[0]
+        drain = asyncio.ensure_future(proc.stdout.read())  # (keep the pipe from filling)
+        w = await open_page(browser, page)
+        await w.page.wait_for_function(
+            "() => document.querySelectorAll('#chart-accuracy path.series').length === 3", timeout=60000
+        )
+        before = dict(await w.js("return [...document.querySelectorAll('#chart-accuracy path.series')]"
+                                 ".map(p => [p.dataset.series, +p.dataset.n])"))  # fmt: skip
+        nodes = await w.js("return window.gossipflDashboard.doc.nodes.map(n => [n.id, n.url, n.series])")
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
+            for node_id, url, series in nodes:
+                async with http.get(url + "/v1/history") as r:
+                    evals = (await r.json())["evals"]
+                async with http.get(url + "/v1/status") as r:
+                    status = await r.json()
+                accuracies = {e["accuracy"] for e in evals}
+                assert status["id"] == node_id
+                assert {acc for _, acc in series} <= accuracies  # every point drawn is one the node measured
+                assert status["metrics"]["accuracy"] in accuracies
+        updates = await w.js("return window.gossipflDashboard.updates")
+        await w.wait_updates(updates + 3)
+        after = dict(await w.js("return [...document.querySelectorAll('#chart-accuracy path.series')]"
+                                ".map(p => [p.dataset.series, +p.dataset.n])"))  # fmt: skip
+        assert all(after[k] > before[k] for k in before), (before, after)  # new points, no reload
+        assert w.problems == []
+        assert await asyncio.wait_for(proc.wait(), 90) == 0
+        await drain
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
