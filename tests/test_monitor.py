@@ -150,6 +150,24 @@ async def test_the_consensus_distance_is_that_of_the_nodes_models(make_config):
         assert 0 < relative < distance / np.linalg.norm(vector) * 10
 
 
+async def test_large_models_are_read_less_often(make_config, monkeypatch):
+    """Each node sends its model to the view at most at MODEL_READ_RATE on average: a model of S bytes every
+    S / rate seconds (or every interval, for a small one)."""
+    from gossipfl.monitor import collector as module
+
+    async with running(*[make_config(no_train=True, seed=s, gossip_interval=3600.0) for s in (1, 2)]) as nodes:
+        for rate, expected in ((1e12, 3), (1e3, 1)):  # digits: ~20 kB, every sample / once in ~20 s
+            monkeypatch.setattr(module, "MODEL_READ_RATE", rate)
+            collector = Collector([n.url for n in nodes], interval=0.2)
+            try:
+                for _ in range(3):
+                    await collector.sample()
+                    await asyncio.sleep(0.2)  # (the interval, as the collector's own loop waits)
+            finally:
+                await collector.stop()
+            assert len(collector.document()["consensus"]) == expected, rate
+
+
 async def test_a_hung_or_refusing_node_is_shown_unreachable_and_holds_nothing_up(make_config):
     async with hung_server() as hung, running(make_config(eval_interval=0.3)) as (node,):
         refused = refused_url()

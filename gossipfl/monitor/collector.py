@@ -36,6 +36,7 @@ CONSENSUS_POINTS = 900  # the whole run, thinned further back
 MAX_JSON_BYTES = 4 << 20
 MAX_MODEL_BYTES = 1 << 30
 MAX_NODES = 1024
+MODEL_READ_RATE = 1e6  # bytes per second each node spends, on average, sending its model to the network view
 
 
 def _reason(e: BaseException, timeout: float) -> str:
@@ -70,6 +71,7 @@ class Collector:
         self.nodes: dict[str, NodeRecord] = {}
         self.consensus = Timeline(CONSENSUS_POINTS, thin=True)  # {"t", "distance", "relative", "nodes"}
         self.samples = 0
+        self._models_due = 0.0  # when the models are read next (time.time()): large ones less often
         self._headers = {"Accept": "application/json", **auth_headers(token)}
         self._ssl: ssl.SSLContext | bool = True
         if cacert:  # an https node's certificate, checked against the cluster CA by chain (as the client does)
@@ -141,10 +143,15 @@ class Collector:
         t = time.time()
         nodes = list(self.nodes.values())
         reads = [self._read(n) for n in nodes]
-        fetches = [self._model(n) for n in nodes] if self.models else []
+        models_now = self.models and t >= self._models_due
+        fetches = [self._model(n) for n in nodes] if models_now else []
         results = await asyncio.gather(*reads, *fetches)
         self.samples += 1
-        if self.models:
+        if models_now:
+            got = [v for v in results[len(nodes) :] if v is not None]
+            # a node sends its model every interval, or, for a large one, at MODEL_READ_RATE on average
+            largest = max((v[1].size * 4 for v in got), default=0)  # (float32 on the wire, as a rule)
+            self._models_due = t + max(self.interval, largest / MODEL_READ_RATE) - self.interval / 2
             vectors = {n.url: v for n, v in zip(nodes, results[len(nodes) :], strict=True) if v is not None}
             measured = await asyncio.to_thread(models.consensus, vectors) if len(vectors) > 1 else None
             if measured is not None:
