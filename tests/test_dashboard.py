@@ -202,3 +202,19 @@ async def test_identical_models_are_not_shown_as_no_exchange(browser, make_confi
             await w.wait_updates(2)
             text = await w.js("return document.getElementById('chart-distance').textContent")
     assert "identical" in text and "no exchange" not in text
+
+
+async def test_privacy_budget_spent_is_shown_with_dp(browser, make_config, http, tmp_path):  # noqa: F811
+    dp = dict(partition="0/16", join_wait=0, dp_noise_multiplier=1.0, dp_epsilon_budget=50.0, state_dir=str(tmp_path))
+    async with running(make_config(eval_interval=0.3, **dp)) as (n,):
+        assert await wait_for(lambda: n.learner.privacy.spent[0] > 0 and len(n.evals) >= 2, 30)
+        w = await open_page(browser, n.url + "/")
+        await w.wait_updates(2)
+        text = await w.js("const p = document.getElementById('privacy'); return p.hidden ? null : p.textContent")
+        path = "document.querySelector('#chart-epsilon path[data-series=\"ε spent\"]')"
+        last = json.loads(await w.js(f"return {path}.dataset.last"))
+        async with http.get(n.url + "/v1/history") as r:
+            evals = (await r.json())["evals"]
+    assert text is not None and "of 50" in text
+    assert [last[0], last[1]] in [[e["t"], e["epsilon"]] for e in evals] and last[1] > 0
+    assert w.problems == []

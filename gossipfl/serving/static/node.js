@@ -23,6 +23,7 @@ const charts = {
   accuracy: new LineChart(document.getElementById("chart-accuracy"), { yLabel: "accuracy", yMax: 1 }),
   loss: new LineChart(document.getElementById("chart-loss"), { yLabel: "loss", log: true }),
   distance: new LineChart(document.getElementById("chart-distance"), { yLabel: "relative distance", log: true, empty: "no exchange yet" }),
+  epsilon: new LineChart(document.getElementById("chart-epsilon"), { yLabel: "ε", yMin: 0 }),
   upload: new LineChart(document.getElementById("chart-upload"), { yLabel: "bytes/s", yMin: 0 }),
 };
 
@@ -128,6 +129,9 @@ function renderPrivacy(p, ev) {
       `${p.steps} noisy steps${p.budget_steps ? ` of ${p.budget_steps}` : ""}; σ = ${p.noise_multiplier}, ` +
       `clip ${p.max_grad_norm}, ${p.accountant} accountant${p.exhausted ? " — budget spent, training stopped" : ""}` }),
     meter);
+  const spent = [{ name: "ε spent", colour: "#a86b00", points: ev.map((e) => [e.t, e.epsilon]) }];
+  if (p.budget) spent.push({ name: "budget", colour: "#999", dashed: true, points: ev.map((e) => [e.t, p.budget]) });
+  charts.epsilon.update(spent);
 }
 
 function peerState(p) {
