@@ -19,12 +19,14 @@ fi
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "browser: installing Debian's chromium for the dashboard's browser tests (about a minute)"
     export DEBIAN_FRONTEND=noninteractive
-    if timeout 900 apt-get install -y -q --no-install-recommends chromium >/tmp/gossipfl-apt-chromium.log 2>&1 \
-        || { timeout 300 apt-get update -q >/dev/null 2>&1 \
-            && timeout 900 apt-get install -y -q --no-install-recommends chromium >/tmp/gossipfl-apt-chromium.log 2>&1; }; then
+    log="$(mktemp -t gossipfl-apt-chromium.XXXXXX)"
+    # at most 10 minutes in all (an unreachable mirror or a held dpkg lock must not hold the tests up)
+    if timeout 300 apt-get install -y -q --no-install-recommends chromium >"$log" 2>&1 \
+        || { timeout 120 apt-get update -q >>"$log" 2>&1 \
+            && timeout 180 apt-get install -y -q --no-install-recommends chromium >>"$log" 2>&1; }; then
         found && exit 0
     fi
-    echo "browser: could not install chromium (see /tmp/gossipfl-apt-chromium.log): the browser tests will be skipped"
+    echo "browser: could not install chromium (see $log): the browser tests will be skipped"
     exit 0
 fi
 echo "browser: no Chromium found: the dashboard's browser tests will be skipped (install Debian's chromium," \

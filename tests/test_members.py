@@ -222,25 +222,34 @@ async def cluster_converges(nodes, timeout: float) -> bool:
     return await wait_for(close, timeout=timeout, interval=0.5)
 
 
-async def test_four_members_converge_and_an_outsider_is_refused_by_all(make_config, zc, key_file, other_key_file):
+async def test_four_members_converge_and_an_outsider_is_refused_by_all(
+    make_config, zc, key_file, other_key_file, cluster
+):
+    # ids of this test's own: ids are mDNS instance names, shared by tests running at once (test_mtls: m0..m3)
+    ids = [f"m{i}-{cluster[-6:]}" for i in range(4)]
     members = [
-        make_config(id=f"m{i}", discovery=("mdns",), partition=f"{i}/4", seed=i, secret_file=key_file) for i in range(4)
+        make_config(id=ids[i], discovery=("mdns",), partition=f"{i}/4", seed=i, secret_file=key_file) for i in range(4)
     ]
     outsider = make_config(  # it can join nobody: it waits a second for peers, then trains alone
-        id="outsider", discovery=("mdns",), partition="0/4", seed=9, secret_file=other_key_file, join_wait=1
+        id=f"outsider-{cluster[-6:]}",
+        discovery=("mdns",),
+        partition="0/4",
+        seed=9,
+        secret_file=other_key_file,
+        join_wait=1,
     )
     async with running(*members, outsider, zeroconf=zc) as nodes:
         inside, out = nodes[:4], nodes[4]
         out_before = params_of(out)
         assert await cluster_converges(inside, timeout=60)
 
-        assert await wait_for(lambda: all(listed(n, "outsider") for n in inside), timeout=20)
+        assert await wait_for(lambda: all(listed(n, out.id) for n in inside), timeout=20)
         for n in inside:
-            (entry,) = listed(n, "outsider")
+            (entry,) = listed(n, out.id)
             assert entry["reason"].startswith("authentication") and entry["url"] == out.url, entry
         # the outsider learned nothing from them and changed none of them
         assert out.learner.merges == 0 and out.gossiper.stats.ok == 0 and out.gossiper.stats.served == 0
-        assert all(listed(out, f"m{i}") for i in range(4))
+        assert all(listed(out, i) for i in ids)
         assert all(n.id not in {p.id for p in out.peers.all()} for n in inside)
         assert not all(np.array_equal(params_of(out)[k], v) for k, v in out_before.items())  # it trains alone
 
