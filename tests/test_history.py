@@ -27,8 +27,12 @@ def test_timeline_keeps_the_last_records_or_thins_the_old_ones():
     assert [r["seq"] for r in last.after(18)] == [19, 20]  # seq counts from 1, over everything added
 
     thin = Timeline(8, thin=True)
-    for i in range(100):
+    for i in range(9):
         thin.add({"i": i})
+    assert [r["i"] for r in thin.after()] == [0, 2, 4, 5, 6, 7, 8]  # full: every second of the older half went
+    for i in range(9, 100):
+        thin.add({"i": i})
+        assert len(thin) <= 8
     kept = [r["i"] for r in thin.after()]
     assert len(kept) <= 8 and kept[0] == 0 and kept[-1] == 99  # the whole run, start to end
     assert kept == sorted(kept) and kept[-2] == 98  # the recent ones in full detail
@@ -42,6 +46,12 @@ def test_relative_distance_exact_small_and_estimated_large():
     b = {"w": a["w"] * 1.5, "n": np.arange(5) + 100}
     assert relative_distance(a, b) == pytest.approx(0.5, rel=1e-6)
     assert relative_distance(a, a) == 0.0
+    c = {"w": rng.normal(size=(30, 20)).astype(np.float32), "v": rng.normal(size=7), "n": np.arange(5.0)}
+    d = {"w": rng.normal(size=(30, 20)).astype(np.float32), "v": rng.normal(size=7), "n": np.arange(5)}
+    exact = np.sqrt(
+        sum(np.sum((c[k].astype(float) - d[k]) ** 2) for k in "wv") / sum(np.sum(c[k] ** 2.0) for k in "wv")
+    )
+    assert relative_distance(c, d) == pytest.approx(exact, rel=1e-12)  # every float tensor both name, no int one
     assert relative_distance({"w": np.zeros(4, np.float32)}, {"w": np.ones(4, np.float32)}) is None
     big = {"w": rng.normal(size=4 * SAMPLE_VALUES).astype(np.float32)}
     other = {"w": big["w"] + rng.normal(size=big["w"].size).astype(np.float32) * 0.1}

@@ -1,13 +1,10 @@
-"""Bounded records over time, read incrementally: what a dashboard polls (``GET /v1/history``).
-
-Each record gets a sequence number from a counter the caller may share between timelines, so one
-``after`` value reads what is new in all of them."""
+"""Bounded records over time, read incrementally: what a dashboard polls (``GET /v1/history``). Each record
+gets a sequence number (1, 2, ...): a reader asks for what came after the last one it saw."""
 
 from __future__ import annotations
 
 import itertools
 from collections import deque
-from collections.abc import Iterator
 from typing import Any
 
 
@@ -16,12 +13,12 @@ class Timeline:
     full, every second record of the older half is dropped instead, so the whole run stays covered, in full
     detail recently and ever more coarsely further back."""
 
-    def __init__(self, capacity: int, *, thin: bool = False, counter: Iterator[int] | None = None) -> None:
+    def __init__(self, capacity: int, *, thin: bool = False) -> None:
         if capacity < 4:
             raise ValueError("a timeline keeps at least 4 records")
         self.capacity = capacity
         self.thin = thin
-        self._seq = counter if counter is not None else itertools.count(1)
+        self._seq = itertools.count(1)
         self._records: deque[dict[str, Any]] = deque(maxlen=None if thin else capacity)
 
     def add(self, record: dict[str, Any]) -> dict[str, Any]:
