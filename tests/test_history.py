@@ -48,9 +48,8 @@ def test_relative_distance_exact_small_and_estimated_large():
     assert relative_distance(a, a) == 0.0
     c = {"w": rng.normal(size=(30, 20)).astype(np.float32), "v": rng.normal(size=7), "n": np.arange(5.0)}
     d = {"w": rng.normal(size=(30, 20)).astype(np.float32), "v": rng.normal(size=7), "n": np.arange(5)}
-    exact = np.sqrt(
-        sum(np.sum((c[k].astype(float) - d[k]) ** 2) for k in "wv") / sum(np.sum(c[k] ** 2.0) for k in "wv")
-    )
+    squares = sum(np.sum((c[k].astype(float) - d[k]) ** 2) for k in "wv")
+    exact = np.sqrt(squares / sum(np.sum(c[k].astype(float) ** 2) for k in "wv"))
     assert relative_distance(c, d) == pytest.approx(exact, rel=1e-12)  # every float tensor both name, no int one
     assert relative_distance({"w": np.zeros(4, np.float32)}, {"w": np.ones(4, np.float32)}) is None
     big = {"w": rng.normal(size=4 * SAMPLE_VALUES).astype(np.float32)}
