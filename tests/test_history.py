@@ -36,8 +36,9 @@ def test_timeline_keeps_the_last_records_or_thins_the_old_ones():
     kept = [r["i"] for r in thin.after()]
     assert len(kept) <= 8 and kept[0] == 0 and kept[-1] == 99  # the whole run, start to end
     assert kept == sorted(kept) and kept[-2] == 98  # the recent ones in full detail
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="at least 4"):
         Timeline(3)
+    assert len(Timeline(4)) == 0
 
 
 def test_relative_distance_exact_small_and_estimated_large():
