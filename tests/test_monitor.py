@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 import numpy as np
@@ -87,6 +87,46 @@ async def fake_node(node_id: str, fail_with: str | None = None) -> AsyncIterator
         yield str(server.make_url("")).rstrip("/")
     finally:
         await server.close()
+
+
+@contextlib.asynccontextmanager
+async def raw_node(routes: dict[str, bytes | Callable[[], bytes]]) -> AsyncIterator[str]:
+    """A server answering each path of ``routes`` with those bytes (or what the callable returns), JSON or, for
+    /v1/model, msgpack: a node saying exactly what a test makes it say."""
+    app = web.Application()
+    for path, body in routes.items():
+
+        async def answer(
+            request: web.Request, path: str = path, body: bytes | Callable[[], bytes] = body
+        ) -> web.Response:
+            kind = "application/msgpack" if path == "/v1/model" else "application/json"
+            return web.Response(body=body() if callable(body) else body, content_type=kind)
+
+        app.router.add_get(path, answer)
+    server = TestServer(app, host=LOOPBACK)
+    await server.start_server()
+    try:
+        yield str(server.make_url("")).rstrip("/")
+    finally:
+        await server.close()
+
+
+def status_of(node_id: str, **fields: object) -> bytes:
+    """A node's /v1/status, with ``fields`` replaced."""
+    doc = {"id": node_id, "task": "t", "age": 1, "uptime_s": 10.0, "metrics": {"accuracy": 0.5, "loss": 1.0},
+           "peers": [], "exchanges": {"ok": 1}, "upload": {"rate_bytes_per_s": 1.0}}  # fmt: skip
+    return json.dumps({**doc, **fields}).encode()
+
+
+def history_of(*evals: tuple[float, float], now: float | None = None, **fields: object) -> bytes:
+    """A node's /v1/history: ``evals`` as (t, accuracy), numbered from 1; ``now`` the node's clock."""
+    rows = [{"seq": i + 1, "t": t, "accuracy": a} for i, (t, a) in enumerate(evals)]
+    return json.dumps({"now": time.time() if now is None else now, "evals": rows, "exchanges": [], **fields}).encode()
+
+
+async def get_json(url: str) -> tuple[int, object]:
+    async with aiohttp.ClientSession() as s, s.get(url) as r:
+        return r.status, await r.json(content_type=None)
 
 
 async def test_the_collector_reads_curves_exchanges_and_consensus(make_config, http):
@@ -451,3 +491,45 @@ async def test_a_running_testbed_in_the_browser(browser, tmp_path):  # noqa: F81
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_a_number_too_large_for_a_float_is_absent_and_the_view_still_answers():
+    """JSON integers have no bound: a node writing a 400-digit one (in any field) is shown without that value,
+    and /api/network still answers everyone (it was a 500: OverflowError)."""
+    big = 10**400
+    fields = {"metrics": {"accuracy": big, "loss": big}, "age": big, "uptime_s": big, "exchanges": {"ok": big},
+              "upload": {"rate_bytes_per_s": big}}  # fmt: skip
+    evil = {
+        "/v1/status": status_of("big", **fields),
+        "/v1/history": history_of((big, 0.5), (time.time(), big), now=big),
+    }
+    honest = {"/v1/status": status_of("honest"), "/v1/history": history_of((time.time() - 1, 0.25))}
+    async with raw_node(evil) as e, raw_node(honest) as h:
+        async with DashboardServer(Collector([e, h], interval=0.3, models=False), port=0) as server:
+            assert await wait_for(lambda: server.collector.samples >= 1, 5)
+            status, doc = await get_json(server.url + "api/network")
+    assert status == 200
+    rows = {r["id"]: r for r in doc["nodes"]}
+    assert rows["honest"]["reachable"] and rows["honest"]["accuracy"] == 0.5 and len(rows["honest"]["series"]) == 1
+    big_row = rows["big"]
+    assert big_row["reachable"] is True
+    assert [big_row[k] for k in ("accuracy", "loss", "age", "exchanges_ok", "upload_rate")] == [None] * 5
+    assert [a for _, a in big_row["series"]] == [None]  # (the point at t = 10**400 left out)
+
+
+async def test_a_row_that_cannot_be_built_is_replaced_and_logged_once(caplog):
+    async with (
+        raw_node({"/v1/status": status_of("a"), "/v1/history": history_of()}) as a,
+        raw_node({"/v1/status": status_of("b"), "/v1/history": history_of((time.time(), 0.5))}) as b,
+    ):
+        async with DashboardServer(Collector([a, b], interval=60, models=False), port=0) as server:
+            assert await wait_for(lambda: server.collector.samples >= 1, 5)
+            server.collector.nodes[a].status = None  # type: ignore[assignment]  (as a bug would leave it)
+            answers = [await get_json(server.url + "api/network") for _ in range(2)]
+    assert [status for status, _ in answers] == [200, 200]
+    rows = {r["url"]: r for r in answers[1][1]["nodes"]}
+    assert rows[a]["id"] == "a" and rows[a]["reachable"] is False and rows[a]["series"] == []
+    assert rows[a]["error"] == "the network view cannot show what this node answered"
+    assert rows[b]["reachable"] is True and len(rows[b]["series"]) == 1
+    logged = [r for r in caplog.records if "cannot be shown" in r.getMessage()]
+    assert len(logged) == 1 and a in logged[0].getMessage()

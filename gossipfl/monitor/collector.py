@@ -77,6 +77,7 @@ class Collector:
         if cacert:  # an https node's certificate, checked against the cluster CA by chain (as the client does)
             self._ssl = ssl.create_default_context(cafile=cacert)
             self._ssl.check_hostname = False
+        self._unshown: set[str] = set()  # the nodes whose row failed (logged once each)
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task | None = None
         for url in urls:
@@ -205,10 +206,21 @@ class Collector:
             "now": round(now, 3),
             "interval_s": self.interval,
             "samples": self.samples,
-            "nodes": sorted((n.row(now) for n in self.nodes.values()), key=lambda r: r["id"] or r["url"]),
+            "nodes": sorted((self._row(n, now) for n in self.nodes.values()), key=lambda r: r["id"] or r["url"]),
             "edges": [
                 {"a": a, "b": b, "count": len(ts), "last_t": round(max(ts), 3)} for (a, b), ts in sorted(pairs.items())
             ],
             "edge_window_s": EDGE_WINDOW_S,
             "consensus": [[r["t"], r["distance"], r["relative"]] for r in self.consensus.after(0)],
         }
+
+    def _row(self, node: NodeRecord, now: float) -> dict[str, Any]:
+        """``node.row``; should it fail (something in a node's answer not foreseen), a row saying so: one node
+        never takes the document down for everyone."""
+        try:
+            return node.row(now)
+        except Exception:
+            if node.url not in self._unshown:
+                self._unshown.add(node.url)
+                log.exception("network view: the row of %s cannot be shown", node.url)
+            return node.unshown("the network view cannot show what this node answered")

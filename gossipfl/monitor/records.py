@@ -25,10 +25,15 @@ def text(value: object, limit: int = MAX_TEXT) -> str | None:
 
 
 def number(value: object) -> float | None:
-    """``value`` as a finite float when it is a number (not a bool), else None."""
+    """``value`` as a finite float when it is a number (not a bool), else None (an integer too large for a
+    float, valid JSON, too)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    return float(value) if math.isfinite(value) else None
+    try:
+        f = float(value)
+    except OverflowError:
+        return None
+    return f if math.isfinite(f) else None
 
 
 def count(value: object) -> int | None:
@@ -99,6 +104,12 @@ class NodeRecord:
             # each exchange once: as its initiator recorded it (the responder's record is the same exchange)
             if peer and t is not None and x.get("role") == "initiated" and x.get("result") == "ok":
                 self.edges.append((peer, t + offset))
+
+    def unshown(self, error: str) -> dict[str, Any]:
+        """The row of a node whose ``row`` failed: every field the page reads, none of what the node said."""
+        fields = ("task", "accuracy", "loss", "age", "peers", "exchanges_ok", "exchanges_answered", "upload_rate")
+        return {"id": self.id, "url": self.url, "reachable": False, "error": error, **dict.fromkeys(fields),
+                "seen_s_ago": None, "series": []}  # fmt: skip
 
     def row(self, now: float) -> dict[str, Any]:
         """The node as ``GET /api/network`` lists it."""
