@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import signal
 import socket
@@ -21,11 +22,12 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from gossipfl.monitor.app import DashboardServer
+from gossipfl.monitor.app import DashboardServer, build_app
 from gossipfl.monitor.collector import Collector
 from gossipfl.monitor.discover import MdnsWatcher
 from gossipfl.monitor.models import vector_of
 from gossipfl.monitor.records import NodeRecord
+from gossipfl.protocol import wire
 
 from .browser import browser, open_page  # noqa: F401  (browser: a fixture)
 from .helpers import LOOPBACK, running, spread, wait_for
@@ -122,6 +124,34 @@ def history_of(*evals: tuple[float, float], now: float | None = None, **fields: 
     """A node's /v1/history: ``evals`` as (t, accuracy), numbered from 1; ``now`` the node's clock."""
     rows = [{"seq": i + 1, "t": t, "accuracy": a} for i, (t, a) in enumerate(evals)]
     return json.dumps({"now": time.time() if now is None else now, "evals": rows, "exchanges": [], **fields}).encode()
+
+
+def model_of(params: dict[str, np.ndarray], **message: object) -> bytes:
+    """A /v1/model body (a gossip message) holding ``params``."""
+    return wire.encode(wire.GossipMessage("fake", 1, params, **message)).tobytes()  # type: ignore[arg-type]
+
+
+class Fixed:
+    """A collector whose document is given: what the page gets, whatever a collector could make."""
+
+    def __init__(self, doc: dict) -> None:
+        self.doc = doc
+
+    def document(self) -> dict:
+        return self.doc
+
+
+@contextlib.asynccontextmanager
+async def serve_view(collector: object) -> AsyncIterator[str]:
+    """The network view's app (page and /api/network) of ``collector`` on loopback, nothing sampled."""
+    runner = web.AppRunner(build_app(collector))  # type: ignore[arg-type]
+    await runner.setup()
+    sock = socket.create_server((LOOPBACK, 0))
+    await web.SockSite(runner, sock).start()
+    try:
+        yield f"http://{LOOPBACK}:{sock.getsockname()[1]}/"
+    finally:
+        await runner.cleanup()
 
 
 async def get_json(url: str) -> tuple[int, object]:
@@ -533,3 +563,52 @@ async def test_a_row_that_cannot_be_built_is_replaced_and_logged_once(caplog):
     assert rows[b]["reachable"] is True and len(rows[b]["series"]) == 1
     logged = [r for r in caplog.records if "cannot be shown" in r.getMessage()]
     assert len(logged) == 1 and a in logged[0].getMessage()
+
+
+async def test_a_consensus_distance_that_overflows_is_left_out():
+    """Two finite models so far apart that their distance overflows: no point (it was served as null, and the
+    page stopped drawing); a distance measured elsewhere that is not finite is left out too."""
+    far = [model_of({"w": np.array([x, 0.0])}) for x in (1e200, -1e200)]
+    routes = [
+        {"/v1/status": status_of(f"far{i}"), "/v1/history": history_of(), "/v1/model": m} for i, m in enumerate(far)
+    ]
+    async with raw_node(routes[0]) as a, raw_node(routes[1]) as b:
+        collector = Collector([a, b], interval=1)
+        try:
+            await collector.sample()
+        finally:
+            await collector.stop()
+    assert collector.document()["consensus"] == []
+    assert all(r["reachable"] for r in collector.document()["nodes"])
+    t = time.time()
+    collector.add_consensus(t, math.inf, None)
+    collector.add_consensus(t, math.nan, 0.5)
+    collector.add_consensus(t, 2.0, math.inf)
+    assert collector.document()["consensus"] == [[round(t, 3), 2.0, None]]
+
+
+async def test_the_page_draws_a_document_whose_numbers_are_null(browser):  # noqa: F811
+    """Every number the server may write as null (a consensus distance, a node's fields and points) shows as
+    "–" and the page keeps drawing."""
+    now = time.time()
+    fields = ("task", "accuracy", "loss", "age", "peers", "exchanges_ok", "exchanges_answered", "upload_rate")
+    node = {"id": "n", "url": "http://127.0.0.1:1", "reachable": True, "error": None, **dict.fromkeys(fields),
+            "seen_s_ago": None, "series": [[now - 2, None], [now - 1, 0.5]]}  # fmt: skip
+    doc = {"now": now, "interval_s": 2, "samples": 1, "nodes": [node], "edges": [], "edge_window_s": 60,
+           "consensus": [[now - 2, 1.0, None], [now - 1, None, None]]}  # fmt: skip
+    async with serve_view(Fixed(doc)) as url:
+        w = await open_page(browser, url)
+        await w.wait_updates(2)
+        cards = dict(
+            await w.js(
+                "return [...document.querySelectorAll('#cards .card')].map(c =>"
+                " [c.querySelector('.label').textContent, c.querySelector('.value').textContent +"
+                " ' | ' + (c.querySelector('.note') || {textContent: ''}).textContent])"
+            )
+        )
+        cells = await w.js("return [...document.querySelectorAll('#nodes tbody td')].map(c => c.textContent)")
+        n = await w.js("return +document.querySelector('#chart-accuracy path.series').dataset.n")
+    assert cards["consensus distance"] == "– | absolute –"
+    assert cards["mean accuracy"].startswith("–")
+    assert cells[3:8] == ["–"] * 5 and n == 1
+    assert w.problems == []

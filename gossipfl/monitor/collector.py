@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import ssl
 import time
 from collections.abc import Iterable
@@ -98,9 +99,12 @@ class Collector:
         return True
 
     def add_consensus(self, t: float, distance: float | None, relative: float | None, nodes: int = 0) -> None:
-        """A consensus distance measured elsewhere (the testbed reads every model anyway): ``t`` on this clock."""
-        if distance is not None:
-            self.consensus.add({"t": round(t, 3), "distance": distance, "relative": relative, "nodes": nodes})
+        """A consensus distance measured elsewhere (the testbed reads every model anyway): ``t`` on this clock.
+        One that is not a finite number (models so far apart that it overflowed) is left out."""
+        if distance is None or not math.isfinite(distance):
+            return
+        relative = relative if relative is not None and math.isfinite(relative) else None
+        self.consensus.add({"t": round(t, 3), "distance": distance, "relative": relative, "nodes": nodes})
 
     async def __aenter__(self) -> Collector:
         await self.start()

@@ -25,6 +25,11 @@ function colour(name) {
   return state.colours.get(name);
 }
 
+/** ``x`` as 1.23e-4, or "–" when it is not a finite number (the server writes null for one it cannot). */
+function exp(x) {
+  return typeof x === "number" && Number.isFinite(x) ? x.toExponential(2) : "–";
+}
+
 /** ``url`` if it is an http(s) address (a link to anything else is not made). */
 function webUrl(url) {
   return typeof url === "string" && /^https?:\/\/[^\s]+$/i.test(url) ? url : null;
@@ -69,8 +74,8 @@ function render(doc) {
     card("nodes", `${up.length} / ${nodes.length}`, "reachable / watched"),
     card("mean accuracy", num(accs.length ? accs.reduce((a, b) => a + b, 0) / accs.length : null),
       accs.length ? `min ${num(Math.min(...accs))} · max ${num(Math.max(...accs))}` : null),
-    card("consensus distance", last ? (last[2] ?? last[1]).toExponential(2) : "–",
-      last ? `${last[2] !== null ? "relative; " : ""}absolute ${last[1].toExponential(2)}` : "needs two models"),
+    card("consensus distance", last ? exp(last[2] ?? last[1]) : "–",
+      last ? `${last[2] !== null ? "relative; " : ""}absolute ${exp(last[1])}` : "needs two models"),
     card("exchanges", String(exchanges), `in the last ${doc.edge_window_s} s`));
 
   charts.accuracy.update(nodes.map((n) => ({
