@@ -612,3 +612,35 @@ async def test_the_page_draws_a_document_whose_numbers_are_null(browser):  # noq
     assert cards["mean accuracy"].startswith("–")
     assert cells[3:8] == ["–"] * 5 and n == 1
     assert w.problems == []
+
+
+def crowded(nodes: int, points: int) -> Collector:
+    """A collector (never started) holding ``nodes`` nodes of ``points`` evaluations each, read as a sample
+    reads them (NodeRecord.take), each node with exchanges with the next ones."""
+    collector, now = Collector(interval=2.0), time.time()
+    ids = [f"node{i:04d}" for i in range(nodes)]
+    for i, node_id in enumerate(ids):
+        url = f"http://{LOOPBACK}:{20000 + i}"
+        collector.add(url)
+        evals = [{"seq": k + 1, "t": now - points + k, "accuracy": k / points} for k in range(points)]
+        exchanges = [{"seq": k + 1, "t": now - k, "peer": ids[(i + 1 + k) % nodes], "role": "initiated", "result": "ok"}
+                     for k in range(min(5, nodes - 1))]  # fmt: skip
+        collector.nodes[url].take({"id": node_id, "uptime_s": 100.0, "metrics": {"accuracy": 0.9}},
+                                  {"now": now, "evals": evals, "exchanges": exchanges}, now)  # fmt: skip
+    return collector
+
+
+async def test_the_page_draws_many_nodes_of_many_points(browser):  # noqa: F811
+    """250 nodes of 600 points: 150,000 points on the accuracy chart (Math.min(...points) overflowed the call
+    stack above about 125,000, and the page never drew)."""
+    async with serve_view(crowded(250, 600)) as url:
+        w = await open_page(browser, url)
+        await w.wait_updates(2, 30)
+        drawn = await w.js(
+            "const paths = [...document.querySelectorAll('#chart-accuracy path.series')];"
+            "return [paths.length, paths.reduce((n, p) => n + +p.dataset.n, 0),"
+            " document.querySelectorAll('#nodes tbody tr').length,"
+            " [...document.querySelectorAll('#chart-accuracy .grid text')].length > 0]"
+        )
+    assert drawn == [250, 150_000, 250, True]
+    assert w.problems == []

@@ -19,6 +19,19 @@ function ticks(lo, hi, n) {
   return out;
 }
 
+/** [min, max] of ``f(point[at])`` over every point of ``series``, by a loop: Math.min(...values) passes each
+ * value as an argument, and above about 125,000 of them the call stack overflows. */
+function extent(series, at, f = (v) => v) {
+  let lo = Infinity;
+  let hi = -Infinity;
+  for (const s of series) for (const p of s.points) {
+    const v = f(p[at]);
+    lo = v < lo ? v : lo;
+    hi = v > hi ? v : hi;
+  }
+  return [lo, hi];
+}
+
 function clock(t) {
   const d = new Date(t * 1000);
   return d.toTimeString().slice(0, 8);
@@ -48,19 +61,18 @@ export class LineChart {
     const { log = false } = this.opts;
     const ok = (y) => y !== null && y !== undefined && Number.isFinite(y) && (!log || y > 0);
     const clean = series.map((s) => ({ ...s, points: s.points.filter(([t, y]) => Number.isFinite(t) && ok(y)) }));
-    const all = clean.flatMap((s) => s.points);
     const root = svg("svg", { viewBox: `0 0 ${W} ${H}`, class: "chart", role: "img", "aria-label": this.opts.yLabel });
-    if (all.length === 0) {
+    if (clean.every((s) => s.points.length === 0)) {
       root.append(svg("text", { x: W / 2, y: H / 2, "text-anchor": "middle", class: "empty", text: this.opts.empty || "no data yet" }));
       this.host.replaceChildren(root);
       return;
     }
     const f = log ? Math.log10 : (y) => y;
-    let t0 = Math.min(...all.map((p) => p[0]));
-    let t1 = Math.max(...all.map((p) => p[0]));
+    let [t0, t1] = extent(clean, 0);
     if (t1 - t0 < 1) t1 = t0 + 1;
-    let y0 = this.opts.yMin ?? Math.min(...all.map((p) => f(p[1])));
-    let y1 = this.opts.yMax ?? Math.max(...all.map((p) => f(p[1])));
+    const [lowest, highest] = extent(clean, 1, f);
+    let y0 = this.opts.yMin ?? lowest;
+    let y1 = this.opts.yMax ?? highest;
     if (this.opts.yMin !== undefined && log) y0 = f(this.opts.yMin);
     if (this.opts.yMax !== undefined && log) y1 = f(this.opts.yMax);
     if (y1 - y0 < 1e-12) {

@@ -73,7 +73,7 @@ function render(doc) {
   fill("cards",
     card("nodes", `${up.length} / ${nodes.length}`, "reachable / watched"),
     card("mean accuracy", num(accs.length ? accs.reduce((a, b) => a + b, 0) / accs.length : null),
-      accs.length ? `min ${num(Math.min(...accs))} · max ${num(Math.max(...accs))}` : null),
+      accs.length ? `min ${num(accs.reduce((a, b) => Math.min(a, b)))} · max ${num(accs.reduce((a, b) => Math.max(a, b)))}` : null),
     card("consensus distance", last ? exp(last[2] ?? last[1]) : "–",
       last ? `${last[2] !== null ? "relative; " : ""}absolute ${exp(last[1])}` : "needs two models"),
     card("exchanges", String(exchanges), `in the last ${doc.edge_window_s} s`));
@@ -99,7 +99,7 @@ function renderGraph(nodes, edges) {
     at.set(key(n), { x: cx + r * Math.cos(a), y: cy + r * Math.sin(a), cos: Math.cos(a), sin: Math.sin(a) });
   });
   const root = svg("svg", { viewBox: `0 0 ${GRAPH_W} ${GRAPH_H}`, class: "chart graph", role: "img", "aria-label": "exchanges between nodes" });
-  const most = Math.max(1, ...edges.map((e) => e.count));
+  const most = edges.reduce((m, e) => Math.max(m, e.count), 1); // (a loop: a spread of many edges overflows the stack)
   for (const e of edges) {
     const p = at.get(e.a);
     const q = at.get(e.b);
