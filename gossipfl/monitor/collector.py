@@ -20,7 +20,6 @@ from collections.abc import Iterable
 from typing import Any
 
 import aiohttp
-import numpy as np
 import yarl
 
 from gossipfl.common.httpio import BodyError, TooLarge, read_limited
@@ -35,7 +34,6 @@ log = logging.getLogger("gossipfl.monitor")
 EDGE_WINDOW_S = 60.0  # the graph shows the exchanges of the last minute
 CONSENSUS_POINTS = 900  # the whole run, thinned further back
 MAX_JSON_BYTES = 4 << 20
-MAX_MODEL_BYTES = 1 << 30
 MAX_NODES = 1024
 MODEL_READ_RATE = 1e6  # bytes per second each node spends, on average, sending its model to the network view
 
@@ -78,6 +76,7 @@ class Collector:
         if cacert:  # an https node's certificate, checked against the cluster CA by chain (as the client does)
             self._ssl = ssl.create_default_context(cafile=cacert)
             self._ssl.check_hostname = False
+        self._measure_failed = False  # (logged once)
         self._unshown: set[str] = set()  # the nodes whose row failed (logged once each)
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task | None = None
@@ -153,14 +152,24 @@ class Collector:
         results = await asyncio.gather(*reads, *fetches)
         self.samples += 1
         if models_now:
-            got = [v for v in results[len(nodes) :] if v is not None]
+            got = {n.url: m for n, m in zip(nodes, results[len(nodes) :], strict=True) if m is not None}
             # a node sends its model every interval, or, for a large one, at MODEL_READ_RATE on average
-            largest = max((v[1].size * 4 for v in got), default=0)  # (float32 on the wire, as a rule)
+            largest = max((m.nbytes for m in got.values()), default=0)
             self._models_due = t + max(self.interval, largest / MODEL_READ_RATE) - self.interval / 2
-            vectors = {n.url: v for n, v in zip(nodes, results[len(nodes) :], strict=True) if v is not None}
-            measured = await asyncio.to_thread(models.consensus, vectors) if len(vectors) > 1 else None
-            if measured is not None:
-                self.add_consensus(t, *measured)
+            await self._measure(t, got)
+
+    async def _measure(self, t: float, got: dict[str, models.Model]) -> None:
+        """The consensus distance of the models read at ``t``; a failure (a model not foreseen) is logged once
+        and leaves the rest of the sample as it is."""
+        try:
+            measured = await asyncio.to_thread(models.consensus, got) if len(got) > 1 else None
+        except Exception:
+            if not self._measure_failed:
+                self._measure_failed = True
+                log.exception("network view: the consensus distance could not be measured")
+            return
+        if measured is not None:
+            self.add_consensus(t, *measured)
 
     async def _get(self, url: str, limit: int) -> bytearray:
         async with self._client().get(url, allow_redirects=False, ssl=self._ssl) as resp:
@@ -188,11 +197,11 @@ class Collector:
         except Exception as e:  # whatever a node does, it is only marked unreachable
             node.failed(_reason(e, self.timeout))
 
-    async def _model(self, node: NodeRecord) -> tuple[str, np.ndarray] | None:
+    async def _model(self, node: NodeRecord) -> models.Model | None:
         try:
             async with asyncio.timeout(self.timeout):
-                body = await self._get(node.url + "/v1/model", MAX_MODEL_BYTES)
-            return await asyncio.to_thread(models.vector_of, body)
+                body = await self._get(node.url + "/v1/model", models.MAX_MODEL_BYTES)
+            return await asyncio.to_thread(models.model_of, body)
         except (WireError, ValueError, TooLarge, BodyError, aiohttp.ClientError, TimeoutError, OSError):
             return None  # (the status read says why a node is unreachable)
 
