@@ -762,3 +762,23 @@ async def test_a_failing_measure_is_logged_once_and_the_samples_go_on(monkeypatc
     assert calls == [2, 2, 2] and collector.samples == 3
     assert all(r["reachable"] for r in collector.document()["nodes"])
     assert len([r for r in caplog.records if "could not be measured" in r.getMessage()]) == 1
+
+
+async def test_many_hung_nodes_do_not_starve_a_healthy_one():
+    """60 nodes that never answer hold three connections each until the timeout (status, history, model): a
+    healthy node read in the same sample gets its own at once (aiohttp's default pool of 100 made it wait,
+    and it was shown unreachable)."""
+    async with contextlib.AsyncExitStack() as stack:
+        hung = [await stack.enter_async_context(hung_server()) for _ in range(60)]
+        healthy = await stack.enter_async_context(
+            raw_node({"/v1/status": status_of("healthy"), "/v1/history": history_of((time.time(), 0.5))})
+        )
+        collector = Collector([*hung, healthy], interval=1.0, timeout=1.0)
+        try:
+            for _ in range(2):
+                await collector.sample()
+                rows = {r["url"]: r for r in collector.document()["nodes"]}
+                assert rows[healthy]["reachable"] is True, rows[healthy]["error"]
+                assert all(rows[u]["error"] == "no answer within 1 s" for u in hung)
+        finally:
+            await collector.stop()

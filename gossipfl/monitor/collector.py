@@ -139,7 +139,10 @@ class Collector:
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(headers=self._headers)
+            # no connection limit (aiohttp's default is 100): 50 hung nodes, two reads each, would hold every
+            # connection until the timeout, and a healthy node read in the same sample would wait for one
+            connector = aiohttp.TCPConnector(limit=0)
+            self._session = aiohttp.ClientSession(headers=self._headers, connector=connector)
         return self._session
 
     async def sample(self) -> None:
