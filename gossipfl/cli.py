@@ -276,6 +276,8 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     seeds = [s.strip() for s in args.seeds.split(",") if s.strip()]
     if not 0 <= args.port <= 65535:
         raise ConfigError("--port must be from 0 to 65535")
+    if not 0 < args.interval < float("inf"):  # (nan: a busy loop; inf: one read, then none)
+        raise ConfigError("--interval must be a number of seconds > 0")
     try:
         collector = Collector(seeds, interval=args.interval, token=_token(args), cacert=args.cacert,
                               models=not args.no_models)  # fmt: skip

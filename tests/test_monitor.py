@@ -782,3 +782,19 @@ async def test_many_hung_nodes_do_not_starve_a_healthy_one():
                 assert all(rows[u]["error"] == "no answer within 1 s" for u in hung)
         finally:
             await collector.stop()
+
+
+@pytest.mark.parametrize("interval", ["nan", "inf", "0"])
+def test_an_interval_that_is_not_a_positive_number_is_refused(interval, tmp_path):
+    """nan read the nodes in a busy loop, inf once and never again: the collector refuses both, and
+    gossipfl dashboard says so in one line (exit 2), as for its other options."""
+    with pytest.raises(ValueError, match="interval must be a number of seconds > 0"):
+        Collector(interval=float(interval))
+    with pytest.raises(ValueError, match="timeout must be"):
+        Collector(interval=1, timeout=float(interval))
+    command = ["dashboard", "--seeds", refused_url(), "--port", "0", "--interval", interval]
+    run = subprocess.run(
+        [sys.executable, "-m", "gossipfl", *command], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 2 and run.stdout == ""
+    assert run.stderr == "gossipfl: error: --interval must be a number of seconds > 0\n"

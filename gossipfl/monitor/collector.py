@@ -62,8 +62,10 @@ class Collector:
         cacert: str | None = None,
         models: bool = True,
     ) -> None:
-        if interval <= 0:
-            raise ValueError("interval must be > 0")
+        if not (math.isfinite(interval) and interval > 0):  # (nan: a busy loop; inf: one read, then none)
+            raise ValueError("interval must be a number of seconds > 0")
+        if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+            raise ValueError("timeout must be a number of seconds > 0")
         self.interval = interval
         self.timeout = timeout if timeout is not None else min(3.0, max(0.5, interval))
         self.models = models
