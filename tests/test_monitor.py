@@ -798,3 +798,25 @@ def test_an_interval_that_is_not_a_positive_number_is_refused(interval, tmp_path
     )
     assert run.returncode == 2 and run.stdout == ""
     assert run.stderr == "gossipfl: error: --interval must be a number of seconds > 0\n"
+
+
+async def test_a_malformed_host_is_a_400_without_a_traceback(caplog):
+    """An IPv6 address without brackets as Host (yarl cannot parse it) is refused as bad input, in the one
+    error shape, not a 500 with a traceback; a well-formed loopback Host still reads."""
+
+    async def ask(port: int, host: bytes) -> tuple[bytes, bytes]:
+        reader, writer = await asyncio.open_connection(LOOPBACK, port)
+        writer.write(b"GET /api/network HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        head, _, body = answer.partition(b"\r\n\r\n")
+        return head.split(b"\r\n", 1)[0], body
+
+    async with DashboardServer(Collector(interval=60), port=0) as server:
+        bad = [await ask(server.port, host) for host in (b"::ffff:127.0.0.1", b"::1")]
+        good = await ask(server.port, b"[::1]:80")
+    assert [line for line, _ in bad] == [b"HTTP/1.1 400 Bad Request"] * 2
+    assert {body for _, body in bad} == {b'{"error": "malformed Host header"}'}
+    assert good[0] == b"HTTP/1.1 200 OK"
+    assert not [r for r in caplog.records if r.levelno >= 40]  # (nothing logged as an error: no traceback)

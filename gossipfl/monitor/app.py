@@ -37,8 +37,13 @@ def is_loopback(host: str) -> bool:
 
 @web.middleware
 async def loopback_names_only(request: web.Request, handler: object) -> web.StreamResponse:
-    """Refuse (421) a request whose Host header does not name loopback."""
-    if not is_loopback(request.url.host or ""):
+    """Refuse (421) a request whose Host header does not name loopback, and (400) one whose Host is no host
+    name at all (an IPv6 address without brackets: yarl raises ValueError)."""
+    try:
+        host = request.url.host or ""
+    except ValueError:
+        return error(400, "malformed Host header")
+    if not is_loopback(host):
         return error(421, "this dashboard answers requests to 127.0.0.1 or localhost only")
     return await handler(request)  # type: ignore[operator]
 
