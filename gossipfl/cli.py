@@ -270,6 +270,7 @@ def cmd_peers(args: argparse.Namespace) -> int:
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
     from gossipfl.common.logs import setup_logging
+    from gossipfl.discovery.service import DiscoveryError
     from gossipfl.monitor.collector import Collector
     from gossipfl.monitor.run import serve_dashboard
 
@@ -288,6 +289,8 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     try:
         asyncio.run(serve_dashboard(collector, host=args.host, port=args.port, mdns=not seeds,
                                     mdns_interfaces=interfaces, cluster=args.cluster))  # fmt: skip
+    except DiscoveryError as e:  # ("mDNS on ADDRESS: ...")
+        raise ConfigError(str(e)) from None
     except OSError as e:
         raise ConfigError(f"cannot serve on {args.host}:{args.port}: {e.strerror or e}") from None
     return 0

@@ -9,6 +9,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -820,3 +821,32 @@ async def test_a_malformed_host_is_a_400_without_a_traceback(caplog):
     assert {body for _, body in bad} == {b'{"error": "malformed Host header"}'}
     assert good[0] == b"HTTP/1.1 200 OK"
     assert not [r for r in caplog.records if r.levelno >= 40]  # (nothing logged as an error: no traceback)
+
+
+def test_an_mdns_interface_this_host_lacks_is_reported_as_an_mdns_error(tmp_path):
+    """gossipfl dashboard --mdns-interface with an address no interface has: "mDNS on ADDRESS: ...", as a node
+    says it (it said "cannot serve on 127.0.0.1:0"). Run in a network namespace of its own (unshare --net, as
+    root), so no multicast reaches a real interface whatever zeroconf does."""
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("needs root and unshare(1): a network namespace of its own")
+    if subprocess.run(["unshare", "--net", "true"], capture_output=True).returncode != 0:
+        pytest.skip("unshare --net is not allowed here")
+    command = [sys.executable, "-m", "gossipfl", "dashboard", "--mdns-interface", "10.0.0.5", "--port", "0"]
+    run = subprocess.run(["unshare", "--net", *command], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.startswith("gossipfl: error: mDNS on 10.0.0.5: ") and run.stderr.count("\n") == 1, run.stderr
+
+
+async def test_an_mdns_error_names_the_interfaces(monkeypatch):
+    """Without a namespace of its own: the watcher's start as zeroconf fails it on an address this host lacks."""
+    import errno
+
+    from gossipfl.discovery.service import DiscoveryError
+    from gossipfl.monitor import discover
+
+    def missing(interfaces: object) -> None:
+        raise OSError(errno.ENODEV, os.strerror(errno.ENODEV))
+
+    monkeypatch.setattr(discover, "make_zeroconf", missing)
+    with pytest.raises(DiscoveryError, match=f"^mDNS on 10.0.0.5,10.0.0.6: {os.strerror(errno.ENODEV)}$"):
+        await MdnsWatcher(Collector(interval=1), ["10.0.0.5", "10.0.0.6"]).start()

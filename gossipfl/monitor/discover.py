@@ -13,6 +13,7 @@ from zeroconf import ServiceStateChange
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from gossipfl.discovery.mdns import RESOLVE_TIMEOUT_MS, SERVICE_TYPE, describe_service, make_zeroconf
+from gossipfl.discovery.service import DiscoveryError
 from gossipfl.monitor.collector import Collector, log
 
 
@@ -29,7 +30,13 @@ class MdnsWatcher:
         self._tasks: set[asyncio.Task] = set()
 
     async def start(self) -> None:
-        self._zc = make_zeroconf(self.interfaces)
+        """Listen; DiscoveryError when mDNS cannot (an interface address this host does not have), as a
+        node says it."""
+        try:
+            self._zc = make_zeroconf(self.interfaces)
+        except OSError as e:
+            where = ",".join(self.interfaces) or "all interfaces"
+            raise DiscoveryError(f"mDNS on {where}: {e.strerror or e}") from None
         self._browser = AsyncServiceBrowser(self._zc.zeroconf, SERVICE_TYPE, handlers=[self._on_change])
 
     async def stop(self) -> None:
