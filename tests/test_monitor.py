@@ -286,24 +286,40 @@ async def test_the_read_token_is_sent_to_the_nodes(make_config, key_file):  # no
 
 
 def test_a_restarted_node_is_read_from_its_new_start():
-    """Sequence numbers start again when a node restarts (its uptime falls): the cursors follow; another
-    node at the same address starts a new curve."""
-
-    def history(now: float, *seqs: int) -> dict:
-        return {"now": now, "evals": [{"seq": s, "t": now - 1, "accuracy": s / 10} for s in seqs], "exchanges": []}
-
+    """Sequence numbers start again when a node restarts: a new boot id in its history (or, from a node that
+    sends none, its uptime falling). The answer that shows it was asked for with the old cursors, so the
+    next read asks from 0 and gets the whole new run; another node at the same address starts a new curve."""
     record = NodeRecord("http://127.0.0.1:1")
-    record.take({"id": "n", "uptime_s": 50.0}, history(100.0, 1, 2, 3), 100.0)
-    record.take({"id": "n", "uptime_s": 52.0}, history(102.0, 3), 102.0)  # seen already
-    assert [r["accuracy"] for r in record.series.after(0)] == [0.1, 0.2, 0.3] and record.evals_after == 3
-    record.take({"id": "n", "uptime_s": 1.0}, history(110.0), 110.0)  # restarted: read from 0 next time
+
+    def read(node_id: str, uptime: float, boot: str | None, accuracies: list[float], now: float) -> None:
+        """A node of that boot whose evaluations so far are ``accuracies`` answers the record's cursor."""
+        evals = [{"seq": s, "t": now - 1, "accuracy": a} for s, a in enumerate(accuracies, 1) if s > record.evals_after]
+        history = {"now": now, "evals": evals, "exchanges": [], **({"boot": boot} if boot else {})}
+        record.take({"id": node_id, "uptime_s": uptime}, history, now)
+
+    def drawn() -> list[float]:
+        return [r["accuracy"] for r in record.series.after(0)]
+
+    first = [0.1, 0.2, 0.3]
+    read("n", 20.0, "b1", first, 100.0)
+    read("n", 22.0, "b1", first, 102.0)  # nothing new
+    assert drawn() == first and record.evals_after == 3
+    # restarted, and read 25 s into its new run (a long interval): its uptime did not fall, its boot changed
+    second = [0.01, 0.02, 0.03, 0.04, 0.05]
+    read("n", 25.0, "b2", second, 130.0)  # (answered after seq 3: 0.04 and 0.05 only)
+    assert record.evals_after == 0 and drawn() == first
+    read("n", 27.0, "b2", second, 132.0)
+    assert drawn() == first + second and record.evals_after == 5
+    # a node that sends no boot id: its uptime falling says it restarted
+    read("n", 1.0, None, [0.5, 0.6, 0.7, 0.8, 0.9, 0.95], 140.0)
     assert record.evals_after == 0
-    record.take({"id": "n", "uptime_s": 3.0}, history(112.0, 1), 112.0)
-    assert [r["accuracy"] for r in record.series.after(0)] == [0.1, 0.2, 0.3, 0.1]
-    record.take({"id": "other", "uptime_s": 500.0}, history(120.0, 7), 120.0)
-    assert [r["accuracy"] for r in record.series.after(0)] == [0.7] and record.id == "other"
+    read("n", 3.0, None, [0.5, 0.6, 0.7, 0.8, 0.9, 0.95], 142.0)
+    assert drawn() == first + second + [0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
+    read("other", 500.0, "b9", [0.7, 0.75], 150.0)  # another node at this address: a new curve, from 0
+    read("other", 502.0, "b9", [0.7, 0.75], 152.0)
+    assert drawn() == [0.7, 0.75] and record.id == "other"
     with pytest.raises(ValueError, match="no id"):
-        record.take({"id": 3}, history(121.0), 121.0)
+        record.take({"id": 3}, {"now": 160.0}, 160.0)
 
 
 async def test_mdns_watching_adds_nodes_as_they_appear(make_config, cluster):

@@ -54,6 +54,7 @@ class NodeRecord:
     evals_after: int = 0  # /v1/history cursors
     exchanges_after: int = 0
     uptime: float = -1.0
+    boot: str | None = None  # the node's run, from /v1/history (new at every start)
     series: Timeline = field(default_factory=lambda: Timeline(SERIES_POINTS, thin=True))  # {"t", "accuracy"}
     edges: deque[tuple[str, float]] = field(default_factory=lambda: deque(maxlen=EDGES_KEPT))  # (peer id, t)
 
@@ -72,15 +73,20 @@ class NodeRecord:
         node_id = text(status.get("id"), MAX_ID)
         if not node_id:
             raise ValueError("not a gossipfl node: its status has no id")
-        uptime = number(status.get("uptime_s"))
+        uptime, boot = number(status.get("uptime_s")), text(history.get("boot"), MAX_ID)
+        # restarted (a new boot id, or, from a node that sends none, its uptime falling): its sequence numbers
+        # start again; this answer was asked for with the old cursors, so the new run is read from 0 next time
+        new_boot = boot is not None and self.boot is not None and boot != self.boot
+        restarted = new_boot or (uptime is not None and uptime < self.uptime)
+        stale = node_id != self.id or restarted
         if node_id != self.id:  # another node at this address: start over
             self.series = Timeline(SERIES_POINTS, thin=True)
             self.edges.clear()
-            self.evals_after = self.exchanges_after = 0
-        elif uptime is not None and uptime < self.uptime:  # restarted: its sequence numbers start again
-            self.evals_after = self.exchanges_after = 0
-        self.id, self.uptime = node_id, uptime if uptime is not None else -1.0
+        self.id, self.uptime, self.boot = node_id, uptime if uptime is not None else -1.0, boot
         self.status, self.reachable, self.error, self.last_ok = status, True, None, received_at
+        if stale and (self.evals_after, self.exchanges_after) != (0, 0):
+            self.evals_after = self.exchanges_after = 0
+            return
         node_now = number(history.get("now"))
         offset = received_at - node_now if node_now is not None else 0.0
         self._evals(history.get("evals"), offset)
