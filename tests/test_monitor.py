@@ -866,3 +866,34 @@ async def test_an_mdns_error_names_the_interfaces(monkeypatch):
     monkeypatch.setattr(discover, "make_zeroconf", missing)
     with pytest.raises(DiscoveryError, match=f"^mDNS on 10.0.0.5,10.0.0.6: {os.strerror(errno.ENODEV)}$"):
         await MdnsWatcher(Collector(interval=1), ["10.0.0.5", "10.0.0.6"]).start()
+
+
+async def test_mdns_watching_says_once_when_it_watches_the_most_it_can(monkeypatch, cluster, zc, caplog):
+    """Five nodes announced on loopback, the cap at three: three are watched and one warning says that the
+    others are not (they were dropped without a word)."""
+    from zeroconf.asyncio import AsyncServiceInfo
+
+    from gossipfl.discovery.mdns import SERVICE_TYPE
+    from gossipfl.monitor import collector as module
+
+    monkeypatch.setattr(module, "MAX_NODES", 3)
+    names = [f"{cluster}-{i}" for i in range(5)]
+    ports = [int(refused_url().rsplit(":", 1)[1]) for _ in names]  # (never read: the collector is not started)
+    infos = [
+        AsyncServiceInfo(SERVICE_TYPE, f"{name}.{SERVICE_TYPE}", addresses=[socket.inet_aton(LOOPBACK)], port=port,
+                         properties={"txtvers": "1", "id": name, "cluster": cluster}, server=f"{name}.local.")
+        for name, port in zip(names, ports, strict=True)
+    ]  # fmt: skip
+    collector = Collector(interval=60)
+    watcher = MdnsWatcher(collector, [LOOPBACK], cluster=cluster)
+    await watcher.start()
+    try:
+        await asyncio.gather(*[await zc.async_register_service(info) for info in infos])
+        assert await wait_for(lambda: len(watcher.seen) == 5, 15)
+    finally:
+        await watcher.stop()
+        await collector.stop()
+        await zc.async_unregister_all_services()
+    assert len(collector.nodes) == 3
+    warned = [r for r in caplog.records if r.levelname == "WARNING" and "the most it watches" in r.getMessage()]
+    assert len(warned) == 1 and "3 nodes watched" in warned[0].getMessage()

@@ -78,7 +78,7 @@ class Collector:
         if cacert:  # an https node's certificate, checked against the cluster CA by chain (as the client does)
             self._ssl = ssl.create_default_context(cafile=cacert)
             self._ssl.check_hostname = False
-        self._measure_failed = False  # (logged once)
+        self._measure_failed = self._full = False  # (each logged once)
         self._unshown: set[str] = set()  # the nodes whose row failed (logged once each)
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task | None = None
@@ -94,7 +94,14 @@ class Collector:
             raise ValueError(f"{url}: not a node's address: {e}") from None
         if parsed.scheme not in ("http", "https") or not parsed.host or parsed.path not in ("", "/") or parsed.query:
             raise ValueError(f"{url}: expected http[s]://host:port")
-        if url in self.nodes or len(self.nodes) >= MAX_NODES:
+        if url in self.nodes:
+            return False
+        if len(self.nodes) >= MAX_NODES:
+            if not self._full:
+                self._full = True
+                log.warning(
+                    "network view: %d nodes watched, the most it watches: %s and any later are not", MAX_NODES, url
+                )
             return False
         self.nodes[url] = NodeRecord(url)
         return True
