@@ -643,7 +643,7 @@ def crowded(nodes: int, points: int) -> Collector:
         evals = [{"seq": k + 1, "t": now - points + k, "accuracy": k / points} for k in range(points)]
         exchanges = [{"seq": k + 1, "t": now - k, "peer": ids[(i + 1 + k) % nodes], "role": "initiated", "result": "ok"}
                      for k in range(min(5, nodes - 1))]  # fmt: skip
-        collector.nodes[url].take({"id": node_id, "uptime_s": 100.0, "metrics": {"accuracy": 0.9}},
+        collector.nodes[url].take({"id": node_id, "uptime_s": points + 10.0, "metrics": {"accuracy": 0.9}},
                                   {"now": now, "evals": evals, "exchanges": exchanges}, now)  # fmt: skip
     return collector
 
@@ -897,3 +897,32 @@ async def test_mdns_watching_says_once_when_it_watches_the_most_it_can(monkeypat
     assert len(collector.nodes) == 3
     warned = [r for r in caplog.records if r.levelname == "WARNING" and "the most it watches" in r.getMessage()]
     assert len(warned) == 1 and "3 nodes watched" in warned[0].getMessage()
+
+
+async def test_times_a_node_reports_are_kept_between_its_start_and_now():
+    """A node whose clock is 1000 s ahead, up for 50 s: its records are moved to the collector's clock; one
+    dated 1e9 s ahead (it stretched the chart over 31 years), one before the node started, and an exchange
+    at t = 1e308 (an edge of the last minute for ever) are left out."""
+    skew = 1000.0
+
+    def history() -> bytes:
+        now = time.time() + skew
+        evals = [(now - 10, 0.5), (now + 1e9, 0.6), (now - 1e6, 0.7), (1e308, 0.8), (now - 60, 0.9)]
+        when = [(1e308, "forever"), (now - 2, "peer"), (now + 3600, "later")]
+        exchanges = [
+            {"seq": i + 1, "t": t, "peer": p, "role": "initiated", "result": "ok"} for i, (t, p) in enumerate(when)
+        ]
+        return history_of(*evals, now=now, exchanges=exchanges)
+
+    routes = {"/v1/status": status_of("skewed", uptime_s=50.0), "/v1/history": history}
+    async with raw_node(routes) as url:
+        collector = Collector([url], interval=1, models=False)
+        try:
+            await collector.sample()
+        finally:
+            await collector.stop()
+    doc = collector.document()
+    (row,) = doc["nodes"]
+    assert [a for _, a in row["series"]] == [0.5]
+    assert abs(row["series"][0][0] - (doc["now"] - 10)) < 2  # on the collector's clock
+    assert [(e["a"], e["b"], e["count"]) for e in doc["edges"]] == [("peer", "skewed", 1)]

@@ -2,7 +2,8 @@
 
 A node's answers are read like any input from the network: a field of the wrong type is treated as absent,
 strings are cut short, and every list is bounded. Times a node reports are on its own clock; each is moved
-to the collector's with the node's ``now``, so curves of nodes whose clocks disagree line up."""
+to the collector's with the node's ``now``, so curves of nodes whose clocks disagree line up, and kept only
+if it falls between the node's start and now."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ SERIES_POINTS = 600  # accuracy points kept per node (the whole run, thinned fur
 EDGES_KEPT = 1000  # exchanges kept per node (only the last EDGE_WINDOW_S are shown)
 MAX_ID = 255
 MAX_TEXT = 300
+TIME_MARGIN_S = 5.0  # a time converted with the node's ``now`` is off by about a network round trip, no more
 
 
 def text(value: object, limit: int = MAX_TEXT) -> str | None:
@@ -34,6 +36,15 @@ def number(value: object) -> float | None:
     except OverflowError:
         return None
     return f if math.isfinite(f) else None
+
+
+def _moved(t: object, offset: float, earliest: float, latest: float) -> float | None:
+    """A node's time ``t`` on the collector's clock, or None when it is not a number or not in [earliest, latest]."""
+    moved = number(t)
+    if moved is None:
+        return None
+    moved += offset
+    return moved if earliest <= moved <= latest else None
 
 
 def count(value: object) -> int | None:
@@ -55,6 +66,7 @@ class NodeRecord:
     exchanges_after: int = 0
     uptime: float = -1.0
     boot: str | None = None  # the node's run, from /v1/history (new at every start)
+    first_ok: float | None = None  # the first read of this node (collector clock)
     series: Timeline = field(default_factory=lambda: Timeline(SERIES_POINTS, thin=True))  # {"t", "accuracy"}
     edges: deque[tuple[str, float]] = field(default_factory=lambda: deque(maxlen=EDGES_KEPT))  # (peer id, t)
 
@@ -82,6 +94,7 @@ class NodeRecord:
         if node_id != self.id:  # another node at this address: start over
             self.series = Timeline(SERIES_POINTS, thin=True)
             self.edges.clear()
+            self.first_ok = received_at
         self.id, self.uptime, self.boot = node_id, uptime if uptime is not None else -1.0, boot
         self.status, self.reachable, self.error, self.last_ok = status, True, None, received_at
         if stale and (self.evals_after, self.exchanges_after) != (0, 0):
@@ -89,27 +102,31 @@ class NodeRecord:
             return
         node_now = number(history.get("now"))
         offset = received_at - node_now if node_now is not None else 0.0
-        self._evals(history.get("evals"), offset)
-        self._exchanges(history.get("exchanges"), offset)
+        # a record is kept only if it happened between the node's start (from a node that sends no uptime,
+        # the first read of it) and now: one node's times cannot stretch everyone's charts over years, or
+        # keep an exchange in the last minute for ever
+        started = received_at - uptime if uptime is not None and uptime >= 0 else (self.first_ok or received_at)
+        when = (offset, started - TIME_MARGIN_S, received_at + TIME_MARGIN_S)
+        self._evals(history.get("evals"), when)
+        self._exchanges(history.get("exchanges"), when)
 
-    def _evals(self, evals: object, offset: float) -> None:
+    def _evals(self, evals: object, when: tuple[float, float, float]) -> None:
         for e in evals if isinstance(evals, list) else []:
             if not isinstance(e, dict) or (seq := count(e.get("seq"))) is None or seq <= self.evals_after:
                 continue
             self.evals_after = seq
-            t = number(e.get("t"))
-            if t is not None:
-                self.series.add({"t": round(t + offset, 3), "accuracy": number(e.get("accuracy"))})
+            if (t := _moved(e.get("t"), *when)) is not None:
+                self.series.add({"t": round(t, 3), "accuracy": number(e.get("accuracy"))})
 
-    def _exchanges(self, exchanges: object, offset: float) -> None:
+    def _exchanges(self, exchanges: object, when: tuple[float, float, float]) -> None:
         for x in exchanges if isinstance(exchanges, list) else []:
             if not isinstance(x, dict) or (seq := count(x.get("seq"))) is None or seq <= self.exchanges_after:
                 continue
             self.exchanges_after = seq
-            peer, t = text(x.get("peer"), MAX_ID), number(x.get("t"))
+            peer, t = text(x.get("peer"), MAX_ID), _moved(x.get("t"), *when)
             # each exchange once: as its initiator recorded it (the responder's record is the same exchange)
             if peer and t is not None and x.get("role") == "initiated" and x.get("result") == "ok":
-                self.edges.append((peer, t + offset))
+                self.edges.append((peer, t))
 
     def unshown(self, error: str) -> dict[str, Any]:
         """The row of a node whose ``row`` failed: every field the page reads, none of what the node said."""
