@@ -72,6 +72,7 @@ class Collector:
         self.nodes: dict[str, NodeRecord] = {}
         self.consensus = Timeline(CONSENSUS_POINTS, thin=True)  # {"t", "distance", "relative", "nodes"}
         self.samples = 0
+        self.version = 0  # changes whenever the document does (a sample ended, a node or a distance added)
         self._models_due = 0.0  # when the models are read next (time.time()): large ones less often
         self._headers = {"Accept": "application/json", **auth_headers(token)}
         self._ssl: ssl.SSLContext | bool = True
@@ -104,6 +105,7 @@ class Collector:
                 )
             return False
         self.nodes[url] = NodeRecord(url)
+        self.version += 1
         return True
 
     def add_consensus(self, t: float, distance: float | None, relative: float | None, nodes: int = 0) -> None:
@@ -113,6 +115,7 @@ class Collector:
             return
         relative = relative if relative is not None and math.isfinite(relative) else None
         self.consensus.add({"t": round(t, 3), "distance": distance, "relative": relative, "nodes": nodes})
+        self.version += 1
 
     async def __aenter__(self) -> Collector:
         await self.start()
@@ -163,6 +166,7 @@ class Collector:
         fetches = [self._model(n) for n in nodes] if models_now else []
         results = await asyncio.gather(*reads, *fetches)
         self.samples += 1
+        self.version += 1
         if models_now:
             got = {n.url: m for n, m in zip(nodes, results[len(nodes) :], strict=True) if m is not None}
             # a node sends its model every interval, or, for a large one, at MODEL_READ_RATE on average
