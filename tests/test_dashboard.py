@@ -167,6 +167,10 @@ async def test_a_restarted_node_is_read_again_from_its_start(browser, make_confi
         assert await wait_for(lambda: a.evals.after()[-1]["seq"] >= 40 if len(a.evals) else False, 30)
         w = await open_page(browser, a.url + "/")
         await w.wait_updates(2)
+    await w.page.wait_for_function(  # while the node is down the page says so
+        "() => document.getElementById('connection').classList.contains('down')", timeout=10000
+    )
+    down = await w.js("return document.getElementById('connection').textContent")
     restarted = time.time()
     async with running(make_config(id="restarts", no_train=True, eval_interval=0.1, port=port)) as (b,):
         assert await wait_for(lambda: len(b.evals) >= 3, 20)
@@ -175,6 +179,7 @@ async def test_a_restarted_node_is_read_again_from_its_start(browser, make_confi
         await w.wait_updates(updates + 2)
         last_t = await w.js("const e = window.gossipflDashboard.evals; return e[e.length - 1].t")
         first_t = await w.js("return window.gossipflDashboard.evals[0].t")
+    assert down.startswith("cannot reach the node: ")
     assert last_t > restarted and first_t > restarted  # the new run's points, and only those
     assert w.problems == []
 

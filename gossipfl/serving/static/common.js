@@ -158,6 +158,20 @@ export function askToken(message) {
   });
 }
 
+/** Say on the page (#connection) that the last poll worked. */
+export function connected() {
+  const conn = document.getElementById("connection");
+  conn.className = "connection ok";
+  conn.textContent = `updated ${new Date().toTimeString().slice(0, 8)}`;
+}
+
+/** Say on the page (#connection) that ``what`` could not be read, and why. */
+export function disconnected(what, e) {
+  const conn = document.getElementById("connection");
+  conn.className = "connection down";
+  conn.textContent = `cannot reach ${what}: ${e.message || e}`;
+}
+
 /** Call ``tick`` now and then every ``ms`` (never two at once), asking for the token on a 401. */
 export function poll(tick, ms, onError) {
   let stopped = false;

@@ -1,7 +1,7 @@
 // The network view: polls /api/network (served by `gossipfl dashboard` or a testbed, which reads every node)
 // every 2 s and draws all nodes at once. Every string from a node (id, url, error) is set as text.
 import { LineChart } from "./chart.js";
-import { el, fill, getJSON, num, poll, rate, setText, svg } from "./common.js";
+import { connected, disconnected, el, fill, getJSON, num, poll, rate, setText, svg } from "./common.js";
 
 const POLL_MS = 2000;
 const GRAPH_W = 640;
@@ -46,15 +46,11 @@ async function tick() {
   state.doc = doc;
   render(doc);
   state.updates += 1;
-  const conn = document.getElementById("connection");
-  conn.className = "connection ok";
-  conn.textContent = `updated ${new Date().toTimeString().slice(0, 8)}`;
+  connected();
 }
 
 function onError(e) {
-  const conn = document.getElementById("connection");
-  conn.className = "connection down";
-  conn.textContent = `cannot reach the dashboard server: ${e.message || e}`;
+  disconnected("the dashboard server", e);
 }
 
 function card(label, value, note) {

@@ -1,6 +1,6 @@
 // The node dashboard: polls /v1/status and /v1/history every 2 s and draws this node's state.
 import { LineChart } from "./chart.js";
-import { ago, bytes, colour, duration, el, fill, getJSON, num, poll, rate, setText } from "./common.js";
+import { ago, bytes, colour, connected, disconnected, duration, el, fill, getJSON, num, poll, rate, setText } from "./common.js";
 
 const POLL_MS = 2000;
 const MAX_EVALS = 2000;
@@ -55,15 +55,11 @@ async function tick() {
   state.status = status;
   render(status, history.now);
   state.updates += 1;
-  const conn = document.getElementById("connection");
-  conn.className = "connection ok";
-  conn.textContent = `updated ${new Date().toTimeString().slice(0, 8)}`;
+  connected();
 }
 
 function onError(e) {
-  const conn = document.getElementById("connection");
-  conn.className = "connection down";
-  conn.textContent = `cannot reach the node: ${e.message || e}`;
+  disconnected("the node", e);
 }
 
 function card(label, value, note) {
