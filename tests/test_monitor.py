@@ -25,12 +25,13 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from gossipfl.monitor import models
-from gossipfl.monitor.app import DashboardServer, build_app, encode
+from gossipfl.monitor.app import DashboardServer, build_app
 from gossipfl.monitor.collector import Collector
 from gossipfl.monitor.discover import MdnsWatcher
 from gossipfl.monitor.models import Model, model_of
 from gossipfl.monitor.records import NodeRecord
 from gossipfl.protocol import compress, wire
+from gossipfl.serving.errors import dumps_finite
 
 from .browser import browser, open_page  # noqa: F401  (browser: a fixture)
 from .helpers import LOOPBACK, running, spread, wait_for
@@ -953,4 +954,4 @@ async def test_the_document_is_built_once_per_sample_however_many_pages_poll():
     assert collector.built == 2
     assert {doc["samples"] for _, doc in first} == {1} and {doc["samples"] for _, doc in second} == {2}
     assert all(status == 200 for status, _ in first + second)
-    assert encode({"a": [math.nan, 1.5, math.inf]}) == b'{"a": [null, 1.5, null]}'  # (none should be left)
+    assert dumps_finite({"a": [math.nan, 1.5, math.inf]}) == '{"a": [null, 1.5, null]}'  # (none should be left)

@@ -9,7 +9,6 @@ name that it points at 127.0.0.1 (DNS rebinding)."""
 from __future__ import annotations
 
 import ipaddress
-import json
 import socket
 from dataclasses import dataclass
 
@@ -17,7 +16,7 @@ from aiohttp import web
 
 from gossipfl.monitor.collector import Collector
 from gossipfl.serving import dashboard
-from gossipfl.serving.errors import error, finite, json_errors
+from gossipfl.serving.errors import dumps_finite, error, json_errors
 from gossipfl.serving.httpserver import NodeRunner
 
 LOOPBACK = "127.0.0.1"
@@ -62,18 +61,10 @@ class _Answer:
 _ANSWER = web.AppKey("answer", _Answer)
 
 
-def encode(doc: object) -> bytes:
-    """``doc`` as JSON; a number that is not finite (none should be left) as null, as the nodes write it."""
-    try:
-        return json.dumps(doc, allow_nan=False).encode()
-    except ValueError:
-        return json.dumps(finite(doc), allow_nan=False).encode()
-
-
 async def get_network(request: web.Request) -> web.Response:
     collector, answer = request.app[_COLLECTOR], request.app[_ANSWER]
     if answer.version != collector.version or not answer.body:
-        answer.version, answer.body = collector.version, encode(collector.document())
+        answer.version, answer.body = collector.version, dumps_finite(collector.document()).encode()
     return web.Response(body=answer.body, content_type="application/json", headers=dashboard.HEADERS)
 
 

@@ -32,13 +32,17 @@ def finite(doc: Any) -> Any:
     return doc
 
 
+def dumps_finite(doc: Any) -> str:
+    """``doc`` as JSON, a number that is not finite as null (``finite``; that pass only when one is there)."""
+    try:
+        return json.dumps(doc, allow_nan=False)
+    except ValueError:
+        return json.dumps(finite(doc), allow_nan=False)
+
+
 def json_finite(doc: Any) -> web.Response:
-    """A JSON answer of ``doc`` with non-finite numbers as null (``finite``)."""
-    return web.json_response(finite(doc), dumps=_strict_dumps)
-
-
-def _strict_dumps(doc: Any) -> str:
-    return json.dumps(doc, allow_nan=False)
+    """A JSON answer of ``doc`` with non-finite numbers as null (``dumps_finite``)."""
+    return web.json_response(doc, dumps=dumps_finite)
 
 
 def streamed(body: Chunks, content_type: str, headers: dict[str, str] | None = None) -> web.Response:
