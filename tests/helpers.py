@@ -8,6 +8,8 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 
 import numpy as np
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 from zeroconf.asyncio import AsyncZeroconf
 
 from gossipfl.config import NodeConfig
@@ -44,6 +46,17 @@ async def running(
         yield nodes
     finally:
         await asyncio.gather(*(n.stop() for n in nodes))
+
+
+@contextlib.asynccontextmanager
+async def served(app: web.Application) -> AsyncIterator[str]:
+    """``app`` served on 127.0.0.1 (a free port) while the block runs: its base URL, without a final slash."""
+    server = TestServer(app, host=LOOPBACK)
+    await server.start_server()
+    try:
+        yield str(server.make_url("")).rstrip("/")
+    finally:
+        await server.close()
 
 
 def params_of(node: Node) -> dict[str, np.ndarray]:

@@ -5,18 +5,18 @@ HTML as text."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from gossipfl.serving.dashboard import CSP
 
 from .browser import browser, open_page  # noqa: F401  (browser: a fixture)
-from .helpers import running, wait_for
+from .helpers import running, served, wait_for
 from .test_members import key_file  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.timeout(90)
@@ -111,10 +111,10 @@ async def test_token_is_asked_once_and_never_put_in_a_url(browser, make_config, 
     assert w.problems and all(p.startswith(("HTTP 401", "console error: Failed to load resource")) for p in w.problems)
 
 
-async def fake_peers(node_ref: list, ids: list[str], tasks: list[str | None]) -> list[TestServer]:
+def fake_peers(node_ref: list, ids: list[str], tasks: list[str | None]) -> list[web.Application]:
     """Servers that answer /v1/status as the node itself would, but with ``ids[i]`` (and, when given, task
     ``tasks[i]``), and refuse every exchange with an error message made of HTML."""
-    servers = []
+    apps = []
     for peer_id, task in zip(ids, tasks, strict=True):
 
         async def status(request: web.Request, peer_id: str = peer_id, task: str | None = task) -> web.Response:
@@ -130,17 +130,15 @@ async def fake_peers(node_ref: list, ids: list[str], tasks: list[str | None]) ->
         app = web.Application()
         app.router.add_get("/v1/status", status)
         app.router.add_post("/v1/gossip", gossip)
-        server = TestServer(app, host="127.0.0.1")
-        await server.start_server()
-        servers.append(server)
-    return servers
+        apps.append(app)
+    return apps
 
 
 async def test_html_from_peers_is_shown_as_text(browser, make_config):  # noqa: F811
     node_ref: list = []
-    fakes = await fake_peers(node_ref, [EVIL, "other-task-peer"], [None, EVIL])
-    try:
-        seeds = tuple(f"127.0.0.1:{f.port}" for f in fakes)
+    async with contextlib.AsyncExitStack() as fakes:
+        apps = fake_peers(node_ref, [EVIL, "other-task-peer"], [None, EVIL])
+        seeds = tuple([(await fakes.enter_async_context(served(app))).removeprefix("http://") for app in apps])
         async with running(make_config(id="dash-x", no_train=True, seeds=seeds, gossip_interval=0.2)) as (n,):
             node_ref.append(n)
             assert await wait_for(lambda: n.gossiper.stats.failed >= 1 and n.peers.ignored(), 20)
@@ -151,9 +149,6 @@ async def test_html_from_peers_is_shown_as_text(browser, make_config):  # noqa: 
             cells = await w.js(
                 "return [...document.querySelectorAll('#peers td, #exchanges td')].map(t => t.textContent)"
             )
-    finally:
-        for f in fakes:
-            await f.close()
     assert xss is None and injected == 0
     assert EVIL in cells  # the peer's id, as text, in the peers table and the exchanges
     assert any(EVIL in c and c != EVIL for c in cells)  # its error message, and the other's task in a reason

@@ -22,7 +22,6 @@ import msgpack
 import numpy as np
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from gossipfl.monitor import models
 from gossipfl.monitor.app import DashboardServer, build_app
@@ -34,7 +33,7 @@ from gossipfl.protocol import compress, wire
 from gossipfl.serving.errors import dumps_finite
 
 from .browser import browser, open_page  # noqa: F401  (browser: a fixture)
-from .helpers import LOOPBACK, running, spread, wait_for
+from .helpers import LOOPBACK, running, served, spread, wait_for
 from .test_members import key_file  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.timeout(120)
@@ -87,12 +86,8 @@ async def fake_node(node_id: str, fail_with: str | None = None) -> AsyncIterator
     app = web.Application()
     app.router.add_get("/v1/status", status)
     app.router.add_get("/v1/history", history)
-    server = TestServer(app, host=LOOPBACK)
-    await server.start_server()
-    try:
-        yield str(server.make_url("")).rstrip("/")
-    finally:
-        await server.close()
+    async with served(app) as url:
+        yield url
 
 
 @contextlib.asynccontextmanager
@@ -109,12 +104,8 @@ async def raw_node(routes: dict[str, bytes | Callable[[], bytes]]) -> AsyncItera
             return web.Response(body=body() if callable(body) else body, content_type=kind)
 
         app.router.add_get(path, answer)
-    server = TestServer(app, host=LOOPBACK)
-    await server.start_server()
-    try:
-        yield str(server.make_url("")).rstrip("/")
-    finally:
-        await server.close()
+    async with served(app) as url:
+        yield url
 
 
 def status_of(node_id: str, **fields: object) -> bytes:
