@@ -36,7 +36,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from runstats import compact_curve  # noqa: E402
+from runstats import compact_curve, saved_runs  # noqa: E402
 from runstats import mean_and_range as spread  # noqa: E402
 
 from gossipfl.config import NodeConfig
@@ -248,10 +248,7 @@ def main() -> None:
     if "none" not in args.modes:
         args.modes = ["none", *args.modes]
     if args.report_only:
-        saved = json.loads((RESULTS / f"{args.name}.json").read_text())
-        runs = saved.pop("runs")
-        saved.pop("rows", None)
-        print(write_report(runs, saved, args.name))
+        print(write_report(*saved_runs(RESULTS / f"{args.name}.json"), args.name))
         return
     import gossipfl
 

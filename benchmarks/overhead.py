@@ -50,7 +50,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from runstats import mean_and_range  # noqa: E402
+from runstats import mean_and_range, saved_runs  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 CONDITIONS = ("off", "off+idle", "on+idle", "off+busy", "on+busy")
@@ -341,10 +341,7 @@ def main() -> None:
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the nodes (finally) when stopped
     if args.report_only:
-        saved = json.loads((RESULTS / f"{args.name}.json").read_text())
-        runs = saved.pop("runs")
-        saved.pop("rows", None)
-        print(write_report(runs, saved, args.name))
+        print(write_report(*saved_runs(RESULTS / f"{args.name}.json"), args.name))
         return
     meta = {
         "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

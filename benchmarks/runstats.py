@@ -3,7 +3,9 @@ of one run (``results.json`` of ``gossipfl testbed``) and the 95% t-interval ove
 
 from __future__ import annotations
 
+import json
 import statistics
+from pathlib import Path
 
 import numpy as np
 
@@ -47,3 +49,12 @@ def mean_and_range(values: list[float] | None, fmt: str, unit: str = "", around:
         return "-"
     spread = around.format(format(min(values), fmt), format(max(values), fmt)) if len(values) > 1 else ""
     return f"{format(statistics.mean(values), fmt)}{unit}{spread}"
+
+
+def saved_runs(path: Path) -> tuple[list, dict]:
+    """A benchmark's saved NAME.json as ``--report-only`` rewrites the report from it: (its runs, the rest of
+    what it saved, less the rows the report derives)."""
+    saved = json.loads(path.read_text())
+    runs = saved.pop("runs")
+    saved.pop("rows", None)
+    return runs, saved
