@@ -946,3 +946,20 @@ async def test_the_document_is_built_once_per_sample_however_many_pages_poll():
     assert {doc["samples"] for _, doc in first} == {1} and {doc["samples"] for _, doc in second} == {2}
     assert all(status == 200 for status, _ in first + second)
     assert dumps_finite({"a": [math.nan, 1.5, math.inf]}) == '{"a": [null, 1.5, null]}'  # (none should be left)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["dashboard", "--seeds", "ftp://127.0.0.1:1", "--port", "0"], "expected http[s]://host:port"),
+        (["dashboard", "--seeds", "http://127.0.0.1:1/v1/status", "--port", "0"], "expected http[s]://host:port"),
+        (["dashboard", "--seeds", "http://127.0.0.1:1", "--port", "70000"], "--port must be from 0 to 65535"),
+        (["testbed", "--nodes", "2", "--dashboard-port", "-1"], "--dashboard-port must be from 0 to 65535"),
+    ],
+)
+def test_bad_dashboard_options_are_one_line_and_exit_2(argv, message, capsys):
+    from gossipfl.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gossipfl: error: ") and message in err and err.count("\n") == 1
